@@ -1,0 +1,85 @@
+"""`ftune <command> [hydra overrides]`: a thin dispatcher over the Hydra entry points."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+COMMANDS = {
+    "train": ("ftune.train", "fine-tune a model: ftune train +recipe=NAME [key=value ...]"),
+    "eval": ("ftune.evaluate", "task accuracy of a model or a run: ftune eval run_dir=PATH [eval.limit=N]"),
+    "generate": ("ftune.generate", "answer a prompt: ftune generate prompt='...' [run_dir=PATH]"),
+    "recipes": (None, "list the recipes with their one-line descriptions"),
+}
+
+USAGE = """usage: ftune <command> [overrides ...] [hydra flags]
+
+Commands:
+{commands}
+
+Overrides are Hydra's: `trainer.lr=1e-4`, `peft=qlora`, `+recipe=lora_gsm8k`. Hydra flags work on train, eval and
+generate: `--cfg job` (print the composed config), `--info defaults`, `--config-dir DIR` (your own configs),
+`-m` (sweeps, one process). `ftune <command> --help` shows that command's config groups and options.
+"""
+
+
+def run_reporting_errors(fn, cfg):
+    """Run fn(cfg); turn the errors a user can fix into one clear paragraph and exit code 2."""
+    from ftune.config import ConfigError
+    from ftune.data.sources import DataError
+    from ftune.models.loading import ModelLoadError
+
+    try:
+        return fn(cfg)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model"}[type(e)]
+        print(f"ftune: {kind} error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of each recipe: the first comment line of recipes/NAME.yaml."""
+    from ftune.paths import recipes_dir
+
+    out = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        desc = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("#") and "@package" not in line:
+                desc = line.lstrip("# ").strip()
+                break
+        out.append((path.stem, desc))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(commands="\n".join(f"  {k:9s} {v[1]}" for k, v in COMMANDS.items())))
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"ftune: unknown command '{command}'.{hint} Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        sys.exit(2)
+    if command == "recipes":
+        for name, desc in list_recipes():
+            print(f"{name:24s} {desc}")
+        return
+    # Users' own objectives / PEFT methods are importable from the launch directory (`_target_: mymod.MyLoss`).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    import importlib
+
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"ftune {command}", *rest]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Typed config schemas, recipe registration and cross-field checks.
+
+The fixed groups (model, data, trainer, eval) are dataclasses registered in Hydra's ConfigStore, so an unknown key or
+a wrong type fails while Hydra composes the config. The pluggable groups (peft, objective, selection) name their code
+with `_target_`; their keys are checked against that callable's signature and annotations by `check_target`.
+Everything here runs before a model or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from ftune.paths import recipes_dir
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING
+    path: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    eval_size: int = 64
+    size: int | None = None
+    format: str = "auto"
+    fields: dict[str, str] = field(default_factory=dict)
+    system_prompt: str | None = None
+    limit: int | None = None
+    max_length: int = 512
+    truncation: str = "drop"
+    packing: bool = False
+    num_proc: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = -1
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    resume: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    task: str = "gsm8k"
+    split: str = "test"
+    limit: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    at_start: bool = False
+    at_end: bool = False
+
+
+@dataclass
+class TrainSchema:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = MISSING
+    seed: int = 42
+
+
+@dataclass
+class EvalSchema:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str | None = None
+    output_dir: str = MISSING
+    seed: int = 42
+
+
+@dataclass
+class GenerateSchema:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    run_dir: str | None = None
+    prompt: str = MISSING
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 42
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "data.source": ("gsm8k", "gsm_symbolic", "jsonl", "hub"),
+    "data.format": ("auto", "prompt_completion", "messages", "alpaca"),
+    "data.truncation": ("drop", "truncate", "error"),
+    "trainer.scheduler": ("cosine", "linear", "constant"),
+    "trainer.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.task": ("gsm8k", "none"),
+}
+
+
+def register_configs() -> None:
+    """Store the schemas and every top-level recipe in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="ftune_schema", node=TrainSchema)
+    cs.store(name="ftune_eval_schema", node=EvalSchema)
+    cs.store(name="ftune_generate_schema", node=GenerateSchema)
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    if origin is dict or annotation is dict:
+        return isinstance(value, (dict, DictConfig))
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def check_target(group: str, node: DictConfig | dict) -> type | None:
+    """Check a pluggable group (`peft`, `objective`, `selection`) against its `_target_`'s signature.
+
+    Returns the imported callable (None when `_target_` is null). Raises ConfigError naming the key and the fix.
+    """
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = node.get("_target_")
+    if target is None:
+        extra = [k for k in node if k != "_target_"]
+        if extra:
+            raise ConfigError(f"{group}: keys {extra} are set but `{group}._target_` is null, so nothing reads them. "
+                              f"Pick a {group} method (e.g. `{group}=...`) or remove the keys.")
+        return None
+    module_name, _, attr = str(target).rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{group}._target_: cannot import '{target}' ({e}). Check the spelling, or put your own "
+                          f"module on PYTHONPATH (ftune adds the launch directory).") from None
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    params = {n: p for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key, value in node.items():
+        if key == "_target_":
+            continue
+        if key not in params:
+            raise ConfigError(f"{group}.{key}: unknown key for {target}.{_suggest(key, params)} "
+                              f"Valid keys: {', '.join(sorted(params))}.")
+        ann = hints.get(key, params[key].annotation)
+        if not _type_ok(value, ann):
+            raise ConfigError(f"{group}.{key}={value!r}: expected {getattr(ann, '__name__', ann)}, got "
+                              f"{type(value).__name__}. Fix the value, e.g. `{group}.{key}=...` on the command line.")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    if missing:
+        raise ConfigError(f"{group}: {target} needs {missing}; set them, e.g. `+{group}.{missing[0]}=...`.")
+    return fn
+
+
+def _check_choice(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is not None and value not in CHOICES[key]:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}.{_suggest(str(value), CHOICES[key])}")
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    v = OmegaConf.select(cfg, key)
+    if v is not None and (v < 0 or (v == 0 and not allow_zero)):
+        raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def validate_common(cfg: DictConfig) -> None:
+    for key in CHOICES:
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            _check_choice(cfg, key)
+    if "data" in cfg:
+        for key in ("data.max_length", "data.num_proc", "data.eval_size"):
+            _positive(cfg, key, allow_zero=key == "data.eval_size")
+        if cfg.data.limit is not None:
+            _positive(cfg, "data.limit")
+        if cfg.data.source == "jsonl" and not cfg.data.path:
+            raise ConfigError("data=jsonl needs `data.path=FILE.jsonl` (your training file).")
+    if "eval" in cfg:
+        _positive(cfg, "eval.batch_size")
+        _positive(cfg, "eval.max_new_tokens")
+        if cfg.eval.limit is not None:
+            _positive(cfg, "eval.limit")
+
+
+def validate_train(cfg: DictConfig) -> dict[str, type | None]:
+    """All checks that need no model: choices, ranges, targets, and combinations that cannot work together."""
+    validate_common(cfg)
+    t = cfg.trainer
+    for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.epochs", "trainer.log_every"):
+        _positive(cfg, key)
+    for key in ("trainer.lr", "trainer.weight_decay", "trainer.warmup_steps", "trainer.max_grad_norm",
+                "trainer.eval_every", "trainer.save_every"):
+        _positive(cfg, key, allow_zero=True)
+    _positive(cfg, "trainer.keep_last")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"trainer.max_steps={t.max_steps}: use a positive number of steps, or -1 to train for "
+                          f"trainer.epochs epochs.")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"trainer.adam_betas={list(t.adam_betas)} must be two numbers in [0, 1).")
+    if t.resume not in (None, "auto") and not str(t.resume).strip():
+        raise ConfigError("trainer.resume must be null, auto, or a checkpoint directory.")
+    targets = {g: check_target(g, cfg[g]) for g in ("peft", "objective", "selection")}
+    if targets["objective"] is None:
+        raise ConfigError("objective._target_ is null: pick an objective, e.g. `objective=sft`.")
+    if targets["peft"] is None:
+        raise ConfigError("peft._target_ is null: pick `peft=none` for full fine-tuning or `peft=lora`.")
+    objective_cls = targets["objective"]
+    if cfg.data.packing and not getattr(objective_cls, "can_pack", False):
+        raise ConfigError(f"data.packing=true does not work with {cfg.objective._target_} (it needs one example per "
+                          f"row). Set data.packing=false.")
+    quantize = cfg.peft.get("quantize")
+    if quantize is not None and quantize not in ("4bit", "8bit"):
+        raise ConfigError(f"peft.quantize={quantize!r} must be null, 4bit or 8bit.")
+    if quantize and t.gradient_checkpointing and cfg.model.dtype == "float16":
+        raise ConfigError("peft.quantize with model.dtype=float16 and gradient checkpointing is unstable; "
+                          "use model.dtype=bfloat16 or float32.")
+    if t.mixed_precision == "fp16" and cfg.model.dtype == "bfloat16":
+        raise ConfigError("trainer.mixed_precision=fp16 with model.dtype=bfloat16 mixes two half formats; use "
+                          "trainer.mixed_precision=bf16.")
+    return targets

@@ -1,0 +1,99 @@
+"""Packing, collation and the seeded, resumable batch order.
+
+Collated batches carry `position_ids` and no attention mask: rows are right-padded, so with causal attention no real
+token ever sees padding. Packed rows restart `position_ids` at every example; transformers (sdpa/eager) then builds a
+block-diagonal mask, provided the forward gets `attention_mask=None` and `use_cache=False`, so packed examples never
+attend to each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftune.data.tokenize import IGNORE
+
+
+def pack(rows: list[dict], max_length: int) -> list[dict]:
+    """Greedy first-fit-decreasing packing into rows of at most `max_length` tokens.
+
+    Each output row has input_ids, labels, position_ids (restarting per example) and ids (the source examples).
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        for b, free in enumerate(space):
+            if n <= free:
+                bins[b].append(i)
+                space[b] -= n
+                break
+        else:
+            bins.append([i])
+            space.append(max_length - n)
+    packed = []
+    for members in bins:
+        members.sort()
+        packed.append({
+            "input_ids": [t for i in members for t in rows[i]["input_ids"]],
+            "labels": [t for i in members for t in rows[i]["labels"]],
+            "position_ids": [p for i in members for p in range(len(rows[i]["input_ids"]))],
+            "ids": [rows[i]["id"] for i in members],
+        })
+    return packed
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest one; padding is never labelled and positions continue monotonically."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor(r["labels"])
+        pos = r.get("position_ids") or list(range(n))
+        position_ids[b, :n] = torch.tensor(pos)
+        if n < width:
+            position_ids[b, n:] = torch.arange(pos[-1] + 1, pos[-1] + 1 + width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """Number of predicted tokens (labels after the causal shift) in a batch."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class BatchOrder:
+    """Which rows form micro-batch `k` of optimizer step `step`, for this process.
+
+    The order is a seeded permutation per epoch, so any step's batches are computed directly from the step number:
+    resuming needs no replay of the data. The global micro-batch (batch_size x world_size rows) is split by rank.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int):
+        self.num_rows, self.bs, self.accum, self.world, self.rank, self.seed = (
+            num_rows, batch_size, grad_accum, world_size, rank, seed)
+        self.rows_per_step = batch_size * grad_accum * world_size
+        self.steps_per_epoch = num_rows // self.rows_per_step
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_rows, generator=g).tolist(), epoch
+        return self._perm
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        start = offset * self.rows_per_step
+        out = []
+        for k in range(self.accum):
+            g0 = start + k * self.bs * self.world + self.rank * self.bs
+            out.append(perm[g0: g0 + self.bs])
+        return out
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch

@@ -1,0 +1,57 @@
+"""From a data config to training rows: load, select, hold out, tokenize, pack."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ftune.data.batching import pack
+from ftune.data.sources import DataError, load_conversations
+from ftune.data.tokenize import tokenize_examples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]                      # rows for the loop (packed or one example per row)
+    eval: list[dict]                       # rows for the held-out loss (never packed)
+    stats: dict = field(default_factory=dict)
+
+
+def load_train_conversations(cfg, seed: int, selector=None) -> tuple[list[dict], list[dict], dict]:
+    """(train, held-out, stats) conversations. The held-out part is `data.eval_split`, or else the last
+    `data.eval_size` training examples (only when that leaves at least as many to train on)."""
+    train, stats = load_conversations(cfg, cfg.split, seed)
+    held_out: list[dict] = []
+    if cfg.eval_split:
+        held_out, _ = load_conversations(cfg, cfg.eval_split, seed)
+        held_out = held_out[: cfg.eval_size] if cfg.eval_size else held_out
+    elif cfg.eval_size and len(train) >= 2 * cfg.eval_size:
+        train, held_out = train[: -cfg.eval_size], train[-cfg.eval_size:]
+    if selector is not None:
+        train, report = selector(train, seed)
+        stats["selection"] = report
+    stats.update(train_examples=len(train), eval_examples=len(held_out))
+    return train, held_out, stats
+
+
+def prepare(cfg, tokenizer, tokenizer_key: str, seed: int, selector=None, pack_rows: bool = False) -> PreparedData:
+    train, held_out, stats = load_train_conversations(cfg, seed, selector)
+    train_rows = tokenize_examples(train, tokenizer, cfg, tokenizer_key, "train")
+    eval_rows = tokenize_examples(held_out, tokenizer, cfg, tokenizer_key, "eval") if held_out else []
+    stats["train_tokens"] = sum(len(r["input_ids"]) for r in train_rows)
+    if pack_rows:
+        before = len(train_rows)
+        train_rows = pack(train_rows, cfg.max_length)
+        stats["packed_rows"] = len(train_rows)
+        log.info("Packed %d examples into %d rows of <= %d tokens.", before, len(train_rows), cfg.max_length)
+    if not train_rows:
+        raise DataError("no training rows after tokenization.")
+    return PreparedData(train_rows, eval_rows, stats)
+
+
+def task_examples(cfg, split: str, seed: int, limit: int | None) -> list[dict]:
+    """Conversations of the eval task's split (e.g. GSM8K test), the gold solution as the last turn."""
+    examples, _ = load_conversations(cfg, split, seed)
+    return examples[:limit] if limit else examples

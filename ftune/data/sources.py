@@ -1,0 +1,185 @@
+"""Read raw examples from a source and turn each into a conversation: {"id", "messages", "answer"?}.
+
+Sources: `gsm8k` (local JSONL or the hub), `gsm_symbolic` (generated offline by reasoning-gym), `jsonl` (your files),
+`hub` (any hub dataset). Formats: prompt/completion, chat `messages`, alpaca instruction/input/output, GSM8K
+question/answer. Bad lines fail with file:line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+FORMAT_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "gsm8k": ("question", "answer"),
+}
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file (and line) and the fix."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Parse a .jsonl (or .jsonl.gz) file; malformed lines raise DataError with file:line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). Each line must "
+                                    f"be one JSON object; fix or delete that line.") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+                row.setdefault("_line", lineno)
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}). Re-encode the file as UTF-8.") from None
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file. Check data.path (relative paths resolve against "
+                        f"{Path.cwd()}).") from None
+    return rows
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _load_hub(hub_id: str, hub_config: str | None, split: str, hint: str) -> list[dict]:
+    from ftune.models.loading import _hub_reachable
+
+    if _hub_offline() or not _hub_reachable():
+        raise DataError(f"cannot load '{hub_id}' split '{split}': offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set, or "
+                        f"the hub is unreachable). {hint}")
+    import datasets
+
+    ds = datasets.load_dataset(hub_id, hub_config, split=split)
+    return [dict(r, _line=i + 1) for i, r in enumerate(ds)]
+
+
+def _gsm8k_rows(cfg, split: str) -> tuple[list[dict], str]:
+    candidates = []
+    if cfg.path:
+        p = Path(cfg.path).expanduser()
+        candidates.append(p if p.suffix in (".jsonl", ".gz") else p / f"{split}.jsonl")
+    if os.environ.get("FTUNE_DATA_DIR"):
+        candidates.append(Path(os.environ["FTUNE_DATA_DIR"]).expanduser() / "gsm8k" / f"{split}.jsonl")
+    for c in candidates:
+        if c.is_file():
+            return read_jsonl(c), str(c)
+    hint = ("Point data.path at a directory with {train,test}.jsonl (fields question, answer), or set "
+            "FTUNE_DATA_DIR=DIR with DIR/gsm8k/{train,test}.jsonl.")
+    if cfg.path and not candidates[0].exists():
+        raise DataError(f"data.path={cfg.path}: {candidates[0]} does not exist. {hint}")
+    return _load_hub(cfg.hub_id or "openai/gsm8k", cfg.hub_config or "main", split, hint), cfg.hub_id
+
+
+def _gsm_symbolic_rows(cfg, split: str, seed: int) -> tuple[list[dict], str]:
+    import reasoning_gym
+
+    size = cfg.size or 1000
+    # Distinct seeds per split so the test problems are not the training problems.
+    split_seed = seed + (0 if split == "train" else 1_000_003)
+    ds = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=split_seed)
+    rows = [{"question": x["question"], "answer": x["metadata"]["answer_cot"], "_line": i + 1}
+            for i, x in enumerate(ds)]
+    return rows, f"reasoning-gym:gsm_symbolic(seed={split_seed})"
+
+
+def detect_format(row: dict, fmt: str, where: str) -> str:
+    if fmt != "auto":
+        return fmt
+    for name, fields in FORMAT_FIELDS.items():
+        if all(f in row for f in fields):
+            return name
+    raise DataError(f"{where}: cannot tell the format from fields {sorted(k for k in row if k != '_line')}. Use "
+                    f"{{prompt, completion}}, {{messages: [...]}}, {{instruction, input, output}} or "
+                    f"{{question, answer}}, or map your names with data.fields={{prompt: ..., completion: ...}}.")
+
+
+def to_conversation(row: dict, fmt: str, where: str, system_prompt: str | None = None) -> dict:
+    """One raw row to {"messages": [...], "answer": ...}; raises DataError naming the missing field."""
+    fields = FORMAT_FIELDS[fmt]
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing} for format '{fmt}' (has {sorted(k for k in row if k != '_line')}). "
+                        f"Add them, or map names with data.fields.")
+    if fmt == "messages":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}.")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: each message needs role in {ROLES} and a string content; got {m!r:.80}.")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (the training target).")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        answer = None
+    else:
+        if fmt == "alpaca":
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            completion = row["output"]
+        else:
+            prompt, completion = row[fields[0]], row[fields[1]]
+        for name, value in zip(fields, (prompt, completion)):
+            if not isinstance(value, str):
+                raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}.")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        answer = completion
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return {"messages": messages, "answer": answer}
+
+
+def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
+    """Load `split` of the source in `cfg` (a DataConfig) as conversations; returns (examples, stats)."""
+    source = cfg.source
+    if source == "gsm8k":
+        rows, origin = _gsm8k_rows(cfg, split)
+    elif source == "gsm_symbolic":
+        rows, origin = _gsm_symbolic_rows(cfg, split, seed)
+    elif source == "jsonl":
+        path = Path(cfg.path if split == cfg.split or split == "train" else split).expanduser()
+        rows, origin = read_jsonl(path), str(path)
+    elif source == "hub":
+        if not cfg.hub_id:
+            raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")
+        rows, origin = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy instead."), cfg.hub_id
+    else:
+        raise DataError(f"data.source={source!r} is not one of gsm8k, gsm_symbolic, jsonl, hub.")
+    if cfg.limit is not None and split == cfg.split:
+        rows = rows[: cfg.limit]
+    rename = dict(cfg.fields or {})
+    examples, skipped_empty = [], 0
+    fmt = None
+    for i, row in enumerate(rows):
+        where = f"{origin}:{row.pop('_line', i + 1)}"
+        for ours, theirs in rename.items():
+            if theirs in row:
+                row[ours] = row.pop(theirs)
+        fmt = detect_format(row, cfg.format, where) if fmt is None or cfg.format == "auto" else fmt
+        ex = to_conversation(row, fmt, where, cfg.system_prompt)
+        if any(not m["content"].strip() for m in ex["messages"] if m["role"] != "system"):
+            skipped_empty += 1
+            continue
+        ex["id"] = row.get("id", f"{split}-{i}")
+        examples.append(ex)
+    if skipped_empty:
+        log.warning("%s: skipped %d example(s) with an empty prompt or response.", origin, skipped_empty)
+    if not examples:
+        raise DataError(f"{origin}: no usable examples in split '{split}' (read {len(rows)}, {skipped_empty} empty). "
+                        f"Check data.path, data.limit and data.fields.")
+    return examples, {"origin": origin, "read": len(rows), "skipped_empty": skipped_empty}

@@ -1,0 +1,51 @@
+"""`ftune eval`: task accuracy of a base model or of a run (`run_dir=...`)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ftune.config import ConfigError, register_configs, validate_common
+from ftune.paths import configs_dir
+
+log = logging.getLogger("ftune")
+register_configs()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    from ftune.data.pipeline import task_examples
+    from ftune.eval.tasks import evaluate_gsm8k
+    from ftune.models.loading import load_model
+    from ftune.models.runs import load_from_run
+
+    validate_common(cfg)
+    if cfg.eval.task == "none":
+        raise ConfigError("eval.task=none: nothing to evaluate. Use eval=gsm8k.")
+    set_seed(cfg.seed)
+    examples = task_examples(cfg.data, cfg.eval.split, cfg.seed, cfg.eval.limit)
+    if cfg.run_dir:
+        model, tokenizer = load_from_run(cfg.run_dir, cfg.model)
+    else:
+        model, tokenizer, _ = load_model(cfg.model)
+    metrics = evaluate_gsm8k(model, tokenizer, examples, cfg.eval, Path(cfg.output_dir))
+    print(f"GSM8K accuracy: {metrics['accuracy']:.4f} ({metrics['correct']}/{metrics['n']}); "
+          f"predictions in {Path(cfg.output_dir) / 'predictions.jsonl'}")
+    return metrics
+
+
+@hydra.main(config_path=str(configs_dir()), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ftune.cli import run_reporting_errors
+
+    run_reporting_errors(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    sys.argv[0] = "ftune eval"
+    main()

@@ -1,0 +1,45 @@
+"""`ftune generate prompt="..."`: answer one prompt with a model or a run, through its chat template."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from ftune.config import register_configs, validate_common
+from ftune.paths import configs_dir
+
+register_configs()
+
+
+def generate_answer(cfg: DictConfig) -> str:
+    from accelerate.utils import set_seed
+
+    from ftune.eval.generation import generate
+    from ftune.models.loading import load_model
+    from ftune.models.runs import load_from_run
+
+    validate_common(cfg)
+    set_seed(cfg.seed)
+    if cfg.run_dir:
+        model, tokenizer = load_from_run(cfg.run_dir, cfg.model)
+    else:
+        model, tokenizer, _ = load_model(cfg.model)
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+        {"role": "user", "content": cfg.prompt}]
+    answer = generate(model, tokenizer, [messages], cfg.max_new_tokens, batch_size=1, temperature=cfg.temperature)[0]
+    print(answer)
+    return answer
+
+
+@hydra.main(config_path=str(configs_dir()), config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ftune.cli import run_reporting_errors
+
+    run_reporting_errors(generate_answer, cfg)
+
+
+if __name__ == "__main__":
+    sys.argv[0] = "ftune generate"
+    main()

@@ -1,0 +1,40 @@
+"""Load what `ftune train` wrote (a run dir, its `final/`, or a `checkpoint-N/`) for eval and generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ftune.config import ConfigError
+from ftune.models.loading import load_model, load_tokenizer
+
+
+def _weights_dir(run_dir: Path) -> Path:
+    for candidate in (run_dir, run_dir / "final"):
+        if (candidate / "adapter_config.json").exists() or (candidate / "config.json").exists():
+            return candidate
+    raise ConfigError(f"run_dir={run_dir}: no adapter or model found there or in its final/ directory. Point "
+                      f"run_dir at a directory written by `ftune train` (the run, its final/ or a checkpoint-N/).")
+
+
+def load_from_run(run_dir: str | Path, model_cfg=None):
+    """(model, tokenizer) of a finished run; LoRA adapters are attached to their base model with PEFT."""
+    from peft import PeftModel
+
+    weights = _weights_dir(Path(run_dir).expanduser())
+    if (weights / "adapter_config.json").exists():
+        saved = OmegaConf.load(weights / "ftune_config.yaml") if (weights / "ftune_config.yaml").exists() else None
+        base_cfg = saved.model if saved is not None else model_cfg
+        quant = saved.peft.get("quantize") if saved is not None else None
+        qconfig = None
+        if quant:
+            from hydra.utils import instantiate
+
+            qconfig = instantiate(saved.peft).quantization_config(__import__("torch").float32)
+        base, _, _ = load_model(base_cfg, qconfig)
+        model = PeftModel.from_pretrained(base, weights)
+    else:
+        cfg = OmegaConf.merge(model_cfg, {"name_or_path": str(weights)}) if model_cfg is not None else None
+        model, _, _ = load_model(cfg, None, weights)
+    return model.eval(), load_tokenizer(weights)

@@ -1,0 +1,58 @@
+"""Supervised fine-tuning: summed token cross-entropy on response tokens.
+
+The loop divides the summed loss by the number of label tokens in the whole accumulated (and all-reduced) batch,
+so gradient accumulation and data parallelism do not change the loss (cf. transformers PR #34191).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ftune.data.batching import label_count
+from ftune.data.tokenize import IGNORE
+
+
+def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Sum of cross-entropy over positions whose target is not -100, upcasting to float32 one chunk at a time.
+
+    Args:
+        logits: (N, V) logits for N positions.
+        targets: (N,) token ids, -100 where ignored.
+        chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats).
+    """
+    total = logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, logits.shape[0], chunk_size):
+        total = total + F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size],
+                                        ignore_index=IGNORE, reduction="sum")
+    return total
+
+
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions t (over the batch) whose next token t+1 is labelled: the only logits the loss needs."""
+    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
+
+
+def causal_lm_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward computing logits only at positions that predict a label; returns (logits (N, V), targets (N,))."""
+    keep = labelled_positions(batch["labels"])
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                use_cache=False, logits_to_keep=keep)
+    targets = batch["labels"][:, keep + 1]
+    return out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
+
+
+class SFT:
+    """`objective=sft`: next-token cross-entropy on response tokens (prompt tokens are labelled -100)."""
+
+    can_pack = True
+
+    def __init__(self, chunk_size: int = 1024):
+        self.chunk_size = chunk_size
+
+    def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
+        return label_count(batch)
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, targets = causal_lm_forward(model, batch)
+        return token_ce_sum(logits, targets, self.chunk_size), {}

@@ -1,0 +1,307 @@
+"""`ftune train`: the Hydra entry point and the one training loop.
+
+config -> checks -> data -> model + PEFT -> loop (accumulate, clip, step, log, eval, checkpoint) -> final save.
+The objective (`cfg.objective._target_`) is the only seam: the loop never branches on which objective it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ftune.config import ConfigError, register_configs, validate_train
+from ftune.paths import configs_dir
+from ftune.training import checkpoint as ckpt
+from ftune.training.metrics import MetricsLog, plot_loss
+
+log = logging.getLogger("ftune")
+register_configs()
+
+
+def _reduce_sum(accelerator, value: float | int) -> float:
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor(float(value), dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum"))
+
+
+def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
+    """The checkpoint to resume from, checked before anything is loaded."""
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = ckpt.latest_valid(root)
+        if found is None:
+            log.info("trainer.resume=auto: no complete checkpoint in %s; starting from scratch.", root)
+        return found
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"trainer.resume={resume}: no such directory. Use auto, or a checkpoint-N directory.")
+    problem = ckpt.verify(path)
+    if problem:
+        raise ConfigError(f"trainer.resume={resume}: the checkpoint is damaged ({problem}). Use an earlier one.")
+    saved = OmegaConf.load(path / "ftune_config.yaml")
+    for key in ("model.name_or_path", "peft._target_"):
+        if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key):
+            raise ConfigError(f"trainer.resume={resume}: the checkpoint was trained with {key}="
+                              f"{OmegaConf.select(saved, key)}, this run has {OmegaConf.select(cfg, key)}.")
+    return path
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir={out} is not writable ({e.strerror}). Choose another output_dir.") from None
+
+
+class Trainer:
+    """Holds what the loop needs; `run()` is the loop, read top to bottom."""
+
+    def __init__(self, cfg: DictConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from hydra.utils import instantiate
+
+        from ftune.data.pipeline import prepare, task_examples
+        from ftune.models.loading import fingerprint, load_model, load_tokenizer, resolve_model_dir
+
+        self.cfg, t = cfg, cfg.trainer
+        targets = validate_train(cfg)
+        self.peft = instantiate(cfg.peft)
+        self.objective = instantiate(cfg.objective)
+        self.selector = instantiate(cfg.selection) if targets["selection"] else None
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.acc = Accelerator(mixed_precision=t.mixed_precision)
+        self.is_main = self.acc.is_main_process
+        if self.is_main:
+            _check_writable(self.out)
+        self.resume_from = _resume_point(cfg, self.ckpt_root)
+        set_seed(cfg.seed)
+
+        model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.data = prepare(cfg.data, self.tokenizer, fingerprint(model_dir) + str(model_dir), cfg.seed,
+                            self.selector, pack_rows=cfg.data.packing)
+        self.task = (task_examples(cfg.data, cfg.eval.split, cfg.seed, cfg.eval.limit)
+                     if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
+        compute = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32
+        model, _, _ = load_model(cfg.model, self.peft.quantization_config(compute), model_dir)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = self.peft.apply(model, t.gradient_checkpointing)
+
+        from ftune.data.batching import BatchOrder
+        from ftune.training.optim import build_optimizer, build_scheduler
+
+        self.order = BatchOrder(len(self.data.train), t.batch_size, t.grad_accum, self.acc.num_processes,
+                                self.acc.process_index, cfg.seed)
+        if self.order.steps_per_epoch == 0:
+            raise ConfigError(f"only {len(self.data.train)} training rows, fewer than one optimizer step needs "
+                              f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "
+                              f"Lower them or use more data (data.limit).")
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
+        optimizer = build_optimizer(model, t)
+        self.scheduler = build_scheduler(optimizer, t, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.step, self.skipped = 0, 0
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def _save(self, name: str) -> Path:
+        """Write `name` (checkpoint-N or final) atomically: tmp dir, fsync, manifest, rename."""
+        root = self.ckpt_root if name.startswith("checkpoint-") else self.out
+        tmp = root / f".tmp-{name}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self.acc.wait_for_everyone()
+        torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.acc.process_index}.pt")
+        self.acc.wait_for_everyone()
+        final = root / name
+        if self.is_main:
+            self.peft.save(self.acc.unwrap_model(self.model), tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            torch.save({"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, tmp / ckpt.STATE)
+            ckpt.finalize(tmp, final)
+            if root == self.ckpt_root:
+                ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last)
+        self.acc.wait_for_everyone()
+        return final
+
+    def _load(self, path: Path) -> None:
+        self.peft.load_trainable(self.acc.unwrap_model(self.model), path)
+        state = torch.load(path / ckpt.STATE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.skipped = state["step"], state["skipped"]
+        rng = path / f"rng_rank{self.acc.process_index}.pt"
+        if rng.exists():
+            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+        log.info("Resumed from %s at step %d.", path, self.step)
+
+    # ---------------------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        from ftune.data.batching import collate
+
+        if not self.data.eval:
+            return None
+        self.model.eval()
+        total = count = 0.0
+        bs = self.cfg.trainer.batch_size
+        mine = self.data.eval[self.acc.process_index:: self.acc.num_processes]
+        for s in range(0, len(mine), bs):
+            batch = {k: v.to(self.acc.device) for k, v in collate(mine[s: s + bs], self.tokenizer.pad_token_id).items()}
+            with self.acc.autocast():
+                loss_sum, _ = self.objective(self.model, batch)
+            total += float(loss_sum)
+            count += self.objective.normalizer(batch)
+        self.model.train()
+        total, count = _reduce_sum(self.acc, total), _reduce_sum(self.acc, count)
+        return total / max(count, 1)
+
+    def eval_task(self, tag: str) -> dict | None:
+        from ftune.eval.tasks import evaluate_gsm8k
+
+        metrics = None
+        if self.is_main and self.task:
+            with self.acc.autocast():
+                metrics = evaluate_gsm8k(self.acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
+                                         self.out / f"eval_{tag}", progress=self.cfg.trainer.progress)
+            log.info("GSM8K accuracy (%s): %.3f (%d/%d)", tag, metrics["accuracy"], metrics["correct"], metrics["n"])
+        self.acc.wait_for_everyone()
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from ftune.data.batching import collate
+
+        t, acc = self.cfg.trainer, self.acc
+        metrics = MetricsLog(self.out, enabled=self.is_main, resume_step=self.step if self.resume_from else None)
+        start_metrics = self.eval_task("start") if self.cfg.eval.at_start and self.step == 0 else None
+        pad = self.tokenizer.pad_token_id
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and t.progress),
+                   desc="train", dynamic_ncols=True)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        tokens_seen, train_time, bad_in_a_row, last_loss = 0.0, 0.0, 0, float("nan")
+        self.model.train()
+        while self.step < self.total_steps:
+            tic = time.perf_counter()
+            rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
+            micro = [collate(r, pad) for r in rows]
+            n_global = _reduce_sum(acc, sum(self.objective.normalizer(b) for b in micro))
+            loss_sum = 0.0
+            for k, batch in enumerate(micro):
+                batch = {key: v.to(acc.device) for key, v in batch.items()}
+                sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    part, _ = self.objective(self.model, batch)
+                    # DDP averages gradients over processes, hence the world-size factor.
+                    loss = part * acc.num_processes / max(n_global, 1)
+                acc.backward(loss)
+                loss_sum += float(part.detach())
+            step_loss = _reduce_sum(acc, loss_sum) / max(n_global, 1)
+            grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            if math.isfinite(step_loss) and math.isfinite(float(grad_norm)):
+                self.optimizer.step()
+                bad_in_a_row = 0
+            else:
+                self.skipped += 1
+                bad_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient (loss=%s); step skipped.", self.step, step_loss)
+                if bad_in_a_row >= 3:
+                    ids = [r.get("ids", r.get("id")) for rs in rows for r in rs]
+                    raise RuntimeError(f"3 non-finite steps in a row (last at step {self.step}, examples {ids[:8]}). "
+                                       f"Lower trainer.lr, enable trainer.max_grad_norm, or check these examples.")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            # Useful tokens: real (non-padding) tokens of the step's rows, over all processes.
+            tokens_seen += _reduce_sum(acc, sum(len(r["input_ids"]) for rs in rows for r in rs))
+            train_time += time.perf_counter() - tic
+            last_loss = step_loss
+            record = {"loss": step_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "epoch": round(self.order.epoch_of(self.step), 4), "tokens_per_s": tokens_seen / train_time}
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
+                metrics.log(self.step, record)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                el = self.eval_loss()
+                if el is not None:
+                    metrics.log(self.step, {"eval_loss": el})
+            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                self._save(f"checkpoint-{self.step}")
+        bar.close()
+        final_eval = self.eval_loss()
+        if final_eval is not None:
+            metrics.log(self.step, {"eval_loss": final_eval})
+        final = self._save("final")
+        end_metrics = self.eval_task("end") if self.cfg.eval.at_end else None
+        metrics.close()
+        summary = {"steps": self.step, "skipped_steps": self.skipped, "final_loss": last_loss,
+                   "eval_loss": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
+                   "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),
+                   "gsm8k_start": start_metrics and start_metrics["accuracy"],
+                   "gsm8k_end": end_metrics and end_metrics["accuracy"]}
+        if self.is_main:
+            from ftune.eval.tasks import _write_json_atomic
+
+            _write_json_atomic(self.out / "summary.json", summary)
+            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+            acc.print(_summary_text(summary, self.out))
+        return summary
+
+
+def _summary_text(s: dict, out: Path) -> str:
+    lines = [f"Done: {s['steps']} steps, {s['train_tokens']:.0f} tokens in {s['train_seconds']:.1f}s "
+             f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"]
+    if s["eval_loss"] is not None:
+        lines.append(f"  held-out loss {s['eval_loss']:.4f}")
+    if s["gsm8k_end"] is not None:
+        before = f"{s['gsm8k_start']:.3f} -> " if s["gsm8k_start"] is not None else ""
+        lines.append(f"  GSM8K accuracy {before}{s['gsm8k_end']:.3f}")
+    lines.append(f"  model: {s['output']}\n  metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}), "
+                 f"curve: {out / 'loss.png'}")
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job from a composed config (also the API used by tests)."""
+    return Trainer(cfg).run()
+
+
+@hydra.main(config_path=str(configs_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ftune.cli import run_reporting_errors
+
+    run_reporting_errors(train, cfg)
+
+
+if __name__ == "__main__":
+    sys.argv[0] = "ftune train"
+    main()
