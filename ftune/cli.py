@@ -26,10 +26,15 @@ generate: `--cfg job` (print the composed config), `--info defaults`, `--config-
 
 def run_reporting_errors(fn, cfg):
     """Run fn(cfg); turn the errors a user can fix into one clear paragraph and exit code 2."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from ftune.config import ConfigError
     from ftune.data.sources import DataError
     from ftune.models.loading import ModelLoadError
 
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "output_dir" in cfg:
+        cfg.output_dir = HydraConfig.get().runtime.output_dir  # sweep job k writes to <output_dir>/k
     try:
         return fn(cfg)
     except (ConfigError, DataError, ModelLoadError) as e:

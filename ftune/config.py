@@ -212,7 +212,8 @@ def check_target(group: str, node: DictConfig | dict) -> type | None:
 def _check_choice(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     if value is not None and value not in CHOICES[key]:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}.{_suggest(str(value), CHOICES[key])}")
+        hint = _suggest(str(value), CHOICES[key])
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}.{hint}")
 
 
 def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:

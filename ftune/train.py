@@ -57,6 +57,13 @@ def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
     return path
 
 
+def _check_fresh(out: Path, resume) -> None:
+    """Never overwrite a previous run in the same output_dir unless asked to continue it."""
+    if resume is None and any((out / name).exists() for name in ("final", "checkpoints", "metrics.jsonl")):
+        raise ConfigError(f"output_dir={out} already holds a run. Continue it with trainer.resume=auto, or choose "
+                          f"another output_dir. Its checkpoints and outputs were not touched.")
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +95,7 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=t.mixed_precision)
         self.is_main = self.acc.is_main_process
         if self.is_main:
+            _check_fresh(self.out, t.resume)
             _check_writable(self.out)
         self.resume_from = _resume_point(cfg, self.ckpt_root)
         set_seed(cfg.seed)
@@ -113,7 +121,7 @@ class Trainer:
         if self.order.steps_per_epoch == 0:
             raise ConfigError(f"only {len(self.data.train)} training rows, fewer than one optimizer step needs "
                               f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "
-                              f"Lower them or use more data (data.limit).")
+                              f"Lower them, or train on more examples.")
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
         optimizer = build_optimizer(model, t)
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
@@ -201,7 +209,7 @@ class Trainer:
         from ftune.data.batching import collate
 
         t, acc = self.cfg.trainer, self.acc
-        metrics = MetricsLog(self.out, enabled=self.is_main, resume_step=self.step if self.resume_from else None)
+        metrics = MetricsLog(self.out, enabled=self.is_main, resume_step=self.step if self.cfg.trainer.resume else None)
         start_metrics = self.eval_task("start") if self.cfg.eval.at_start and self.step == 0 else None
         pad = self.tokenizer.pad_token_id
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and t.progress),

@@ -55,7 +55,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in flags)
 
 
 def _load_hub(hub_id: str, hub_config: str | None, split: str, hint: str) -> list[dict]:
@@ -115,7 +116,8 @@ def to_conversation(row: dict, fmt: str, where: str, system_prompt: str | None =
     fields = FORMAT_FIELDS[fmt]
     missing = [f for f in fields if f not in row]
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing} for format '{fmt}' (has {sorted(k for k in row if k != '_line')}). "
+        has = sorted(k for k in row if k != "_line")
+        raise DataError(f"{where}: missing field(s) {missing} for format '{fmt}' (has {has}). "
                         f"Add them, or map names with data.fields.")
     if fmt == "messages":
         messages = row["messages"]
@@ -152,12 +154,14 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
     elif source == "gsm_symbolic":
         rows, origin = _gsm_symbolic_rows(cfg, split, seed)
     elif source == "jsonl":
-        path = Path(cfg.path if split == cfg.split or split == "train" else split).expanduser()
+        # data.split names the training file's split; any other split (data.eval_split) is a path to its own file.
+        path = Path(cfg.path if split == cfg.split else split).expanduser()
         rows, origin = read_jsonl(path), str(path)
     elif source == "hub":
         if not cfg.hub_id:
             raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")
-        rows, origin = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy instead."), cfg.hub_id
+        rows = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy instead.")
+        origin = cfg.hub_id
     else:
         raise DataError(f"data.source={source!r} is not one of gsm8k, gsm_symbolic, jsonl, hub.")
     if cfg.limit is not None and split == cfg.split:

@@ -43,7 +43,8 @@ class LoRA:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError(f"peft.quantize={self.quantize} needs bitsandbytes: pip install 'ftune[quant]'.") from None
+            raise ConfigError(f"peft.quantize={self.quantize} needs bitsandbytes: pip install 'ftune[quant]'.") \
+                from None
         from transformers import BitsAndBytesConfig
 
         if self.quantize == "8bit":

@@ -1,0 +1,508 @@
+#!/usr/bin/env python
+"""ftune vs TRL's SFTTrainer: useful tokens/s, peak RSS and model-FLOPs utilisation, in one run on one machine.
+
+Both sides train the same model (SmolLM2-135M-Instruct, ftune's embedded copy), on the same data (the first N GSM8K
+train examples as chat conversations user=question / assistant=answer, loss on the answer only), with the same LoRA
+(r=16, alpha=32, dropout 0.05, all linear layers), max length, per-step batch, optimizer steps, lr schedule, seed and
+precision (bf16 autocast when the CPU supports it, else fp32).
+
+* ftune is the real CLI: `ftune train ...` in a subprocess. Its tokens/s comes from `metrics.jsonl`.
+* TRL runs in a second subprocess (this script with `--child trl`): SFTTrainer + SFTConfig + peft LoraConfig, on a
+  conversational prompt-completion dataset with `completion_only_loss=True`.
+* Each side runs in its own child process; its peak RSS is that child's `ru_maxrss` from `os.wait4`, so the peaks of
+  the two frameworks never mix (and the parent's own memory is not counted).
+* Useful tokens = real (non-padding) tokens of the examples actually trained on, summed over the steps after the
+  first `--warmup-steps` steps, divided by the wall time of those steps.
+* MFU = useful tokens/s x FLOPs per token / the matmul peak measured at start (torch.matmul, 2048x2048, best of a
+  few repeats, in the precision the run computes in). FLOPs per token: 6*N for full fine-tuning; for LoRA
+  4*N_base + 6*N_lora (forward 2N, backward activation gradients 2N; the frozen base gets no weight gradients).
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FTUNE_DATA_DIR=/work/shared/data .venv/bin/python scripts/bench_train.py
+    .venv/bin/python scripts/bench_train.py --steps 4 --examples 40 --only ftune      # a quick smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 42
+LORA = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
+# Shared optimisation settings (ftune's defaults; TRL is given the same).
+LR, WEIGHT_DECAY, MAX_GRAD_NORM, WARMUP_RATIO = 2.0e-4, 0.0, 1.0, 0.03
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--examples", type=int, default=400, help="first N GSM8K train examples (default 400)")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of tokens/s (default 2)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast (falls back to fp32 when the CPU lacks bf16) or fp32 (default bf16)")
+    p.add_argument("--seq-len", type=int, default=512, help="max length / packed row length (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step (default 4)")
+    p.add_argument("--only", choices=("ftune", "trl", "both"), default="both")
+    p.add_argument("--packing", choices=("off", "on", "both"), default="both",
+                   help="packing off (padded rows), on (rows packed to --seq-len), or both (default both)")
+    p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="directory with gsm8k/train.jsonl (default $FTUNE_DATA_DIR, else ../shared/data)")
+    p.add_argument("--keep", action="store_true", help="keep the runs' temporary output directories")
+    p.add_argument("--child", choices=("trl",), help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-packing", choices=("on", "off"), help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.steps <= a.warmup_steps:
+        p.error(f"--steps ({a.steps}) must exceed --warmup-steps ({a.warmup_steps}).")
+    if a.examples < a.batch_size:
+        p.error("--examples must be at least --batch-size.")
+    return a
+
+
+def child_env(data_dir: Path) -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env["FTUNE_DATA_DIR"] = str(data_dir)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def find_data_dir(arg: Path | None) -> Path:
+    candidates = [arg] if arg else [Path(os.environ["FTUNE_DATA_DIR"])] if os.environ.get("FTUNE_DATA_DIR") else []
+    candidates = candidates or [REPO.parent / "shared" / "data"]
+    for c in candidates:
+        if (c.expanduser() / "gsm8k" / "train.jsonl").is_file():
+            return c.expanduser().resolve()
+    sys.exit(f"bench_train: no gsm8k/train.jsonl under {candidates[0]}; pass --data-dir DIR or set FTUNE_DATA_DIR.")
+
+
+def gsm8k_rows(data_dir: Path, n: int) -> list[dict]:
+    rows = []
+    with open(data_dir / "gsm8k" / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - older torch: try a bf16 matmul
+        try:
+            torch.ones(8, 8, dtype=torch.bfloat16) @ torch.ones(8, 8, dtype=torch.bfloat16)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5, inner: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of an n x n x n torch.matmul (2 n^3 FLOPs) in fp32 and bf16."""
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.matmul(a, b)
+            best = min(best, (time.perf_counter() - t0) / inner)
+        out[name] = 2 * n ** 3 / best / 1e9
+    return out
+
+
+def param_counts(model_dir: Path) -> dict[str, int]:
+    """Base parameters (tied weights counted once) and LoRA parameters for r on every linear layer but the LM head."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    base = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    out_emb = model.get_output_embeddings()
+    lora = sum(LORA["r"] * (m.in_features + m.out_features) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not out_emb)
+    emb = model.get_input_embeddings().weight.numel()
+    return {"base": base, "lora": lora, "embedding": emb, "tied": bool(getattr(config, "tie_word_embeddings", False))}
+
+
+def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path) -> tuple[int, float, float]:
+    """Run cmd; return (exit code, peak RSS in MiB of that child alone, wall seconds)."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def steady_rate(step_tokens: list[float], step_end: list[float], warmup: int, t_start: float) -> dict:
+    """tokens/s over steps warmup+1..S given per-step tokens and the time each step ended (same clock as t_start)."""
+    s = len(step_tokens)
+    t_from = step_end[warmup - 1] if warmup > 0 else t_start
+    tokens = sum(step_tokens[warmup:])
+    seconds = step_end[-1] - t_from
+    return {"steps_timed": s - warmup, "tokens_timed": tokens, "seconds_timed": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------------------- ftune
+def ftune_overrides(a, packing: bool, precision: str, out_dir: Path) -> list[str]:
+    return [
+        "model=smollm2_135m", "data=gsm8k", f"data.limit={a.examples}", "data.eval_size=0",
+        f"data.max_length={a.seq_len}", f"data.packing={'true' if packing else 'false'}",
+        "peft=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
+        f"peft.target_modules={LORA['target_modules']}",
+        f"trainer.max_steps={a.steps}", f"trainer.batch_size={a.batch_size}", "trainer.grad_accum=1",
+        f"trainer.mixed_precision={'bf16' if precision == 'bf16' else 'no'}", f"trainer.lr={LR}",
+        f"trainer.weight_decay={WEIGHT_DECAY}", f"trainer.max_grad_norm={MAX_GRAD_NORM}",
+        "trainer.scheduler=cosine", f"trainer.warmup_ratio={WARMUP_RATIO}", "trainer.warmup_steps=0",
+        "trainer.gradient_checkpointing=false", "trainer.log_every=1", "trainer.eval_every=0",
+        "trainer.save_every=0", "trainer.progress=false", "eval=none", f"seed={SEED}", f"output_dir={out_dir}",
+    ]
+
+
+def ftune_step_rows(overrides: list[str], steps: int) -> list[list[dict]]:
+    """The rows of each optimizer step of an ftune run, rebuilt with ftune's own data pipeline and BatchOrder.
+
+    metrics.jsonl only has the cumulative tokens_per_s per step; with the per-step token counts rebuilt here, the
+    cumulative training time after step k is tokens_seen_k / tokens_per_s_k.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import ftune.train  # noqa: F401 - registers ftune's config schema
+    from ftune.data.batching import BatchOrder
+    from ftune.data.pipeline import prepare
+    from ftune.models.loading import fingerprint, load_tokenizer, resolve_model_dir
+    from ftune.paths import configs_dir
+
+    with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+    tok = load_tokenizer(model_dir)
+    selector = instantiate(cfg.selection) if cfg.selection.get("_target_") else None
+    data = prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
+                   pack_rows=cfg.data.packing)
+    t = cfg.trainer
+    order = BatchOrder(len(data.train), t.batch_size, t.grad_accum, 1, 0, cfg.seed)
+    return [[data.train[i] for idx in order.micro_batches(k) for i in idx] for k in range(steps)]
+
+
+def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict:
+    out_dir = work / f"ftune-{'pack' if packing else 'nopack'}"
+    overrides = ftune_overrides(a, packing, precision, out_dir)
+    exe = Path(sys.executable).parent / "ftune"
+    cmd = [str(exe), "train", *overrides] if exe.exists() else [sys.executable, "-m", "ftune.cli", "train", *overrides]
+    print(f"[bench] ftune (packing={'on' if packing else 'off'}): {' '.join(cmd[1:] if exe.exists() else cmd[3:])}",
+          flush=True)
+    log_path = work / f"ftune-{'pack' if packing else 'nopack'}.log"
+    rc, peak_mib, wall = run_child(cmd, env, log_path, work)
+    res = {"framework": "ftune", "packing": packing, "command": "ftune " + " ".join(cmd[-len(overrides) - 1:]),
+           "exit_code": rc, "peak_rss_mib": peak_mib, "process_wall_s": wall, "log": str(log_path)}
+    if rc != 0:
+        res["error"] = tail(log_path)
+        print(f"[bench] ftune failed (exit {rc}):\n{res['error']}", file=sys.stderr)
+        return res
+    summary = json.loads((out_dir / "summary.json").read_text())
+    records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    per_step = {r["step"]: r for r in records if "tokens_per_s" in r}
+    res.update(summary_tokens=summary["train_tokens"], summary_seconds=summary["train_seconds"],
+               summary_tokens_per_s=summary["tokens_per_s"], final_loss=summary["final_loss"])
+    rows = ftune_step_rows(overrides, a.steps)
+    step_tokens = [float(sum(len(r["input_ids"]) for r in rs)) for rs in rows]
+    res["padded_tokens"] = sum(len(rs) * max(len(r["input_ids"]) for r in rs) for rs in rows)
+    res["loss_tokens"] = sum(sum(x != IGNORE for x in r["labels"][1:]) for rs in rows for r in rs)
+    res["examples_trained"] = sum(len(r.get("ids", [r.get("id")])) for rs in rows for r in rs)
+    res["useful_tokens"] = sum(step_tokens)
+    if abs(res["useful_tokens"] - summary["train_tokens"]) > 0.5:
+        res["note"] = (f"rebuilt per-step tokens ({res['useful_tokens']:.0f}) != summary train_tokens "
+                       f"({summary['train_tokens']:.0f}); fell back to the whole-run rate (warm-up included)")
+        res.update(tokens_per_s=summary["tokens_per_s"], steps_timed=a.steps, tokens_timed=summary["train_tokens"],
+                   seconds_timed=summary["train_seconds"], warmup_excluded=False)
+        return res
+    if not all(k in per_step for k in range(1, a.steps + 1)):
+        res["note"] = "metrics.jsonl lacks a record for every step; fell back to the whole-run rate"
+        res.update(tokens_per_s=summary["tokens_per_s"], warmup_excluded=False)
+        return res
+    cum_tokens, cum_time, acc = [], [], 0.0
+    for k, n in enumerate(step_tokens, 1):
+        acc += n
+        cum_tokens.append(acc)
+        cum_time.append(acc / per_step[k]["tokens_per_s"])
+    res["step_seconds"] = [round(t1 - t0, 4) for t0, t1 in zip([0.0] + cum_time[:-1], cum_time)]
+    res.update(steady_rate(step_tokens, cum_time, a.warmup_steps, 0.0), warmup_excluded=True,
+               tokens_per_s_source="metrics.jsonl cumulative tokens_per_s x per-step tokens rebuilt from "
+                                   "ftune.data (prepare + BatchOrder), checked against summary.json train_tokens")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------- TRL
+def trl_child(a) -> None:
+    """Runs inside the TRL child process: train with SFTTrainer and write the measurements to --child-out."""
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    packing = a.child_packing == "on"
+    precision = a.precision
+    data_dir = Path(os.environ["FTUNE_DATA_DIR"])
+    torch.manual_seed(SEED)
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
+                             "completion": [{"role": "assistant", "content": r["answer"]}]}
+                            for r in gsm8k_rows(data_dir, a.examples)])
+    work = a.child_out.parent / f"trl-{a.child_packing}"
+    config = SFTConfig(
+        output_dir=str(work), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
+        lr_scheduler_type="cosine", warmup_steps=int(round(WARMUP_RATIO * a.steps)),
+        bf16=precision == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False,
+        max_length=a.seq_len, packing=packing, completion_only_loss=True, assistant_only_loss=False,
+        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
+        seed=SEED, dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
+                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    stats = {"tokens": [], "padded": [], "loss_tokens": [], "rows": []}
+
+    class Counting(SFTTrainer):
+        def training_step(self, *args, **kwargs):
+            inputs = args[1] if len(args) > 1 else kwargs["inputs"]
+            ids = inputs["input_ids"]
+            # Padding-free (packing) batches are one flattened row of real tokens; otherwise the mask marks them.
+            stats["tokens"].append(int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else ids.numel())
+            stats["padded"].append(ids.numel())
+            stats["loss_tokens"].append(int((inputs["labels"][:, 1:] != IGNORE).sum()))
+            stats["rows"].append(ids.shape[0])
+            return super().training_step(*args, **kwargs)
+
+    times = {"begin": None, "ends": []}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            times["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times["ends"].append(time.perf_counter())
+
+    trainer = Counting(model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                       callbacks=[Timer()])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    lens = [len(x) for x in trainer.train_dataset["input_ids"]]
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_s = time.perf_counter() - t0
+    steps = len(times["ends"])
+    res = {"framework": "trl", "packing": packing, "trl_version": trl.__version__,
+           "transformers_version": transformers.__version__, "steps_done": steps, "train_wall_s": train_s,
+           "final_loss": out.training_loss, "trainable_params": trainable, "dataset_rows": len(lens),
+           "dataset_mean_row_tokens": sum(lens) / max(len(lens), 1),
+           "useful_tokens": float(sum(stats["tokens"])), "padded_tokens": sum(stats["padded"]),
+           "loss_tokens": sum(stats["loss_tokens"]), "optim": str(config.optim),
+           "step_seconds": [round(t1 - t0_, 4) for t0_, t1 in zip([times["begin"]] + times["ends"][:-1], times["ends"])],
+           "tokens_per_s_source": "time between on_step_end callbacks (data loading, forward, backward, optimizer, "
+                                  "logging) and the real tokens counted in SFTTrainer.training_step"}
+    if len(stats["tokens"]) != steps:
+        res["note"] = f"counted {len(stats['tokens'])} micro-batches for {steps} steps"
+    res.update(steady_rate([float(x) for x in stats["tokens"][:steps]], times["ends"], a.warmup_steps, times["begin"]),
+               warmup_excluded=a.warmup_steps > 0)
+    a.child_out.write_text(json.dumps(res))
+
+
+def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir: Path) -> dict:
+    tag = "pack" if packing else "nopack"
+    out = work / f"trl-{tag}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "trl", "--child-out", str(out),
+           "--child-packing", "on" if packing else "off", "--model-dir", str(model_dir),
+           "--examples", str(a.examples), "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
+           "--precision", precision, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size)]
+    print(f"[bench] TRL SFTTrainer (packing={'on' if packing else 'off'})", flush=True)
+    log_path = work / f"trl-{tag}.log"
+    rc, peak_mib, wall = run_child(cmd, env, log_path, work)
+    res = {"framework": "trl", "packing": packing, "exit_code": rc, "peak_rss_mib": peak_mib,
+           "process_wall_s": wall, "log": str(log_path)}
+    if rc != 0 or not out.exists():
+        res["error"] = tail(log_path)
+        print(f"[bench] TRL failed (exit {rc}):\n{res['error']}", file=sys.stderr)
+        return res
+    res.update(json.loads(out.read_text()))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------- reporting
+def flops_per_token(params: dict) -> tuple[float, str]:
+    n, n_lora = params["base"], params["lora"]
+    return 4 * n + 6 * n_lora, (f"LoRA: 4*N_base + 6*N_lora = 4*{n / 1e6:.1f}M + 6*{n_lora / 1e6:.2f}M "
+                                f"FLOPs per useful token (2N forward + 2N activation gradients; no weight gradients "
+                                f"for the frozen base; full fine-tuning would be 6N). N counts every base parameter "
+                                f"once (the tied embedding as the LM-head matmul); attention score FLOPs are left out")
+
+
+def fmt(x, spec=",.0f"):
+    return "-" if x is None else format(x, spec)
+
+
+def report(results: list[dict], meta: dict) -> str:
+    ok = [r for r in results if r.get("exit_code") == 0 and r.get("tokens_per_s")]
+    peak = meta["matmul_peak_gflops"][meta["precision"]]
+    fpt = meta["flops_per_token"]
+    for r in ok:
+        r["mfu"] = r["tokens_per_s"] * fpt / (peak * 1e9)
+    cols = [f"{r['framework']} {'pack' if r['packing'] else 'no-pack'}" for r in results]
+    rows = [
+        ("useful tokens/s (steady)", [fmt(r.get("tokens_per_s"), ",.1f") for r in results]),
+        ("peak RSS (MiB)", [fmt(r.get("peak_rss_mib")) for r in results]),
+        (f"MFU vs {meta['precision']} matmul peak", [fmt(r.get("mfu") and 100 * r["mfu"], ".2f") + "%"
+                                                      if r.get("mfu") else "-" for r in results]),
+        ("timed steps / seconds", [f"{r.get('steps_timed', '-')} / {fmt(r.get('seconds_timed'), '.1f')}"
+                                   for r in results]),
+        ("useful tokens (all steps)", [fmt(r.get("useful_tokens")) for r in results]),
+        ("padded tokens (all steps)", [fmt(r.get("padded_tokens")) for r in results]),
+        ("loss tokens (all steps)", [fmt(r.get("loss_tokens")) for r in results]),
+        ("final train loss", [fmt(r.get("final_loss"), ".4f") for r in results]),
+        ("process wall s", [fmt(r.get("process_wall_s"), ".0f") for r in results]),
+    ]
+    w0 = max(len(k) for k, _ in rows)
+    ws = [max(len(c), *(len(v[i]) for _, v in rows)) for i, c in enumerate(cols)]
+    lines = [f"{'':{w0}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, ws))]
+    lines += [f"{k:{w0}}  " + "  ".join(f"{x:>{w}}" for x, w in zip(v, ws)) for k, v in rows]
+    by = {(r["framework"], r["packing"]): r for r in ok}
+    ratios = []
+    pairs = [("same packing off", (False, False)), ("same packing on", (True, True)),
+             ("ftune packed vs TRL default (no packing)", (True, False))]
+    for label, (fp, tp) in pairs:
+        f, t = by.get(("ftune", fp)), by.get(("trl", tp))
+        if f and t:
+            speed = f["tokens_per_s"] / t["tokens_per_s"]
+            mem = f["peak_rss_mib"] / t["peak_rss_mib"]
+            ratios.append({"pair": label, "tokens_per_s_ratio": speed, "peak_rss_ratio": mem,
+                           "meets_target": speed >= 1.5 and mem <= 1.0})
+            lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}, peak RSS x{mem:.2f} -> target "
+                         f"(>=1.5x tokens/s at <= TRL's peak RSS) {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
+    meta["ratios"] = ratios
+    lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']}): "
+                 + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
+                 + f"; MFU uses the {meta['precision']} figure")
+    lines.append(f"MFU formula: {meta['flops_formula']}")
+    lines.append(f"tokens/s: real (non-padding) tokens of steps {meta['warmup_steps'] + 1}..{meta['steps']} over "
+                 f"their wall time; the first {meta['warmup_steps']} step(s) are warm-up and left out")
+    for r in results:
+        if r.get("note"):
+            lines.append(f"note ({r['framework']}, packing={r['packing']}): {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.child == "trl":
+        trl_child(a)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    data_dir = find_data_dir(a.data_dir)
+    env = child_env(data_dir)
+    os.environ["FTUNE_DATA_DIR"] = str(data_dir)
+    import torch
+
+    from ftune.models.loading import EMBEDDED_SMOLLM2, resolve_model_dir
+
+    precision = a.precision
+    fallback = None
+    if precision == "bf16" and not bf16_supported():
+        precision, fallback = "fp32", "this CPU has no bf16 support; ran in fp32"
+        print(f"[bench] {fallback}", flush=True)
+    model_dir = resolve_model_dir(EMBEDDED_SMOLLM2)
+    load_before = os.getloadavg()
+    print(f"[bench] load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
+    print("[bench] measuring the matmul peak ...", flush=True)
+    peak = matmul_peak()
+    params = param_counts(model_dir)
+    fpt, formula = flops_per_token(params)
+    packings = {"off": [False], "on": [True], "both": [False, True]}[a.packing]
+    frameworks = {"ftune": ["ftune"], "trl": ["trl"], "both": ["ftune", "trl"]}[a.only]
+    work = Path(tempfile.mkdtemp(prefix="bench_train."))
+    results = []
+    try:
+        for packing in packings:
+            for fw in frameworks:
+                load = os.getloadavg()[0]
+                r = (bench_ftune(a, packing, precision, env, work) if fw == "ftune"
+                     else bench_trl(a, packing, precision, env, work, model_dir))
+                r["load_1min_before"], r["load_1min_after"] = load, os.getloadavg()[0]
+                results.append(r)
+                if r.get("tokens_per_s"):
+                    print(f"[bench]   -> {r['tokens_per_s']:.1f} useful tok/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                          f"{r['process_wall_s']:.0f}s", flush=True)
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+    import platform
+
+    import peft
+    import transformers
+
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    meta = {"examples": a.examples, "steps": a.steps, "warmup_steps": a.warmup_steps, "precision": precision,
+            "precision_requested": a.precision, "precision_note": fallback, "seq_len": a.seq_len,
+            "batch_size": a.batch_size, "lora": LORA, "lr": LR, "seed": SEED, "model_dir": str(model_dir),
+            "data": str(data_dir / "gsm8k" / "train.jsonl"), "params": params, "flops_per_token": fpt,
+            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_n": 2048, "matmul_repeats": 5,
+            "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "load_avg_before": load_before, "load_avg_after": load_after, "work_dir": str(work) if a.keep else None,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                         "trl": trl_version, "python": platform.python_version()}}
+    text = report(results, meta)
+    print("\n" + text)
+    print(f"\n[bench] load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"meta": meta, "results": results, "table": text}, indent=2))
+        print(f"[bench] results: {a.out}")
+    return 0 if all(r.get("exit_code") == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
