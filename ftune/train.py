@@ -92,6 +92,11 @@ class Trainer:
         self.selector = instantiate(cfg.selection) if targets["selection"] else None
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        # A second job in the same process (a `-m` sweep, the tests) may ask for another precision; accelerate keeps
+        # its state in a process-wide singleton, so reset it (the process group, if any, is kept).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         self.acc = Accelerator(mixed_precision=t.mixed_precision)
         self.is_main = self.acc.is_main_process
         if self.is_main:

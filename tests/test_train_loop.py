@@ -7,38 +7,15 @@ untouched, and the outputs load with the ecosystem's own loaders.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ftune.config import register_configs
-from ftune.paths import configs_dir
-
-SMALL = ["model=tiny_random", "data.size=48", "data.eval_size=0", "data.max_length=256", "eval=none",
-         "trainer.progress=false", "trainer.warmup_ratio=0", "trainer.lr=5e-3"]
-
-
-def make_cfg(out: Path, *overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[*SMALL, f"output_dir={out}", *overrides])
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-def run(cfg):
-    from ftune.train import Trainer
-
-    trainer = Trainer(cfg)
-    trainer.run()
-    return trainer
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses, make_cfg, run  # noqa: E402
 
 
 def test_grad_accum_equals_big_batch(tmp_path):
@@ -175,8 +152,8 @@ def test_keep_last_and_metrics(tmp_path):
 
 def test_loss_decreases_when_overfitting(tmp_path):
     """A few epochs on 8 examples must drive the loss well down (catches broken labels or a dead optimizer)."""
-    run(make_cfg(tmp_path / "o", "data.size=8", "data.max_length=512", "trainer.batch_size=8", "trainer.epochs=12", "trainer.lr=1e-2",
-                 "peft=none", "trainer.scheduler=constant"))
+    run(make_cfg(tmp_path / "o", "data.size=8", "data.max_length=512", "trainer.batch_size=8", "trainer.epochs=12",
+                 "trainer.lr=1e-2", "peft=none", "trainer.scheduler=constant"))
     trajectory = losses(tmp_path / "o")
     assert trajectory[-1] < 0.6 * trajectory[0]
 

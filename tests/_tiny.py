@@ -1,0 +1,35 @@
+"""Shared helpers for tests that train the tiny random model: compose a config, run it, read its losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ftune.config import register_configs
+from ftune.paths import configs_dir
+
+SMALL = ["model=tiny_random", "data.size=48", "data.eval_size=0", "data.max_length=256", "eval=none",
+         "trainer.progress=false", "trainer.warmup_ratio=0", "trainer.lr=5e-3"]
+
+
+def make_cfg(out: Path, *overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*SMALL, f"output_dir={out}", *overrides])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def run(cfg):
+    from ftune.train import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.run()
+    return trainer

@@ -1,0 +1,132 @@
+"""Each loop option trains end to end on the tiny model: QLoRA 4/8-bit, bf16 autocast, activation checkpointing,
+schedules, periodic eval loss, and the eval/generate entry points on the run it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses, make_cfg, run  # noqa: E402
+
+
+def trainable_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["peft=qlora", "peft.r=8"],
+    ["peft=qlora", "peft.quantize=8bit", "peft.r=8"],
+    ["trainer.mixed_precision=bf16"],
+    ["trainer.gradient_checkpointing=true"],
+    ["trainer.scheduler=linear", "trainer.warmup_steps=1"],
+], ids=["qlora4", "qlora8", "bf16", "grad_ckpt", "linear_sched"])
+def test_variant_trains(tmp_path, overrides):
+    from ftune.train import Trainer
+
+    t = Trainer(make_cfg(tmp_path / "v", "trainer.max_steps=2", "trainer.batch_size=2", *overrides))
+    before = trainable_snapshot(t.model)
+    t.run()
+    after = trainable_snapshot(t.model)
+    assert all(math.isfinite(x) for x in losses(tmp_path / "v"))
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    # LoRA A gets no gradient while B is still zero after the first step only for some layers; B always moves.
+    assert [n for n in before if "lora_B" in n] and all(n in changed for n in before if "lora_B" in n)
+    if "peft=qlora" in overrides:
+        kind = "Linear4bit" if "8bit" not in " ".join(overrides) else "Linear8bitLt"
+        assert any(type(m).__name__ == kind for m in t.model.modules())
+
+
+def test_warmup_then_cosine_schedule_values():
+    from ftune.training.optim import lr_lambda
+
+    f = lr_lambda("cosine", warmup=2, total=10)
+    assert [round(f(s), 4) for s in (0, 1, 2)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]
+    assert f(6) == pytest.approx(0.5)  # halfway through the decay
+    assert f(10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
+    assert lr_lambda("constant", 0, 10)(9) == 1.0
+
+
+def test_periodic_eval_loss_logged(tmp_path):
+    run(make_cfg(tmp_path / "e", "trainer.max_steps=4", "trainer.eval_every=2", "data.eval_size=4",
+                 "trainer.batch_size=2"))
+    records = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
+
+
+def test_eval_and_generate_on_a_run(tmp_path):
+    """`ftune eval run_dir=...` scores the trained adapter on its base; generate answers through the template."""
+    from omegaconf import OmegaConf
+
+    from ftune.evaluate import evaluate
+    from ftune.generate import generate_answer
+
+    run(make_cfg(tmp_path / "g", "trainer.max_steps=1", "trainer.batch_size=2"))
+    cfg = OmegaConf.create({
+        "model": {"name_or_path": "tiny_random", "dtype": "float32", "attn_implementation": "sdpa",
+                  "revision": None, "trust_remote_code": False},
+        "data": OmegaConf.to_container(make_cfg(tmp_path / "unused").data),
+        "eval": {"task": "gsm8k", "split": "test", "limit": 3, "batch_size": 2, "max_new_tokens": 8,
+                 "at_start": False, "at_end": False},
+        "run_dir": str(tmp_path / "g"), "output_dir": str(tmp_path / "ev"), "seed": 0,
+    })
+    metrics = evaluate(cfg)
+    assert metrics["n"] == 3 and 0 <= metrics["accuracy"] <= 1
+    preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and all(p["gold"] is not None for p in preds)
+    gen = OmegaConf.create({"model": cfg.model, "run_dir": cfg.run_dir, "prompt": "What is 2+2?", "system": None,
+                            "max_new_tokens": 5, "temperature": 0.0, "seed": 0})
+    assert isinstance(generate_answer(gen), str)
+
+
+def test_offline_hub_id_fails_fast(monkeypatch):
+    from ftune.models.loading import ModelLoadError, resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="not in the local hub cache.*model.name_or_path"):
+        resolve_model_dir("some-org/not-a-cached-model")
+    assert time.perf_counter() - start < 5
+
+
+def test_missing_local_model_dir_is_named(tmp_path):
+    from ftune.models.loading import ModelLoadError, resolve_model_dir
+
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        resolve_model_dir(str(tmp_path / "nope"))
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    """A NaN loss skips the step (weights untouched, counted); three in a row stop with the examples' ids."""
+    from ftune.objectives.sft import SFT
+    from ftune.train import Trainer
+
+    real = SFT.__call__
+    calls = {"n": 0}
+
+    def nan_on_first(self, model, batch):
+        calls["n"] += 1
+        loss, m = real(self, model, batch)
+        return (loss * float("nan"), m) if calls["n"] == 1 else (loss, m)
+
+    monkeypatch.setattr(SFT, "__call__", nan_on_first)
+    t = Trainer(make_cfg(tmp_path / "n", "trainer.max_steps=2", "trainer.batch_size=2"))
+    before = trainable_snapshot(t.model)
+    stepped_after_calls = []
+    real_step = t.optimizer.step
+    t.optimizer.step = lambda *a, **k: (stepped_after_calls.append(calls["n"]), real_step(*a, **k))[1]
+    summary = t.run()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 2
+    assert stepped_after_calls == [2]  # no optimizer step after the NaN forward
+    assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters() if p.requires_grad)
+
+    monkeypatch.setattr(SFT, "__call__", lambda self, model, batch: (real(self, model, batch)[0] * float("nan"), {}))
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row.*examples"):
+        run(make_cfg(tmp_path / "n2", "trainer.max_steps=5", "trainer.batch_size=2"))
