@@ -126,7 +126,7 @@ class GenerateSchema:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "data.source": ("gsm8k", "gsm_symbolic", "jsonl", "hub"),
+    "data.source": ("gsm8k", "gsm_symbolic", "jsonl", "hub", "hh_rlhf"),
     "data.format": ("auto", "prompt_completion", "messages", "alpaca"),
     "data.truncation": ("drop", "truncate", "error"),
     "trainer.scheduler": ("cosine", "linear", "constant"),
@@ -197,16 +197,31 @@ def check_target(group: str, node: DictConfig | dict) -> type | None:
         if key == "_target_":
             continue
         if key not in params:
-            raise ConfigError(f"{group}.{key}: unknown key for {target}.{_suggest(key, params)} "
+            alias = getattr(fn, "aliases", {}).get(key)
+            hint = f" Did you mean '{alias}'?" if alias else _suggest(key, params)
+            raise ConfigError(f"{group}.{key}: unknown key for {target}.{hint} "
                               f"Valid keys: {', '.join(sorted(params))}.")
         ann = hints.get(key, params[key].annotation)
         if not _type_ok(value, ann):
             raise ConfigError(f"{group}.{key}={value!r}: expected {getattr(ann, '__name__', ann)}, got "
                               f"{type(value).__name__}. Fix the value, e.g. `{group}.{key}=...` on the command line.")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in node]
     if missing:
         raise ConfigError(f"{group}: {target} needs {missing}; set them, e.g. `+{group}.{missing[0]}=...`.")
     return fn
+
+
+def build(node: DictConfig):
+    """hydra.utils.instantiate, but a ConfigError raised by the constructor reaches the user as itself."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
 
 
 def _check_choice(cfg: DictConfig, key: str) -> None:
@@ -268,6 +283,15 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if cfg.data.packing and not getattr(objective_cls, "can_pack", False):
         raise ConfigError(f"data.packing=true does not work with {cfg.objective._target_} (it needs one example per "
                           f"row). Set data.packing=false.")
+    kind = getattr(objective_cls, "data_kind", "sft")
+    pair_sources, sft_sources = ("hh_rlhf",), ("gsm8k", "gsm_symbolic")
+    if kind == "preference" and cfg.data.source in sft_sources:
+        raise ConfigError(f"objective {cfg.objective._target_} trains on preference pairs, but data={cfg.data.source} "
+                          f"has prompt/response examples only. Use data=hh_rlhf, or data=jsonl with "
+                          f"{{prompt, chosen, rejected}} records.")
+    if kind == "sft" and cfg.data.source in pair_sources:
+        raise ConfigError(f"data={cfg.data.source} holds preference pairs, but objective {cfg.objective._target_} "
+                          f"trains on prompt/response examples. Use objective=dpo, or another data set.")
     quantize = cfg.peft.get("quantize")
     if quantize is not None and quantize not in ("4bit", "8bit"):
         raise ConfigError(f"peft.quantize={quantize!r} must be null, 4bit or 8bit.")

@@ -17,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ftune.config import ConfigError, register_configs, validate_train
+from ftune.config import ConfigError, build, register_configs, validate_train
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training.metrics import MetricsLog, plot_loss
@@ -34,26 +34,27 @@ def _reduce_sum(accelerator, value: float | int) -> float:
 
 
 def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
-    """The checkpoint to resume from, checked before anything is loaded."""
+    """The checkpoint to resume from, checked (integrity, same model and method) before anything is loaded."""
     resume = cfg.trainer.resume
     if resume is None:
         return None
     if resume == "auto":
-        found = ckpt.latest_valid(root)
-        if found is None:
+        path = ckpt.latest_valid(root)
+        if path is None:
             log.info("trainer.resume=auto: no complete checkpoint in %s; starting from scratch.", root)
-        return found
-    path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"trainer.resume={resume}: no such directory. Use auto, or a checkpoint-N directory.")
-    problem = ckpt.verify(path)
-    if problem:
-        raise ConfigError(f"trainer.resume={resume}: the checkpoint is damaged ({problem}). Use an earlier one.")
+            return None
+    else:
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"trainer.resume={resume}: no such directory. Use auto, or a checkpoint-N directory.")
+        problem = ckpt.verify(path)
+        if problem:
+            raise ConfigError(f"trainer.resume={resume}: the checkpoint is damaged ({problem}). Use an earlier one.")
     saved = OmegaConf.load(path / "ftune_config.yaml")
     for key in ("model.name_or_path", "peft._target_"):
         if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key):
-            raise ConfigError(f"trainer.resume={resume}: the checkpoint was trained with {key}="
-                              f"{OmegaConf.select(saved, key)}, this run has {OmegaConf.select(cfg, key)}.")
+            raise ConfigError(f"trainer.resume: {path} was trained with {key}={OmegaConf.select(saved, key)}, this "
+                              f"run has {OmegaConf.select(cfg, key)}. Resume with the same {key}, or start afresh.")
     return path
 
 
@@ -80,16 +81,15 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        from hydra.utils import instantiate
 
         from ftune.data.pipeline import prepare, task_examples
         from ftune.models.loading import fingerprint, load_model, load_tokenizer, resolve_model_dir
 
         self.cfg, t = cfg, cfg.trainer
         targets = validate_train(cfg)
-        self.peft = instantiate(cfg.peft)
-        self.objective = instantiate(cfg.objective)
-        self.selector = instantiate(cfg.selection) if targets["selection"] else None
+        self.peft = build(cfg.peft)
+        self.objective = build(cfg.objective)
+        self.selector = build(cfg.selection) if targets["selection"] else None
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         # A second job in the same process (a `-m` sweep, the tests) may ask for another precision; accelerate keeps
@@ -108,7 +108,7 @@ class Trainer:
         model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
         self.tokenizer = load_tokenizer(model_dir)
         self.data = prepare(cfg.data, self.tokenizer, fingerprint(model_dir) + str(model_dir), cfg.seed,
-                            self.selector, pack_rows=cfg.data.packing)
+                            self.selector, pack_rows=cfg.data.packing, kind=self.objective.data_kind)
         self.task = (task_examples(cfg.data, cfg.eval.split, cfg.seed, cfg.eval.limit)
                      if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
         compute = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32
@@ -132,6 +132,7 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step, self.skipped = 0, 0
+        self.objective.setup(self)  # before resuming: a reference model is the initial one
         if self.resume_from is not None:
             self._load(self.resume_from)
 
@@ -176,24 +177,25 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
-    def eval_loss(self) -> float | None:
-        from ftune.data.batching import collate
-
+    def eval_loss(self) -> dict[str, float]:
+        """Held-out loss (and the objective's metrics) over the eval rows, split across processes."""
         if not self.data.eval:
-            return None
+            return {}
         self.model.eval()
-        total = count = 0.0
-        bs = self.cfg.trainer.batch_size
+        totals: dict[str, float] = {}
+        count = 0.0
+        bs, pad = self.cfg.trainer.batch_size, self.tokenizer.pad_token_id
         mine = self.data.eval[self.acc.process_index:: self.acc.num_processes]
         for s in range(0, len(mine), bs):
-            batch = {k: v.to(self.acc.device) for k, v in collate(mine[s: s + bs], self.tokenizer.pad_token_id).items()}
+            batch = {k: v.to(self.acc.device) for k, v in self.objective.collate(mine[s: s + bs], pad).items()}
             with self.acc.autocast():
-                loss_sum, _ = self.objective(self.model, batch)
-            total += float(loss_sum)
+                loss_sum, metrics = self.objective(self.model, batch)
+            for k, v in {"loss": float(loss_sum), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v
             count += self.objective.normalizer(batch)
         self.model.train()
-        total, count = _reduce_sum(self.acc, total), _reduce_sum(self.acc, count)
-        return total / max(count, 1)
+        count = _reduce_sum(self.acc, count)
+        return {f"eval_{k}": _reduce_sum(self.acc, v) / max(count, 1) for k, v in sorted(totals.items())}
 
     def eval_task(self, tag: str) -> dict | None:
         from ftune.eval.tasks import evaluate_gsm8k
@@ -211,7 +213,7 @@ class Trainer:
     def run(self) -> dict:
         from tqdm.auto import tqdm
 
-        from ftune.data.batching import collate
+        from ftune.data.batching import row_tokens
 
         t, acc = self.cfg.trainer, self.acc
         metrics = MetricsLog(self.out, enabled=self.is_main, resume_step=self.step if self.cfg.trainer.resume else None)
@@ -225,18 +227,20 @@ class Trainer:
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
-            micro = [collate(r, pad) for r in rows]
+            micro = [self.objective.collate(r, pad) for r in rows]
             n_global = _reduce_sum(acc, sum(self.objective.normalizer(b) for b in micro))
-            loss_sum = 0.0
+            loss_sum, sums = 0.0, {}
             for k, batch in enumerate(micro):
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
                 sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
                 with sync, acc.autocast():
-                    part, _ = self.objective(self.model, batch)
+                    part, parts = self.objective(self.model, batch)
                     # DDP averages gradients over processes, hence the world-size factor.
                     loss = part * acc.num_processes / max(n_global, 1)
                 acc.backward(loss)
                 loss_sum += float(part.detach())
+                for name, v in parts.items():
+                    sums[name] = sums.get(name, 0.0) + v
             step_loss = _reduce_sum(acc, loss_sum) / max(n_global, 1)
             grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             if math.isfinite(step_loss) and math.isfinite(float(grad_norm)):
@@ -254,30 +258,30 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             # Useful tokens: real (non-padding) tokens of the step's rows, over all processes.
-            tokens_seen += _reduce_sum(acc, sum(len(r["input_ids"]) for rs in rows for r in rs))
+            tokens_seen += _reduce_sum(acc, sum(row_tokens(r) for rs in rows for r in rs))
             train_time += time.perf_counter() - tic
             last_loss = step_loss
-            record = {"loss": step_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            record = {"loss": step_loss, **{k: _reduce_sum(acc, v) / max(n_global, 1) for k, v in sums.items()},
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "epoch": round(self.order.epoch_of(self.step), 4), "tokens_per_s": tokens_seen / train_time}
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 metrics.log(self.step, record)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                el = self.eval_loss()
-                if el is not None:
-                    metrics.log(self.step, {"eval_loss": el})
+                if evals := self.eval_loss():
+                    metrics.log(self.step, evals)
             if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                 self._save(f"checkpoint-{self.step}")
         bar.close()
         final_eval = self.eval_loss()
-        if final_eval is not None:
-            metrics.log(self.step, {"eval_loss": final_eval})
+        if final_eval:
+            metrics.log(self.step, final_eval)
         final = self._save("final")
         end_metrics = self.eval_task("end") if self.cfg.eval.at_end else None
         metrics.close()
         summary = {"steps": self.step, "skipped_steps": self.skipped, "final_loss": last_loss,
-                   "eval_loss": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
+                   "eval": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
                    "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),
                    "gsm8k_start": start_metrics and start_metrics["accuracy"],
                    "gsm8k_end": end_metrics and end_metrics["accuracy"]}
@@ -293,8 +297,8 @@ class Trainer:
 def _summary_text(s: dict, out: Path) -> str:
     lines = [f"Done: {s['steps']} steps, {s['train_tokens']:.0f} tokens in {s['train_seconds']:.1f}s "
              f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"]
-    if s["eval_loss"] is not None:
-        lines.append(f"  held-out loss {s['eval_loss']:.4f}")
+    if s["eval"]:
+        lines.append("  held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in s["eval"].items()))
     if s["gsm8k_end"] is not None:
         before = f"{s['gsm8k_start']:.3f} -> " if s["gsm8k_start"] is not None else ""
         lines.append(f"  GSM8K accuracy {before}{s['gsm8k_end']:.3f}")

@@ -60,6 +60,11 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+def row_tokens(row: dict) -> int:
+    """Real (non-padding) tokens of a row, whatever the objective's row layout (input_ids, chosen_input_ids, ...)."""
+    return sum(len(v) for k, v in row.items() if k.endswith("input_ids"))
+
+
 def label_count(batch: dict[str, torch.Tensor]) -> int:
     """Number of predicted tokens (labels after the causal shift) in a batch."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -6,8 +6,12 @@ import logging
 from dataclasses import dataclass, field
 
 from ftune.data.batching import pack
+from ftune.data.preference import load_pairs, tokenize_pairs_batch
 from ftune.data.sources import DataError, load_conversations
 from ftune.data.tokenize import tokenize_examples
+
+# What an objective reads (its `data_kind`): a loader of raw examples and the tokenizing map function.
+KINDS = {"sft": (load_conversations, None), "preference": (load_pairs, tokenize_pairs_batch)}
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +23,14 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def load_train_conversations(cfg, seed: int, selector=None) -> tuple[list[dict], list[dict], dict]:
-    """(train, held-out, stats) conversations. The held-out part is `data.eval_split`, or else the last
+def load_train_examples(cfg, seed: int, selector=None, kind: str = "sft") -> tuple[list[dict], list[dict], dict]:
+    """(train, held-out, stats) examples. The held-out part is `data.eval_split`, or else the last
     `data.eval_size` training examples (only when that leaves at least as many to train on)."""
-    train, stats = load_conversations(cfg, cfg.split, seed)
+    load = KINDS[kind][0]
+    train, stats = load(cfg, cfg.split, seed)
     held_out: list[dict] = []
     if cfg.eval_split:
-        held_out, _ = load_conversations(cfg, cfg.eval_split, seed)
+        held_out, _ = load(cfg, cfg.eval_split, seed)
         held_out = held_out[: cfg.eval_size] if cfg.eval_size else held_out
     elif cfg.eval_size and len(train) >= 2 * cfg.eval_size:
         train, held_out = train[: -cfg.eval_size], train[-cfg.eval_size:]
@@ -36,11 +41,13 @@ def load_train_conversations(cfg, seed: int, selector=None) -> tuple[list[dict],
     return train, held_out, stats
 
 
-def prepare(cfg, tokenizer, tokenizer_key: str, seed: int, selector=None, pack_rows: bool = False) -> PreparedData:
-    train, held_out, stats = load_train_conversations(cfg, seed, selector)
-    train_rows = tokenize_examples(train, tokenizer, cfg, tokenizer_key, "train")
-    eval_rows = tokenize_examples(held_out, tokenizer, cfg, tokenizer_key, "eval") if held_out else []
-    stats["train_tokens"] = sum(len(r["input_ids"]) for r in train_rows)
+def prepare(cfg, tokenizer, tokenizer_key: str, seed: int, selector=None, pack_rows: bool = False,
+            kind: str = "sft") -> PreparedData:
+    train, held_out, stats = load_train_examples(cfg, seed, selector, kind)
+    map_fn = KINDS[kind][1]
+    train_rows = tokenize_examples(train, tokenizer, cfg, tokenizer_key, "train", map_fn)
+    eval_rows = tokenize_examples(held_out, tokenizer, cfg, tokenizer_key, "eval", map_fn) if held_out else []
+    stats["train_tokens"] = sum(len(v) for r in train_rows for k, v in r.items() if k.endswith("input_ids"))
     if pack_rows:
         before = len(train_rows)
         train_rows = pack(train_rows, cfg.max_length)

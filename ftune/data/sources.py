@@ -163,7 +163,8 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         rows = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy instead.")
         origin = cfg.hub_id
     else:
-        raise DataError(f"data.source={source!r} is not one of gsm8k, gsm_symbolic, jsonl, hub.")
+        raise DataError(f"data.source={source!r} holds no prompt/response examples; use gsm8k, gsm_symbolic, jsonl "
+                        f"or hub (hh_rlhf holds preference pairs, for objective=dpo).")
     if cfg.limit is not None and split == cfg.split:
         rows = rows[: cfg.limit]
     rename = dict(cfg.fields or {})

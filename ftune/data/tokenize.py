@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from ftune.data.sources import DataError
@@ -85,30 +87,39 @@ def _tokenize_batch(batch, tokenizer, max_length, policy):
     return out
 
 
-def tokenize_examples(examples: list[dict], tokenizer, cfg, tokenizer_key: str, what: str = "train") -> list[dict]:
-    """Tokenize conversations (parallel over `data.num_proc`, cached under $FTUNE_HOME/tokenized).
+def tokenize_examples(examples: list[dict], tokenizer, cfg, tokenizer_key: str, what: str = "train",
+                      map_fn=None) -> list[dict]:
+    """Tokenize examples with `map_fn` (default: conversations -> input_ids/labels), in parallel over
+    `data.num_proc` and cached under $FTUNE_HOME/tokenized.
 
-    Returns [{"input_ids", "labels", "id"}]; raises DataError if nothing fits `data.max_length`.
+    `map_fn(batch, tokenizer, max_length, policy)` returns token columns plus a boolean `dropped` column. Returns the
+    kept rows (token columns and `id`); raises DataError if nothing fits `data.max_length`.
     """
     import datasets
 
-    payload = json.dumps([[e["id"], e["messages"]] for e in examples], sort_keys=True).encode()
-    key = hashlib.sha256(payload + f"|{tokenizer_key}|{cfg.max_length}|{cfg.truncation}|{CACHE_VERSION}".encode())
+    map_fn = map_fn or _tokenize_batch
+    records = [dict(e, id=str(e["id"])) for e in examples]
+    fields = sorted(k for k in records[0] if k != "answer")
+    payload = json.dumps([[r[k] for k in fields] for r in records], sort_keys=True).encode()
+    key = hashlib.sha256(payload + f"|{map_fn.__module__}.{map_fn.__name__}|{tokenizer_key}|{cfg.max_length}|"
+                                   f"{cfg.truncation}|{CACHE_VERSION}".encode())
     cache = ftune_home() / "tokenized" / key.hexdigest()[:24]
-    if (cache / "dataset_info.json").exists():
-        ds = datasets.load_from_disk(str(cache))
-    else:
-        ds = datasets.Dataset.from_list([{"id": str(e["id"]), "messages": e["messages"]} for e in examples])
-        ds = ds.map(_tokenize_batch, batched=True, batch_size=256, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                    remove_columns=["messages"], desc=f"Tokenizing {what}",
+    if not (cache / "dataset_info.json").exists():
+        ds = datasets.Dataset.from_list([{k: r[k] for k in fields} for r in records])
+        ds = ds.map(map_fn, batched=True, batch_size=256, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                    remove_columns=[f for f in fields if f != "id"], desc=f"Tokenizing {what}",
                     fn_kwargs=dict(tokenizer=tokenizer, max_length=cfg.max_length, policy=cfg.truncation))
-        tmp = Path(str(cache) + ".tmp")
+        tmp = Path(f"{cache}.tmp-{os.getpid()}")
         ds.save_to_disk(str(tmp))
-        tmp.rename(cache) if not cache.exists() else None
-        ds = datasets.load_from_disk(str(cache))
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    ds = datasets.load_from_disk(str(cache))
     dropped = sum(ds["dropped"])
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"], "id": r["id"]} for r in ds if not r["dropped"]]
-    rows = [r for r in rows if any(x != IGNORE for x in r["labels"][1:])]
+    label_cols = [c for c in ds.column_names if c.endswith("labels")]
+    rows = [{k: v for k, v in r.items() if k != "dropped"} for r in ds if not r["dropped"]]
+    rows = [r for r in rows if all(any(x != IGNORE for x in r[c][1:]) for c in label_cols)]
     if dropped:
         log.warning("%s: dropped %d of %d example(s) longer than data.max_length=%d (data.truncation=%s).",
                     what, dropped, len(ds), cfg.max_length, cfg.truncation)

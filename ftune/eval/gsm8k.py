@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+# Thousands separators only in groups of three ("1,234"), so "1,2,3" stays three numbers.
+_NUMBER = r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 
 
 def normalize_number(text: str) -> str | None:

@@ -55,6 +55,7 @@ def _atomic_build(target: Path, build) -> Path:
     try:
         build(tmp)
         (tmp / ".complete").write_text("ok\n")
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a shared $FTUNE_HOME needs it readable
         if target.exists():  # an incomplete leftover from an interrupted build
             shutil.rmtree(target)
         try:

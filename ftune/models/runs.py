@@ -29,9 +29,11 @@ def load_from_run(run_dir: str | Path, model_cfg=None):
         quant = saved.peft.get("quantize") if saved is not None else None
         qconfig = None
         if quant:
-            from hydra.utils import instantiate
+            import torch
 
-            qconfig = instantiate(saved.peft).quantization_config(__import__("torch").float32)
+            from ftune.config import build
+
+            qconfig = build(saved.peft).quantization_config(torch.float32)
         base, _, _ = load_model(base_cfg, qconfig)
         model = PeftModel.from_pretrained(base, weights)
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ftune.data.batching import label_count
+from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
 
 
@@ -33,12 +33,17 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
 
 
-def causal_lm_forward(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward computing logits only at positions that predict a label; returns (logits (N, V), targets (N,))."""
+def causal_lm_forward(model, batch: dict[str, torch.Tensor], flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward computing logits only at positions that predict a label in some row.
+
+    Returns (logits, targets): (N, V) and (N,) when `flatten`, else (rows, K, V) and (rows, K).
+    """
     keep = labelled_positions(batch["labels"])
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                 use_cache=False, logits_to_keep=keep)
     targets = batch["labels"][:, keep + 1]
+    if not flatten:
+        return out.logits, targets
     return out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
 
 
@@ -46,9 +51,14 @@ class SFT:
     """`objective=sft`: next-token cross-entropy on response tokens (prompt tokens are labelled -100)."""
 
     can_pack = True
+    data_kind = "sft"
+    collate = staticmethod(collate)
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size
+
+    def setup(self, trainer) -> None:
+        """Nothing to prepare (objectives with a reference model or sampled data do it here)."""
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
         return label_count(batch)

@@ -23,6 +23,8 @@ class LoRA:
     """
 
     adapter = True
+    # Names other tools use for these keys, for "did you mean" hints.
+    aliases = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target": "target_modules"}
 
     def __init__(self, r: int = 16, alpha: float = 32, dropout: float = 0.05,
                  target_modules: str | list = "all-linear", bias: str = "none", quantize: str | None = None):

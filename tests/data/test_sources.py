@@ -72,8 +72,8 @@ def test_read_jsonl_missing_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------ formats
 def test_prompt_completion(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "2+2?", "completion": "4", "id": "a"}, {"prompt": "3+3?",
-                                                                                                "completion": "6"}])
+    rows = [{"prompt": "2+2?", "completion": "4", "id": "a"}, {"prompt": "3+3?", "completion": "6"}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
     examples, stats = load_jsonl(path)
     assert examples[0] == {"id": "a", "answer": "4", "messages": [{"role": "user", "content": "2+2?"},
                                                                    {"role": "assistant", "content": "4"}]}
@@ -145,7 +145,8 @@ def test_non_string_field(tmp_path):
 
 
 def test_messages_last_turn_must_be_assistant(tmp_path):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}, {"role": "user", "content": "?"}]
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"},
+            {"role": "user", "content": "?"}]
     path = write_jsonl(tmp_path / "t.jsonl", [{"messages": msgs}])
     with pytest.raises(DataError, match=r"t\.jsonl:1: the last message must be the assistant's"):
         load_jsonl(path)

@@ -1,0 +1,142 @@
+"""Preference pairs: {prompt, chosen, rejected} records, HH-RLHF transcripts, and their tokenization.
+
+Accepted records: `{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}` (a messages
+value for chosen/rejected must end with the assistant turn), or HH-RLHF's `{"chosen": transcript, "rejected":
+transcript}` where a transcript is `\\n\\nHuman: … \\n\\nAssistant: …`; the shared prompt is every turn before the
+final assistant turn, and the two responses are the final assistant turns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ftune.data.sources import DataError, _load_hub, read_jsonl
+from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
+
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh(transcript: str, where: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [{'role': 'user', 'content': 'a'}, {'role': 'assistant', ...}]."""
+    parts = _TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{where}: not an HH-RLHF transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...').")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _as_messages(value, where: str, name: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{where}: '{name}' must be a string or a list of {{role, content}} messages.")
+
+
+def _response(value, where: str, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    msgs = _as_messages(value, where, name)
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: '{name}' messages must end with the assistant's turn.")
+    return msgs[-1]["content"]
+
+
+def to_pair(row: dict, where: str) -> dict:
+    """One raw record to {"prompt": messages, "chosen": str, "rejected": str}."""
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}; preference data needs chosen and rejected "
+                        f"(and prompt, unless they are HH-RLHF transcripts).")
+    if "prompt" not in row:
+        if not (isinstance(row["chosen"], str) and isinstance(row["rejected"], str)):
+            raise DataError(f"{where}: without a 'prompt' field, chosen and rejected must be HH-RLHF transcripts.")
+        chosen, rejected = parse_hh(row["chosen"], where), parse_hh(row["rejected"], where)
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise DataError(f"{where}: both transcripts must end with an Assistant turn.")
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(f"{where}: chosen and rejected transcripts do not share the same conversation before "
+                            f"their final answers.")
+        return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+    return {"prompt": _as_messages(row["prompt"], where, "prompt"), "chosen": _response(row["chosen"], where, "chosen"),
+            "rejected": _response(row["rejected"], where, "rejected")}
+
+
+def _hh_path(cfg, split: str) -> Path | None:
+    candidates = []
+    if cfg.path:
+        p = Path(cfg.path).expanduser()
+        candidates += [p] if p.is_file() else [p / f"{split}.jsonl.gz", p / f"{split}.jsonl"]
+    if os.environ.get("FTUNE_DATA_DIR"):
+        d = Path(os.environ["FTUNE_DATA_DIR"]).expanduser() / "hh-rlhf-harmless"
+        candidates += [d / f"{split}.jsonl.gz", d / f"{split}.jsonl"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
+    """Preference pairs of `split` for the data config `cfg` (sources: hh_rlhf, jsonl, hub)."""
+    if cfg.source == "hh_rlhf":
+        path = _hh_path(cfg, split)
+        if path is not None:
+            rows, origin = read_jsonl(path), str(path)
+        else:
+            hint = ("Point data.path at a .jsonl(.gz) file or a directory with {split}.jsonl.gz, or set "
+                    "FTUNE_DATA_DIR=DIR with DIR/hh-rlhf-harmless/{split}.jsonl.gz.").replace("{split}", split)
+            rows, origin = _load_hub(cfg.hub_id or "Anthropic/hh-rlhf", cfg.hub_config, split, hint), cfg.hub_id
+    elif cfg.source == "jsonl":
+        path = Path(cfg.path if split == cfg.split else split).expanduser()
+        rows, origin = read_jsonl(path), str(path)
+    elif cfg.source == "hub" and cfg.hub_id:
+        rows, origin = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy."), cfg.hub_id
+    else:
+        raise DataError(f"data.source={cfg.source} has no preference pairs; use data=hh_rlhf or data=jsonl with "
+                        f"{{prompt, chosen, rejected}} records.")
+    if cfg.limit is not None and split == cfg.split:
+        rows = rows[: cfg.limit]
+    pairs, skipped = [], 0
+    for i, row in enumerate(rows):
+        where = f"{origin}:{row.pop('_line', i + 1)}"
+        pair = to_pair(row, where)
+        if not pair["chosen"].strip() or not pair["rejected"].strip() or pair["chosen"] == pair["rejected"]:
+            skipped += 1
+            continue
+        if cfg.system_prompt and pair["prompt"][0]["role"] != "system":
+            pair["prompt"] = [{"role": "system", "content": cfg.system_prompt}] + pair["prompt"]
+        pair["id"] = str(row.get("id", f"{split}-{i}"))
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{origin}: no usable preference pairs in split '{split}' (read {len(rows)}, {skipped} "
+                        f"empty or identical).")
+    return pairs, {"origin": origin, "read": len(rows), "skipped_pairs": skipped}
+
+
+def tokenize_response(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
+    """(ids, labels) of prompt + one assistant response; only the response (and EOS) is labelled."""
+    ids, _ = tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": response}])
+    start = len(prompt_ids(tokenizer, prompt))
+    return ids, [IGNORE] * start + ids[start:]
+
+
+def tokenize_pairs_batch(batch, tokenizer, max_length, policy):
+    """datasets.map function: chosen/rejected ids and labels per pair; a pair is dropped if either side is too long
+    (`truncate` cuts both responses to fit instead)."""
+    out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "dropped")}
+    for prompt, chosen, rejected, ex_id in zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["id"]):
+        sides, dropped = {}, False
+        for name, response in (("chosen", chosen), ("rejected", rejected)):
+            ids, labels = tokenize_response(tokenizer, prompt, response)
+            if len(ids) > max_length:
+                if policy == "error":
+                    raise DataError(f"pair '{ex_id}': the {name} side has {len(ids)} tokens > data.max_length="
+                                    f"{max_length}. Raise data.max_length or set data.truncation=drop or truncate.")
+                first = next((i for i, x in enumerate(labels) if x != IGNORE), len(labels))
+                dropped = dropped or policy == "drop" or first >= max_length - 1
+                ids, labels = ids[:max_length], labels[:max_length]
+            sides[name] = (ids, labels)
+        out["dropped"].append(dropped)
+        for name, (ids, labels) in sides.items():
+            out[f"{name}_input_ids"].append([] if dropped else ids)
+            out[f"{name}_labels"].append([] if dropped else labels)
+    return out

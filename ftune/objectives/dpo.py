@@ -1,0 +1,131 @@
+"""`objective=dpo`: the DPO family on preference pairs (losses in ftune/objectives/preference.py).
+
+Chosen and rejected responses go through one concatenated forward pass. The reference model is, in order of
+preference: the same model with its PEFT adapter disabled (no second copy in memory); log-probs precomputed once
+before training (`precompute_ref=true`, one model in memory); or a frozen copy of the initial model. SimPO and ORPO
+need no reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+
+import torch
+
+from ftune.config import ConfigError
+from ftune.data.batching import collate
+from ftune.objectives.preference import LOSSES, REFERENCE_FREE, preference_loss
+from ftune.objectives.sft import causal_lm_forward, token_ce_sum
+
+log = logging.getLogger(__name__)
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled tokens of each row and the number of those tokens: (rows,), (rows,)."""
+    logits, targets = causal_lm_forward(model, batch, flatten=False)
+    # Row by row so only one row of logits is upcast to float32 at a time.
+    logps = torch.stack([-token_ce_sum(logits[i], targets[i]) for i in range(logits.shape[0])])
+    return logps, (targets != -100).sum(-1)
+
+
+def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B rows (chosen first, then rejected), padded together; precomputed reference log-probs ride along."""
+    sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in ("chosen", "rejected")
+             for r in rows]
+    batch = collate(sides, pad_id)
+    if all("ref_logp" in r for r in rows):
+        batch["ref_logp"] = torch.tensor([r["ref_logp"][0] for r in rows] + [r["ref_logp"][1] for r in rows])
+    return batch
+
+
+class DPO:
+    """Preference optimisation with `loss` in sigmoid (DPO) | cdpo | ipo | simpo | orpo.
+
+    Args:
+        loss: the variant (see ftune/objectives/preference.py for each formula and its paper).
+        beta: β, the inverse temperature of the implicit reward (SimPO: the reward scale).
+        label_smoothing: ε for cdpo (assumed label-flip probability).
+        simpo_gamma: SimPO's target reward margin γ.
+        orpo_lambda: ORPO's weight λ of the odds-ratio term.
+        precompute_ref: compute reference log-probs once before training (one model in memory).
+    """
+
+    can_pack = False
+    data_kind = "preference"
+
+    def __init__(self, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                 simpo_gamma: float = 1.0, orpo_lambda: float = 0.1, precompute_ref: bool = False):
+        if loss not in LOSSES:
+            raise ConfigError(f"objective.loss={loss!r} is not one of {', '.join(LOSSES)}.")
+        if beta <= 0:
+            raise ConfigError(f"objective.beta={beta} must be > 0.")
+        if not 0 <= label_smoothing < 0.5:
+            raise ConfigError(f"objective.label_smoothing={label_smoothing} must be in [0, 0.5).")
+        if label_smoothing and loss != "cdpo":
+            raise ConfigError(f"objective.label_smoothing is only read by loss=cdpo (this run: loss={loss}).")
+        self.loss, self.beta, self.eps = loss, beta, label_smoothing
+        self.gamma, self.lam, self.precompute_ref = simpo_gamma, orpo_lambda, precompute_ref
+        self.ref_model = None
+        self.adapter = False
+
+    collate = staticmethod(collate_pairs)
+
+    def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def setup(self, trainer) -> None:
+        """Choose the reference: adapter-disabled model, precomputed log-probs, or a frozen copy."""
+        if self.loss in REFERENCE_FREE:
+            return
+        unwrapped = trainer.acc.unwrap_model(trainer.model)
+        self.adapter = hasattr(unwrapped, "disable_adapter")
+        if self.precompute_ref:
+            for rows, what in ((trainer.data.train, "train"), (trainer.data.eval, "eval")):
+                self._precompute(trainer, rows, what)
+        elif not self.adapter:
+            log.info("Full fine-tuning with a reference: keeping a frozen copy of the initial model "
+                     "(set objective.precompute_ref=true to hold one model only).")
+            self.ref_model = copy.deepcopy(unwrapped).eval().requires_grad_(False)
+
+    @contextmanager
+    def _reference(self, model):
+        if self.adapter:
+            unwrapped = model.module if hasattr(model, "module") else model
+            with unwrapped.disable_adapter():
+                yield model
+        else:
+            yield self.ref_model
+
+    @torch.no_grad()
+    def _precompute(self, trainer, rows: list[dict], what: str) -> None:
+        bs, pad = trainer.cfg.trainer.batch_size, trainer.tokenizer.pad_token_id
+        was_training = trainer.model.training
+        trainer.model.eval()
+        for s in range(0, len(rows), bs):
+            chunk = rows[s: s + bs]
+            batch = {k: v.to(trainer.acc.device) for k, v in collate_pairs(chunk, pad).items()}
+            with trainer.acc.autocast():
+                logp, _ = sequence_logps(trainer.model, batch)
+            for i, r in enumerate(chunk):
+                r["ref_logp"] = (float(logp[i]), float(logp[i + len(chunk)]))
+        trainer.model.train(was_training)
+        log.info("Precomputed reference log-probs for %d %s pairs.", len(rows), what)
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, n_tokens = sequence_logps(model, batch)
+        b = logp.shape[0] // 2
+        ref_c = ref_r = None
+        if self.loss not in REFERENCE_FREE:
+            if "ref_logp" in batch:
+                ref = batch["ref_logp"].to(logp)
+            else:
+                with torch.no_grad(), self._reference(model) as ref_model:
+                    ref, _ = sequence_logps(ref_model, batch)
+            ref_c, ref_r = ref[:b], ref[b:]
+        losses, rc, rr = preference_loss(logp[:b], logp[b:], ref_c, ref_r, n_tokens[:b], n_tokens[b:], self.loss,
+                                         self.beta, self.eps, self.gamma, self.lam)
+        metrics = {"rewards/chosen": float(rc.sum()), "rewards/rejected": float(rr.sum()),
+                   "rewards/margin": float((rc - rr).sum()), "rewards/accuracy": float((rc > rr).float().sum())}
+        return losses.sum(), metrics
