@@ -131,7 +131,7 @@ CHOICES = {
     "data.truncation": ("drop", "truncate", "error"),
     "trainer.scheduler": ("cosine", "linear", "constant"),
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
-    "eval.task": ("gsm8k", "none"),
+    "eval.task": ("gsm8k", "preference", "none"),
 }
 
 

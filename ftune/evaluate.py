@@ -19,23 +19,23 @@ register_configs()
 def evaluate(cfg: DictConfig) -> dict:
     from accelerate.utils import set_seed
 
-    from ftune.data.pipeline import task_examples
-    from ftune.eval.tasks import evaluate_gsm8k
+    from ftune.eval.tasks import run_task, task_inputs
     from ftune.models.loading import load_model
     from ftune.models.runs import load_from_run
 
     validate_common(cfg)
     if cfg.eval.task == "none":
-        raise ConfigError("eval.task=none: nothing to evaluate. Use eval=gsm8k.")
+        raise ConfigError("eval.task=none: nothing to evaluate. Use eval=gsm8k or eval=preference.")
     set_seed(cfg.seed)
-    examples = task_examples(cfg.data, cfg.eval.split, cfg.seed, cfg.eval.limit)
     if cfg.run_dir:
         model, tokenizer = load_from_run(cfg.run_dir, cfg.model)
     else:
         model, tokenizer, _ = load_model(cfg.model)
-    metrics = evaluate_gsm8k(model, tokenizer, examples, cfg.eval, Path(cfg.output_dir))
-    print(f"GSM8K accuracy: {metrics['accuracy']:.4f} ({metrics['correct']}/{metrics['n']}); "
-          f"predictions in {Path(cfg.output_dir) / 'predictions.jsonl'}")
+    key = f"{tokenizer.name_or_path}|{len(tokenizer)}"
+    metrics = run_task(model, tokenizer, task_inputs(cfg.data, cfg.eval, tokenizer, cfg.seed, key), cfg.eval,
+                       Path(cfg.output_dir))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy"))
+    print(f"{cfg.eval.task}: {shown} (n={metrics['n']}); predictions in {Path(cfg.output_dir) / 'predictions.jsonl'}")
     return metrics
 
 

@@ -82,7 +82,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from ftune.data.pipeline import prepare, task_examples
+        from ftune.data.pipeline import prepare
+        from ftune.eval.tasks import task_inputs
         from ftune.models.loading import fingerprint, load_model, load_tokenizer, resolve_model_dir
 
         self.cfg, t = cfg, cfg.trainer
@@ -107,9 +108,10 @@ class Trainer:
 
         model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
         self.tokenizer = load_tokenizer(model_dir)
-        self.data = prepare(cfg.data, self.tokenizer, fingerprint(model_dir) + str(model_dir), cfg.seed,
-                            self.selector, pack_rows=cfg.data.packing, kind=self.objective.data_kind)
-        self.task = (task_examples(cfg.data, cfg.eval.split, cfg.seed, cfg.eval.limit)
+        tok_key = fingerprint(model_dir) + str(model_dir)
+        self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector, pack_rows=cfg.data.packing,
+                            kind=self.objective.data_kind)
+        self.task = (task_inputs(cfg.data, cfg.eval, self.tokenizer, cfg.seed, tok_key)
                      if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
         compute = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32
         model, _, _ = load_model(cfg.model, self.peft.quantization_config(compute), model_dir)
@@ -198,14 +200,14 @@ class Trainer:
         return {f"eval_{k}": _reduce_sum(self.acc, v) / max(count, 1) for k, v in sorted(totals.items())}
 
     def eval_task(self, tag: str) -> dict | None:
-        from ftune.eval.tasks import evaluate_gsm8k
+        from ftune.eval.tasks import run_task
 
         metrics = None
         if self.is_main and self.task:
             with self.acc.autocast():
-                metrics = evaluate_gsm8k(self.acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
-                                         self.out / f"eval_{tag}", progress=self.cfg.trainer.progress)
-            log.info("GSM8K accuracy (%s): %.3f (%d/%d)", tag, metrics["accuracy"], metrics["correct"], metrics["n"])
+                metrics = run_task(self.acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
+                                   self.out / f"eval_{tag}", progress=self.cfg.trainer.progress)
+            log.info("%s accuracy (%s): %.3f on %d", self.cfg.eval.task, tag, metrics["accuracy"], metrics["n"])
         self.acc.wait_for_everyone()
         return metrics
 
@@ -283,8 +285,7 @@ class Trainer:
         summary = {"steps": self.step, "skipped_steps": self.skipped, "final_loss": last_loss,
                    "eval": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
                    "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),
-                   "gsm8k_start": start_metrics and start_metrics["accuracy"],
-                   "gsm8k_end": end_metrics and end_metrics["accuracy"]}
+                   "task": self.cfg.eval.task, "task_start": start_metrics, "task_end": end_metrics}
         if self.is_main:
             from ftune.eval.tasks import _write_json_atomic
 
@@ -299,9 +300,11 @@ def _summary_text(s: dict, out: Path) -> str:
              f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"]
     if s["eval"]:
         lines.append("  held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in s["eval"].items()))
-    if s["gsm8k_end"] is not None:
-        before = f"{s['gsm8k_start']:.3f} -> " if s["gsm8k_start"] is not None else ""
-        lines.append(f"  GSM8K accuracy {before}{s['gsm8k_end']:.3f}")
+    if s["task_end"]:
+        start, end = s["task_start"] or {}, s["task_end"]
+        shown = [f"{k} {start[k]:.3f} -> {v:.3f}" if k in start else f"{k} {v:.3f}"
+                 for k, v in end.items() if k.endswith("accuracy") and (k != "accuracy" or len(end) <= 4)]
+        lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
     lines.append(f"  model: {s['output']}\n  metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}), "
                  f"curve: {out / 'loss.png'}")
     return "\n".join(lines)

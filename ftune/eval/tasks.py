@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from ftune.eval import gsm8k
 from ftune.eval.generation import generate
 
@@ -39,3 +41,74 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Pa
                "accuracy": correct / len(examples) if examples else 0.0}
     _write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
+
+
+@torch.no_grad()
+def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
+    """Held-out preference accuracy: how often the model ranks chosen above rejected.
+
+    `logp_accuracy` ranks by the summed response log-prob lp(y|x) (any model); `reward_accuracy` ranks by the DPO
+    implicit reward lp(y|x) - lp_ref(y|x), with the reference = the same model with its adapter disabled (only for
+    adapter runs). Ties count as wrong. Writes predictions.jsonl and metrics.json under `out_dir`.
+    """
+    from tqdm.auto import tqdm
+
+    from ftune.objectives.dpo import collate_pairs, sequence_logps
+
+    if eval_cfg.limit is not None:
+        rows = rows[: eval_cfg.limit]
+    device = next(model.parameters()).device
+    has_ref = hasattr(model, "disable_adapter")
+    model.eval()
+    records = []
+    for s in tqdm(range(0, len(rows), eval_cfg.batch_size), desc="Scoring pairs", disable=not progress, leave=False):
+        chunk = rows[s: s + eval_cfg.batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
+        logp, _ = sequence_logps(model, batch)
+        ref = None
+        if has_ref:
+            with model.disable_adapter():
+                ref, _ = sequence_logps(model, batch)
+        n = len(chunk)
+        for i, r in enumerate(chunk):
+            rec = {"id": r["id"], "logp_chosen": float(logp[i]), "logp_rejected": float(logp[n + i])}
+            if ref is not None:
+                rec.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]))
+                margin = (rec["logp_chosen"] - rec["ref_chosen"]) - (rec["logp_rejected"] - rec["ref_rejected"])
+                rec["reward_correct"] = margin > 0
+            rec["logp_correct"] = rec["logp_chosen"] > rec["logp_rejected"]
+            records.append(rec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "predictions.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, out_dir / "predictions.jsonl")
+    n = max(len(records), 1)
+    metrics = {"task": "preference", "n": len(records), "logp_accuracy": sum(r["logp_correct"] for r in records) / n}
+    if has_ref:
+        metrics["reward_accuracy"] = sum(r["reward_correct"] for r in records) / n
+    metrics["accuracy"] = metrics.get("reward_accuracy", metrics["logp_accuracy"])
+    _write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) -> list[dict]:
+    """What `run_task` scores: GSM8K conversations of `eval.split`, or tokenized held-out preference pairs."""
+    from ftune.data.pipeline import load_train_examples, task_examples
+    from ftune.data.preference import tokenize_pairs_batch
+    from ftune.data.sources import DataError
+    from ftune.data.tokenize import tokenize_examples
+
+    if eval_cfg.task == "gsm8k":
+        return task_examples(data_cfg, eval_cfg.split, seed, eval_cfg.limit)
+    _, held_out, _ = load_train_examples(data_cfg, seed, kind="preference")
+    if not held_out:
+        raise DataError("eval.task=preference scores held-out pairs, and there are none: set data.eval_size > 0 "
+                        "(the last pairs of the split) or data.eval_split.")
+    held_out = held_out[: eval_cfg.limit] if eval_cfg.limit else held_out
+    return tokenize_examples(held_out, tokenizer, data_cfg, tokenizer_key, "eval", tokenize_pairs_batch)
+
+
+def run_task(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
+    """Dispatch to the task named by `eval.task` and return its metrics (with an `accuracy` key)."""
+    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference}[eval_cfg.task]
+    return fn(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress)
