@@ -302,8 +302,8 @@ def _summary_text(s: dict, out: Path) -> str:
         lines.append("  held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in s["eval"].items()))
     if s["task_end"]:
         start, end = s["task_start"] or {}, s["task_end"]
-        shown = [f"{k} {start[k]:.3f} -> {v:.3f}" if k in start else f"{k} {v:.3f}"
-                 for k, v in end.items() if k.endswith("accuracy") and (k != "accuracy" or len(end) <= 4)]
+        keys = [k for k in end if k.endswith("_accuracy")] or ["accuracy"]  # `accuracy` repeats one of them
+        shown = [f"{k} {start[k]:.3f} -> {end[k]:.3f}" if k in start else f"{k} {end[k]:.3f}" for k in keys]
         lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
     lines.append(f"  model: {s['output']}\n  metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}), "
                  f"curve: {out / 'loss.png'}")
