@@ -119,6 +119,9 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = self.peft.apply(model, t.gradient_checkpointing)
+        self.model = self.acc.prepare(model)
+        # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
+        self.objective.setup(self)
 
         from ftune.data.batching import BatchOrder
         from ftune.training.optim import build_optimizer, build_scheduler
@@ -130,11 +133,10 @@ class Trainer:
                               f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "
                               f"Lower them, or train on more examples.")
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
-        optimizer = build_optimizer(model, t)
+        optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.optimizer = self.acc.prepare(optimizer)
         self.step, self.skipped = 0, 0
-        self.objective.setup(self)  # before resuming: a reference model is the initial one
         if self.resume_from is not None:
             self._load(self.resume_from)
 
@@ -229,6 +231,7 @@ class Trainer:
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
+            self.objective.before_step(self, rows)
             micro = [self.objective.collate(r, pad) for r in rows]
             n_global = _reduce_sum(acc, sum(self.objective.normalizer(b) for b in micro))
             loss_sum, sums = 0.0, {}

@@ -8,38 +8,44 @@ from ftune.data.tokenize import prompt_ids
 
 
 @torch.no_grad()
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256, batch_size: int = 16,
-             temperature: float = 0.0, progress: bool = False) -> list[str]:
-    """Answer each conversation (its messages up to the user's turn); greedy when temperature == 0."""
+def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int, eos_id: int,
+                 temperature: float = 0.0, progress: bool = False) -> list[list[int]]:
+    """New token ids for each prompt (up to and including EOS); greedy when temperature == 0."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [prompt_ids(tokenizer, msgs) for msgs in conversations]
     # Longest first keeps padding low inside each batch; results go back to the input order.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    outputs: list[str] = [""] * len(encoded)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id,
+              "eos_token_id": eos_id, "use_cache": True}
+    kwargs.update({"temperature": temperature} if temperature > 0 else {"temperature": None, "top_p": None,
+                                                                       "top_k": None})
     bar = tqdm(total=len(order), desc="Generating", disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for b, i in enumerate(idx):
-            ids[b, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[b, width - len(encoded[i]):] = 1
-        kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for b, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(out[b, width:], skip_special_tokens=True).strip()
+            new = out[b, width:].tolist()
+            outputs[i] = new[: new.index(eos_id) + 1] if eos_id in new else new
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
     return outputs
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256, batch_size: int = 16,
+             temperature: float = 0.0, progress: bool = False) -> list[str]:
+    """Answer each conversation (its messages up to the user's turn) as text."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [prompt_ids(tokenizer, msgs) for msgs in conversations]
+    new = generate_ids(model, encoded, max_new_tokens, batch_size, pad, tokenizer.eos_token_id, temperature, progress)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]

@@ -89,6 +89,9 @@ class DPO:
                      "(set objective.precompute_ref=true to hold one model only).")
             self.ref_model = copy.deepcopy(unwrapped).eval().requires_grad_(False)
 
+    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+        """Offline pairs: nothing to refresh."""
+
     @contextmanager
     def _reference(self, model):
         if self.adapter:

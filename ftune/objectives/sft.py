@@ -60,6 +60,9 @@ class SFT:
     def setup(self, trainer) -> None:
         """Nothing to prepare (objectives with a reference model or sampled data do it here)."""
 
+    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+        """Nothing to refresh (online objectives regenerate samples for the step's rows here)."""
+
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
         return label_count(batch)
 

@@ -1,0 +1,172 @@
+"""`objective=pso`: Pairwise Sample Optimization (Miao et al., ICLR 2025, arXiv 2410.03190), adapted to language models.
+
+From the paper: fine-tune by increasing the relative likelihood margin between target samples and reference
+samples drawn from the model itself, with a pairwise logistic loss whose log-likelihood ratios are taken against the
+frozen initial model; offline-sampled and online-sampled variants.
+
+The language-model adaptation (ftune's, not the paper's, which works on diffusion denoising steps):
+- the target sample is the gold response y* of an SFT example, the reference sample y_ref is the model's own answer;
+- loss `−log σ(β[(lp_θ(y*) − lp_0(y*)) − (lp_θ(y_ref) − lp_0(y_ref))])` on sequence-level summed token log-probs
+  (the paper sums per denoising step), with π_0 the frozen initial model: DPO with self-generated rejected answers;
+- `mode=offline` samples y_ref once from π_0 before training (cached on disk; deterministic under the seed);
+  `mode=online` re-samples y_ref from the current policy for the step's examples every `resample_every` steps;
+- pairs whose sample equals the gold response are skipped (offline) or carry no gradient (online), and counted;
+  with `judge=numeric_match`, samples whose final answer already matches the gold one are skipped too;
+- β is an LM-scale value (0.1 by default), not the paper's diffusion β = 50.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from ftune.config import ConfigError
+from ftune.data.tokenize import IGNORE
+from ftune.eval import gsm8k
+from ftune.eval.generation import generate_ids
+from ftune.objectives.dpo import DPO, collate_pairs
+from ftune.paths import ftune_home
+
+log = logging.getLogger(__name__)
+JUDGES = (None, "numeric_match")
+
+
+def split_row(row: dict) -> tuple[list[int], list[int]]:
+    """An SFT row -> (prompt ids, response ids)."""
+    first = next(i for i, x in enumerate(row["labels"]) if x != IGNORE)
+    return row["input_ids"][:first], row["input_ids"][first:]
+
+
+def make_pair(row: dict, sample: list[int], eos_id: int) -> dict:
+    """Chosen = the gold response, rejected = the model's sample, both after the same prompt.
+
+    The sample keeps the tokens the model produced; when it ended with EOS, the template's trailing tokens after
+    the gold response's EOS (e.g. ChatML's newline) are appended so both sides end alike.
+    """
+    prompt, gold = split_row(row)
+    tail = gold[gold.index(eos_id) + 1:] if eos_id in gold else []
+    rejected = sample + (tail if sample and sample[-1] == eos_id else [])
+    return {"id": row["id"], "chosen_input_ids": row["input_ids"], "chosen_labels": row["labels"],
+            "rejected_input_ids": prompt + rejected, "rejected_labels": [IGNORE] * len(prompt) + rejected,
+            "sft_row": row}
+
+
+class PSO:
+    """Pairwise Sample Optimization on SFT data (see the module docstring for what is the paper's).
+
+    Args:
+        mode: offline (samples from the initial model, once) | online (from the current policy).
+        beta: β of the logistic margin.
+        resample_every: online mode: re-sample the step's examples every this many steps.
+        max_new_tokens: length cap of a sample.
+        temperature: 0 = greedy samples; > 0 samples with this temperature (seeded).
+        judge: null | numeric_match: skip samples whose final answer already equals the gold one (offline mode;
+            online pairs keep every fresh sample).
+        precompute_ref: reference log-probs computed once (offline mode only).
+        gen_batch_size: prompts per generation batch.
+    """
+
+    can_pack = False
+    data_kind = "sft"
+
+    def __init__(self, mode: str = "offline", beta: float = 0.1, resample_every: int = 1, max_new_tokens: int = 256,
+                 temperature: float = 0.0, judge: str | None = None, precompute_ref: bool = False,
+                 gen_batch_size: int = 16):
+        if mode not in ("offline", "online"):
+            raise ConfigError(f"objective.mode={mode!r} must be offline or online.")
+        if judge not in JUDGES:
+            raise ConfigError(f"objective.judge={judge!r} must be null or numeric_match.")
+        if resample_every < 1 or max_new_tokens < 1 or gen_batch_size < 1:
+            raise ConfigError("objective.resample_every, max_new_tokens and gen_batch_size must be >= 1.")
+        if precompute_ref and mode == "online":
+            raise ConfigError("objective.precompute_ref=true needs fixed pairs; online PSO re-samples them. Use "
+                              "mode=offline, or precompute_ref=false.")
+        self.mode, self.resample_every, self.max_new_tokens = mode, resample_every, max_new_tokens
+        self.temperature, self.judge, self.gen_batch_size = temperature, judge, gen_batch_size
+        self.dpo = DPO(loss="sigmoid", beta=beta, precompute_ref=precompute_ref)
+        self.stats = {"pairs": 0, "skipped_identical": 0, "skipped_judged_correct": 0}
+
+    collate = staticmethod(collate_pairs)
+
+    def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.dpo.normalizer(batch)
+
+    def _sample(self, trainer, rows: list[dict], progress: bool) -> list[list[int]]:
+        tok = trainer.tokenizer
+        model = trainer.acc.unwrap_model(trainer.model)
+        with trainer.acc.autocast():
+            return generate_ids(model, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
+                                tok.pad_token_id, tok.eos_token_id, self.temperature, progress)
+
+    def _cached_samples(self, trainer, rows: list[dict], what: str) -> list[list[int]]:
+        key = hashlib.sha256(json.dumps([
+            trainer.cfg.model.name_or_path, trainer.cfg.seed, self.temperature, self.max_new_tokens,
+            [[r["id"], r["input_ids"]] for r in rows]]).encode()).hexdigest()[:24]
+        path = ftune_home() / "pso_samples" / f"{key}.json"
+        if path.exists():
+            log.info("PSO: reusing %d cached %s samples from %s", len(rows), what, path)
+            return json.loads(path.read_text())
+        # Seeded in a forked RNG, so training draws the same random numbers with or without the cache.
+        with torch.random.fork_rng():
+            torch.manual_seed(trainer.cfg.seed)
+            samples = self._sample(trainer, rows, progress=trainer.cfg.trainer.progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(samples))
+        os.replace(tmp, path)
+        return samples
+
+    def _keep(self, row: dict, sample: list[int], tokenizer) -> str | None:
+        """Why this pair carries no signal (None if it does)."""
+        eos = tokenizer.eos_token_id
+        gold = split_row(row)[1]
+        if sample == (gold[: gold.index(eos) + 1] if eos in gold else gold):
+            return "skipped_identical"
+        if self.judge == "numeric_match":
+            text = tokenizer.decode(sample, skip_special_tokens=True)
+            gold_text = tokenizer.decode(gold, skip_special_tokens=True)
+            if gsm8k.score(text, gold_text):
+                return "skipped_judged_correct"
+        return None
+
+    def _pairs(self, trainer, rows: list[dict], what: str) -> list[dict]:
+        samples = self._cached_samples(trainer, rows, what)
+        pairs = []
+        for row, sample in zip(rows, samples):
+            reason = self._keep(row, sample, trainer.tokenizer)
+            if reason:
+                self.stats[reason] += 1
+            else:
+                pairs.append(make_pair(row, sample, trainer.tokenizer.eos_token_id))
+        self.stats["pairs"] += len(pairs) if what == "train" else 0
+        return pairs
+
+    def setup(self, trainer) -> None:
+        """Sample reference answers from the initial model and turn every SFT row into a (gold, sample) pair."""
+        trainer.data.train = self._pairs(trainer, trainer.data.train, "train")
+        trainer.data.eval = self._pairs(trainer, trainer.data.eval, "eval") if trainer.data.eval else []
+        log.info("PSO pairs: %s", self.stats)
+        if not trainer.data.train:
+            raise ConfigError("PSO: every sample equals its gold answer (or was judged correct): no pairs to train on. "
+                              "Use objective.temperature > 0, or turn off objective.judge.")
+        trainer.data.stats["pso"] = dict(self.stats)
+        self.dpo.setup(trainer)
+
+    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+        """Online mode: replace the rejected side of this step's pairs with fresh samples of the current policy."""
+        if self.mode != "online" or trainer.step % self.resample_every:
+            return
+        flat = [r for micro in rows for r in micro]
+        samples = self._sample(trainer, [r["sft_row"] for r in flat], progress=False)
+        for r, sample in zip(flat, samples):
+            if self._keep(r["sft_row"], sample, trainer.tokenizer) == "skipped_identical":
+                self.stats["skipped_identical"] += 1  # identical sides: zero gradient, kept for a fixed batch size
+            r.update({k: v for k, v in make_pair(r["sft_row"], sample, trainer.tokenizer.eos_token_id).items()
+                      if k.startswith("rejected")})
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.dpo(model, batch)
