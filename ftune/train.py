@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -215,6 +216,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- loop
     def run(self) -> dict:
+        from ftune.training.signals import StopOnSignal
+
+        with StopOnSignal() as stop:
+            return self._run(stop)
+
+    def _run(self, stop) -> dict:
         from tqdm.auto import tqdm
 
         from ftune.data.batching import row_tokens
@@ -276,8 +283,16 @@ class Trainer:
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 if evals := self.eval_loss():
                     metrics.log(self.step, evals)
-            if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                self._save(f"checkpoint-{self.step}")
+            stopping = _reduce_sum(acc, stop.signum is not None) > 0
+            if self.step < self.total_steps and (stopping or t.save_every and self.step % t.save_every == 0):
+                path = self._save(f"checkpoint-{self.step}")
+            if stopping and self.step < self.total_steps:
+                bar.close()
+                metrics.close()
+                name = f"signal {stop.signum}" if stop.signum is not None else "a signal on another process"
+                print(f"ftune: stopped by {name} after step {self.step}; checkpoint saved to {path}. Continue with "
+                      f"`ftune train ... output_dir={self.out} trainer.resume=auto`.", file=sys.stderr)
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         bar.close()
         final_eval = self.eval_loss()
         if final_eval:

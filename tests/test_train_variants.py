@@ -130,3 +130,31 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(SFT, "__call__", lambda self, model, batch: (real(self, model, batch)[0] * float("nan"), {}))
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row.*examples"):
         run(make_cfg(tmp_path / "n2", "trainer.max_steps=5", "trainer.batch_size=2"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, monkeypatch):
+    """Preemption: SIGTERM during step 2 finishes the step, writes checkpoint-2, exits 143; resume continues."""
+    import os
+    import signal
+
+    from ftune.objectives.sft import SFT
+    from ftune.training.checkpoint import verify
+
+    real = SFT.__call__
+    calls = {"n": 0}
+
+    def term_on_second(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(SFT, "__call__", term_on_second)
+    with pytest.raises(SystemExit) as e:
+        run(make_cfg(tmp_path / "s", "trainer.max_steps=5", "trainer.batch_size=2"))
+    assert e.value.code == 128 + signal.SIGTERM
+    ckpt = tmp_path / "s" / "checkpoints" / "checkpoint-2"
+    assert verify(ckpt) is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    resumed = run(make_cfg(tmp_path / "s", "trainer.max_steps=5", "trainer.batch_size=2", "trainer.resume=auto"))
+    assert resumed.step == 5 and len(losses(tmp_path / "s")) == 5
