@@ -8,14 +8,20 @@ final assistant turn, and the two responses are the final assistant turns.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
-from ftune.data.sources import DataError, _load_hub, read_jsonl
+from ftune.data.sources import ROLES, DataError, _load_hub, read_jsonl
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
 
+log = logging.getLogger(__name__)
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+class MismatchedPair(DataError):
+    """An HH-RLHF record whose two transcripts diverge before the final answer (a few exist in the real data)."""
 
 
 def parse_hh(transcript: str, where: str) -> list[dict]:
@@ -30,9 +36,11 @@ def parse_hh(transcript: str, where: str) -> list[dict]:
 def _as_messages(value, where: str, name: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value):
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(f"{where}: '{name}' must be a string or a list of {{role, content}} messages.")
+    raise DataError(f"{where}: '{name}' must be a string or a non-empty list of messages with role in {ROLES} and "
+                    f"a string content.")
 
 
 def _response(value, where: str, name: str) -> str:
@@ -56,9 +64,11 @@ def to_pair(row: dict, where: str) -> dict:
         chosen, rejected = parse_hh(row["chosen"], where), parse_hh(row["rejected"], where)
         if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise DataError(f"{where}: both transcripts must end with an Assistant turn.")
+        if not chosen[:-1]:
+            raise DataError(f"{where}: the transcripts have no Human turn before the final answer.")
         if chosen[:-1] != rejected[:-1]:
-            raise DataError(f"{where}: chosen and rejected transcripts do not share the same conversation before "
-                            f"their final answers.")
+            raise MismatchedPair(f"{where}: chosen and rejected transcripts do not share the same conversation "
+                                 f"before their final answers.")
         return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
     return {"prompt": _as_messages(row["prompt"], where, "prompt"), "chosen": _response(row["chosen"], where, "chosen"),
             "rejected": _response(row["rejected"], where, "rejected")}
@@ -95,10 +105,14 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
                         f"{{prompt, chosen, rejected}} records.")
     if cfg.limit is not None and split == cfg.split:
         rows = rows[: cfg.limit]
-    pairs, skipped = [], 0
+    pairs, skipped, mismatched = [], 0, []
     for i, row in enumerate(rows):
         where = f"{origin}:{row.pop('_line', i + 1)}"
-        pair = to_pair(row, where)
+        try:
+            pair = to_pair(row, where)
+        except MismatchedPair:
+            mismatched.append(where.rsplit(":", 1)[-1])
+            continue
         if not pair["chosen"].strip() or not pair["rejected"].strip() or pair["chosen"] == pair["rejected"]:
             skipped += 1
             continue
@@ -106,10 +120,13 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             pair["prompt"] = [{"role": "system", "content": cfg.system_prompt}] + pair["prompt"]
         pair["id"] = str(row.get("id", f"{split}-{i}"))
         pairs.append(pair)
+    if mismatched:
+        log.warning("%s: skipped %d pair(s) whose transcripts differ before the final answer (lines %s).", origin,
+                    len(mismatched), ", ".join(mismatched[:10]))
     if not pairs:
         raise DataError(f"{origin}: no usable preference pairs in split '{split}' (read {len(rows)}, {skipped} "
-                        f"empty or identical).")
-    return pairs, {"origin": origin, "read": len(rows), "skipped_pairs": skipped}
+                        f"empty or identical, {len(mismatched)} mismatched).")
+    return pairs, {"origin": origin, "read": len(rows), "skipped_pairs": skipped, "mismatched_pairs": len(mismatched)}
 
 
 def tokenize_response(tokenizer, prompt: list[dict], response: str) -> tuple[list[int], list[int]]:
