@@ -20,17 +20,13 @@ def evaluate(cfg: DictConfig) -> dict:
     from accelerate.utils import set_seed
 
     from ftune.eval.tasks import run_task, task_inputs
-    from ftune.models.loading import load_model
-    from ftune.models.runs import load_from_run
+    from ftune.models.runs import load_for_inference
 
     validate_common(cfg)
     if cfg.eval.task == "none":
         raise ConfigError("eval.task=none: nothing to evaluate. Use eval=gsm8k or eval=preference.")
     set_seed(cfg.seed)
-    if cfg.run_dir:
-        model, tokenizer = load_from_run(cfg.run_dir, cfg.model)
-    else:
-        model, tokenizer, _ = load_model(cfg.model)
+    model, tokenizer = load_for_inference(cfg)
     key = f"{tokenizer.name_or_path}|{len(tokenizer)}"
     metrics = run_task(model, tokenizer, task_inputs(cfg.data, cfg.eval, tokenizer, cfg.seed, key), cfg.eval,
                        Path(cfg.output_dir))

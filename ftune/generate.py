@@ -17,15 +17,11 @@ def generate_answer(cfg: DictConfig) -> str:
     from accelerate.utils import set_seed
 
     from ftune.eval.generation import generate
-    from ftune.models.loading import load_model
-    from ftune.models.runs import load_from_run
+    from ftune.models.runs import load_for_inference
 
     validate_common(cfg)
     set_seed(cfg.seed)
-    if cfg.run_dir:
-        model, tokenizer = load_from_run(cfg.run_dir, cfg.model)
-    else:
-        model, tokenizer, _ = load_model(cfg.model)
+    model, tokenizer = load_for_inference(cfg)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
         {"role": "user", "content": cfg.prompt}]
     answer = generate(model, tokenizer, [messages], cfg.max_new_tokens, batch_size=1, temperature=cfg.temperature)[0]

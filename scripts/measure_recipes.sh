@@ -12,7 +12,7 @@ for r in "${recipes[@]}"; do
   rm -rf "$out/$r"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  /usr/bin/time -f "%M" -o "$out.$r.rss" .venv/bin/ftune train +recipe="$r" output_dir="$out/$r" trainer.progress=false \
+  /usr/bin/time -f "%M" -o "$out.$r.rss" nice -n "${MEASURE_NICE:-0}" .venv/bin/ftune train +recipe="$r" output_dir="$out/$r" trainer.progress=false \
     ${extra[$r]:-} > "$out.$r.log" 2>&1 || { echo "$r FAILED (log: $out.$r.log)"; continue; }
   end=$(date +%s)
   python3 - "$out/$r" "$r" "$((end - start))" "$(cat "$out.$r.rss")" <<'PY'

@@ -40,3 +40,11 @@ def load_from_run(run_dir: str | Path, model_cfg=None):
         cfg = OmegaConf.merge(model_cfg, {"name_or_path": str(weights)}) if model_cfg is not None else None
         model, _, _ = load_model(cfg, None, weights)
     return model.eval(), load_tokenizer(weights)
+
+
+def load_for_inference(cfg):
+    """(model, tokenizer) for `ftune eval` / `ftune generate`: the run in `cfg.run_dir`, else `cfg.model` as is."""
+    if cfg.run_dir:
+        return load_from_run(cfg.run_dir, cfg.model)
+    model, tokenizer, _ = load_model(cfg.model)
+    return model.eval(), tokenizer
