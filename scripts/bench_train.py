@@ -6,19 +6,26 @@ train examples as chat conversations user=question / assistant=answer, loss on t
 (r=16, alpha=32, dropout 0.05, all linear layers), max length, per-step batch, optimizer steps, lr schedule, seed and
 precision (bf16 autocast when the CPU supports it, else fp32).
 
-* ftune is the real CLI: `ftune train ...` in a subprocess. Its tokens/s comes from `metrics.jsonl`.
+* ftune is the real CLI: `ftune train ...` in a subprocess. metrics.jsonl has one record per step with the
+  *cumulative* tokens_per_s only; the per-step token counts are rebuilt with ftune's own pipeline (data.pipeline.prepare
+  + batching.BatchOrder, same config and seed) and checked against summary.json's train_tokens, which gives the
+  cumulative training time after every step (tokens_seen_k / tokens_per_s_k) and so the steady-state rate. If ftune
+  ever logs `step_tokens` and `step_seconds` per record, those are used instead.
 * TRL runs in a second subprocess (this script with `--child trl`): SFTTrainer + SFTConfig + peft LoraConfig, on a
-  conversational prompt-completion dataset with `completion_only_loss=True`.
+  conversational prompt-completion dataset with `completion_only_loss=True`; real tokens are counted in
+  `training_step`, steps are timed between `on_step_end` callbacks.
 * Each side runs in its own child process; its peak RSS is that child's `ru_maxrss` from `os.wait4`, so the peaks of
   the two frameworks never mix (and the parent's own memory is not counted).
 * Useful tokens = real (non-padding) tokens of the examples actually trained on, summed over the steps after the
-  first `--warmup-steps` steps, divided by the wall time of those steps.
-* MFU = useful tokens/s x FLOPs per token / the matmul peak measured at start (torch.matmul, 2048x2048, best of a
-  few repeats, in the precision the run computes in). FLOPs per token: 6*N for full fine-tuning; for LoRA
+  first `--warmup-steps` steps, divided by the wall time of those steps. Also reported: the same tokens per CPU-second
+  of the child, and the CPU the rest of the machine used meanwhile (from /proc/stat), to judge noise.
+* MFU = useful tokens/s x FLOPs per token / matmul peak (torch.matmul 2048x2048, best of 5, measured at start and at
+  end, in the precision the run computes in). FLOPs per token: 6*N for full fine-tuning; for LoRA
   4*N_base + 6*N_lora (forward 2N, backward activation gradients 2N; the frozen base gets no weight gradients).
 
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FTUNE_DATA_DIR=/work/shared/data .venv/bin/python scripts/bench_train.py
-    .venv/bin/python scripts/bench_train.py --steps 4 --examples 40 --only ftune      # a quick smoke test
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FTUNE_DATA_DIR=/work/shared/data
+    .venv/bin/python scripts/bench_train.py --wait-idle 180 --out /tmp/bench.json       # ~15 min on 2 cores
+    .venv/bin/python scripts/bench_train.py --steps 4 --examples 40 --only ftune        # a quick smoke test
 """
 
 from __future__ import annotations
@@ -39,13 +46,14 @@ LORA = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 # Shared optimisation settings (ftune's defaults; TRL is given the same).
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, WARMUP_RATIO = 2.0e-4, 0.0, 1.0, 0.03
 IGNORE = -100
+BUSY_CORES = 0.25  # other processes' average CPU use (cores) above which a measurement counts as disturbed
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--examples", type=int, default=400, help="first N GSM8K train examples (default 400)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per run (default 24)")
     p.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of tokens/s (default 2)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16 autocast (falls back to fp32 when the CPU lacks bf16) or fp32 (default bf16)")
@@ -57,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="directory with gsm8k/train.jsonl (default $FTUNE_DATA_DIR, else ../shared/data)")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                   help="before each run, wait up to S seconds for the CPU to be >=85%% idle (default 0: don't wait)")
+    p.add_argument("--retry-busy", type=int, default=0, metavar="N",
+                   help=f"run a measurement again (up to N times) when other processes used more than {BUSY_CORES} "
+                        f"cores on average during it (default 0)")
     p.add_argument("--keep", action="store_true", help="keep the runs' temporary output directories")
     p.add_argument("--child", choices=("trl",), help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -148,14 +161,82 @@ def param_counts(model_dir: Path) -> dict[str, int]:
     return {"base": base, "lora": lora, "embedding": emb, "tied": bool(getattr(config, "tie_word_embeddings", False))}
 
 
-def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path) -> tuple[int, float, float]:
-    """Run cmd; return (exit code, peak RSS in MiB of that child alone, wall seconds)."""
-    t0 = time.perf_counter()
+def machine_busy_cpu_s() -> float:
+    """CPU-seconds the whole machine has spent busy (all cores, /proc/stat: everything but idle and iowait)."""
+    try:
+        vals = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return (sum(vals[:8]) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def wait_for_idle(max_wait: float, idle_frac: float = 0.85, window: float = 3.0) -> float:
+    """Wait (at most max_wait s) until the machine was >= idle_frac idle over a `window`; return the seconds waited."""
+    cores, t0 = os.cpu_count() or 1, time.perf_counter()
+    while True:
+        b0 = machine_busy_cpu_s()
+        time.sleep(window)
+        busy = (machine_busy_cpu_s() - b0) / (window * cores)
+        waited = time.perf_counter() - t0
+        if busy <= 1 - idle_frac or waited >= max_wait:
+            if busy > 1 - idle_frac:
+                print(f"[bench] machine still {100 * busy:.0f}% busy after waiting {waited:.0f}s; going ahead",
+                      flush=True)
+            return waited
+
+
+def _proc_cpu_rss(pid: int) -> tuple[float, float] | None:
+    """(user+system CPU seconds of all threads, current RSS in MiB) of a live process, from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return cpu, rss
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Path | None = None) -> dict:
+    """Run cmd in its own process and return its exit code, peak RSS (MiB, that child alone, from wait4), wall time,
+    CPU time and, when `progress` (a JSONL file the child appends one line per step to) is given, the wall and CPU
+    time at which each line appeared (polled every 20 ms from /proc)."""
+    import threading
+
+    seen: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def poll(pid: int) -> None:
+        lines, last = 0, None
+        while not stop.is_set():
+            now, sample = time.perf_counter(), _proc_cpu_rss(pid)
+            last = sample or last
+            if progress is not None and progress.exists() and sample:
+                n = sum(1 for x in progress.read_text().splitlines() if '"tokens_per_s"' in x)
+                seen.extend([(now, sample[0])] * (n - lines))
+                lines = n
+            stop.wait(0.02)
+
+    t0, busy0 = time.perf_counter(), machine_busy_cpu_s()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        poller = threading.Thread(target=poll, args=(proc.pid,), daemon=True)
+        poller.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # interrupted: do not leave the child training
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            stop.set()
+            poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024, time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+    return {"other_cpu_cores": max(0.0, (machine_busy_cpu_s() - busy0 - cpu) / wall),
+            "exit_code": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "process_wall_s": wall, "process_cpu_s": cpu,
+            "progress_wall": [w - t0 for w, _ in seen], "progress_cpu": [c for _, c in seen]}
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -195,8 +276,10 @@ def ftune_step_rows(overrides: list[str], steps: int) -> list[list[dict]]:
     """The rows of each optimizer step of an ftune run, rebuilt with ftune's own data pipeline and BatchOrder.
 
     metrics.jsonl only has the cumulative tokens_per_s per step; with the per-step token counts rebuilt here, the
-    cumulative training time after step k is tokens_seen_k / tokens_per_s_k.
+    cumulative training time after step k is tokens_seen_k / tokens_per_s_k. (Mirrors ftune.train.Trainer.__init__.)
     """
+    import inspect
+
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -211,11 +294,22 @@ def ftune_step_rows(overrides: list[str], steps: int) -> list[list[dict]]:
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
     tok = load_tokenizer(model_dir)
     selector = instantiate(cfg.selection) if cfg.selection.get("_target_") else None
+    extra = {}
+    if "kind" in inspect.signature(prepare).parameters:
+        extra["kind"] = getattr(instantiate(cfg.objective), "data_kind", "sft")
     data = prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
-                   pack_rows=cfg.data.packing)
+                   pack_rows=cfg.data.packing, **extra)
     t = cfg.trainer
     order = BatchOrder(len(data.train), t.batch_size, t.grad_accum, 1, 0, cfg.seed)
     return [[data.train[i] for idx in order.micro_batches(k) for i in idx] for k in range(steps)]
+
+
+def row_tokens(row: dict) -> int:
+    try:
+        from ftune.data.batching import row_tokens as ftune_row_tokens
+    except ImportError:
+        return len(row["input_ids"])
+    return ftune_row_tokens(row)
 
 
 def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict:
@@ -226,49 +320,71 @@ def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict
     print(f"[bench] ftune (packing={'on' if packing else 'off'}): {' '.join(cmd[1:] if exe.exists() else cmd[3:])}",
           flush=True)
     log_path = work / f"ftune-{'pack' if packing else 'nopack'}.log"
-    rc, peak_mib, wall = run_child(cmd, env, log_path, work)
+    proc = run_child(cmd, env, log_path, work, progress=out_dir / "metrics.jsonl")
+    polled_wall, polled_cpu = proc.pop("progress_wall"), proc.pop("progress_cpu")
     res = {"framework": "ftune", "packing": packing, "command": "ftune " + " ".join(cmd[-len(overrides) - 1:]),
-           "exit_code": rc, "peak_rss_mib": peak_mib, "process_wall_s": wall, "log": str(log_path)}
-    if rc != 0:
+           **proc, "log": str(log_path)}
+    if proc["exit_code"] != 0:
         res["error"] = tail(log_path)
-        print(f"[bench] ftune failed (exit {rc}):\n{res['error']}", file=sys.stderr)
+        print(f"[bench] ftune failed (exit {proc['exit_code']}):\n{res['error']}", file=sys.stderr)
         return res
     summary = json.loads((out_dir / "summary.json").read_text())
     records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_step = {r["step"]: r for r in records if "tokens_per_s" in r}
     res.update(summary_tokens=summary["train_tokens"], summary_seconds=summary["train_seconds"],
                summary_tokens_per_s=summary["tokens_per_s"], final_loss=summary["final_loss"])
-    rows = ftune_step_rows(overrides, a.steps)
-    step_tokens = [float(sum(len(r["input_ids"]) for r in rs)) for rs in rows]
-    res["padded_tokens"] = sum(len(rs) * max(len(r["input_ids"]) for r in rs) for rs in rows)
-    res["loss_tokens"] = sum(sum(x != IGNORE for x in r["labels"][1:]) for rs in rows for r in rs)
-    res["examples_trained"] = sum(len(r.get("ids", [r.get("id")])) for rs in rows for r in rs)
-    res["useful_tokens"] = sum(step_tokens)
-    if abs(res["useful_tokens"] - summary["train_tokens"]) > 0.5:
-        res["note"] = (f"rebuilt per-step tokens ({res['useful_tokens']:.0f}) != summary train_tokens "
-                       f"({summary['train_tokens']:.0f}); fell back to the whole-run rate (warm-up included)")
+    steps_logged = all(k in per_step for k in range(1, a.steps + 1))
+    if steps_logged and all("step_tokens" in per_step[k] and "step_seconds" in per_step[k] for k in per_step):
+        # Per-step fields (what this benchmark asks ftune to log): no reconstruction needed.
+        step_tokens = [float(per_step[k]["step_tokens"]) for k in range(1, a.steps + 1)]
+        cum_time = [sum(per_step[j]["step_seconds"] for j in range(1, k + 1)) for k in range(1, a.steps + 1)]
+        source = "metrics.jsonl per-step step_tokens and step_seconds"
+        rows = None
+    else:
+        try:
+            rows = ftune_step_rows(overrides, a.steps)
+        except Exception as e:  # noqa: BLE001 - ftune's internals changed: fall back to the whole-run rate
+            rows, res["note"] = None, f"could not rebuild ftune's per-step rows ({type(e).__name__}: {e})"
+        step_tokens = [float(sum(row_tokens(r) for r in rs)) for rs in rows] if rows else []
+        cum_time, acc = [], 0.0
+        if steps_logged:
+            for k, n in enumerate(step_tokens, 1):
+                acc += n
+                cum_time.append(acc / per_step[k]["tokens_per_s"])
+        source = ("metrics.jsonl cumulative tokens_per_s x per-step tokens rebuilt from ftune.data (prepare + "
+                  "BatchOrder), checked against summary.json train_tokens")
+    if rows:
+        res["padded_tokens"] = sum(len(rs) * max(len(r["input_ids"]) for r in rs) for rs in rows)
+        res["loss_tokens"] = sum(sum(x != IGNORE for x in r["labels"][1:]) for rs in rows for r in rs)
+        res["examples_trained"] = sum(len(r.get("ids", [r.get("id")])) for rs in rows for r in rs)
+        res["widest_row"] = max(len(r["input_ids"]) for rs in rows for r in rs)
+    res["useful_tokens"] = sum(step_tokens) if step_tokens else summary["train_tokens"]
+    if step_tokens and len(polled_cpu) == a.steps and a.warmup_steps:
+        # Cross-checks from /proc polling: wall time and process CPU time when each step's record appeared.
+        res["polled_tokens_per_s"] = steady_rate(step_tokens, polled_wall, a.warmup_steps, 0.0)["tokens_per_s"]
+        res["tokens_per_cpu_s"] = steady_rate(step_tokens, polled_cpu, a.warmup_steps, 0.0)["tokens_per_s"]
+    problem = res.get("note")
+    if not problem and not steps_logged:
+        problem = "metrics.jsonl lacks a record for every step"
+    if not problem and abs(res["useful_tokens"] - summary["train_tokens"]) > 0.5:
+        problem = (f"per-step tokens ({res['useful_tokens']:.0f}) != summary.json train_tokens "
+                   f"({summary['train_tokens']:.0f})")
+    if problem:
+        res["note"] = problem + "; used summary.json's whole-run rate (warm-up steps included)"
         res.update(tokens_per_s=summary["tokens_per_s"], steps_timed=a.steps, tokens_timed=summary["train_tokens"],
                    seconds_timed=summary["train_seconds"], warmup_excluded=False)
         return res
-    if not all(k in per_step for k in range(1, a.steps + 1)):
-        res["note"] = "metrics.jsonl lacks a record for every step; fell back to the whole-run rate"
-        res.update(tokens_per_s=summary["tokens_per_s"], warmup_excluded=False)
-        return res
-    cum_tokens, cum_time, acc = [], [], 0.0
-    for k, n in enumerate(step_tokens, 1):
-        acc += n
-        cum_tokens.append(acc)
-        cum_time.append(acc / per_step[k]["tokens_per_s"])
     res["step_seconds"] = [round(t1 - t0, 4) for t0, t1 in zip([0.0] + cum_time[:-1], cum_time)]
-    res.update(steady_rate(step_tokens, cum_time, a.warmup_steps, 0.0), warmup_excluded=True,
-               tokens_per_s_source="metrics.jsonl cumulative tokens_per_s x per-step tokens rebuilt from "
-                                   "ftune.data (prepare + BatchOrder), checked against summary.json train_tokens")
+    res.update(steady_rate(step_tokens, cum_time, a.warmup_steps, 0.0), warmup_excluded=a.warmup_steps > 0,
+               tokens_per_s_source=source)
     return res
 
 
 # ----------------------------------------------------------------------------------------------------------- TRL
 def trl_child(a) -> None:
     """Runs inside the TRL child process: train with SFTTrainer and write the measurements to --child-out."""
+    import dataclasses
+
     import torch
     import transformers
     import trl
@@ -289,18 +405,23 @@ def trl_child(a) -> None:
                              "completion": [{"role": "assistant", "content": r["answer"]}]}
                             for r in gsm8k_rows(data_dir, a.examples)])
     work = a.child_out.parent / f"trl-{a.child_packing}"
+    # SFTConfig turns activation (gradient) checkpointing on by default; ftune's default is off. transformers 5.x
+    # renamed the argument to activation_checkpointing (gradient_checkpointing is a deprecated alias).
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    no_ckpt = {"activation_checkpointing": False} if "activation_checkpointing" in fields \
+        else {"gradient_checkpointing": False}
     config = SFTConfig(
         output_dir=str(work), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
         lr_scheduler_type="cosine", warmup_steps=int(round(WARMUP_RATIO * a.steps)),
-        bf16=precision == "bf16", fp16=False, use_cpu=True, gradient_checkpointing=False,
+        bf16=precision == "bf16", fp16=False, use_cpu=True, **no_ckpt,
         max_length=a.seq_len, packing=packing, completion_only_loss=True, assistant_only_loss=False,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
         seed=SEED, dataloader_num_workers=0,
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
-    stats = {"tokens": [], "padded": [], "loss_tokens": [], "rows": []}
+    stats = {"tokens": [], "padded": [], "loss_tokens": [], "rows": [], "widths": []}
 
     class Counting(SFTTrainer):
         def training_step(self, *args, **kwargs):
@@ -311,16 +432,19 @@ def trl_child(a) -> None:
             stats["padded"].append(ids.numel())
             stats["loss_tokens"].append(int((inputs["labels"][:, 1:] != IGNORE).sum()))
             stats["rows"].append(ids.shape[0])
+            # Row width the model sees (padding-free: the whole batch flattened into one row).
+            stats["widths"].append(ids.shape[1])
             return super().training_step(*args, **kwargs)
 
-    times = {"begin": None, "ends": []}
+    times = {"begin": None, "ends": [], "cpu_begin": None, "cpu_ends": []}
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            times["begin"] = time.perf_counter()
+            times["begin"], times["cpu_begin"] = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times["ends"].append(time.perf_counter())
+            times["cpu_ends"].append(time.process_time())
 
     trainer = Counting(model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                        callbacks=[Timer()])
@@ -335,14 +459,20 @@ def trl_child(a) -> None:
            "final_loss": out.training_loss, "trainable_params": trainable, "dataset_rows": len(lens),
            "dataset_mean_row_tokens": sum(lens) / max(len(lens), 1),
            "useful_tokens": float(sum(stats["tokens"])), "padded_tokens": sum(stats["padded"]),
-           "loss_tokens": sum(stats["loss_tokens"]), "optim": str(config.optim),
+           "activation_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)
+                                            or config.gradient_checkpointing),
+           "bf16_autocast": trainer.accelerator.mixed_precision,
+           "loss_tokens": sum(stats["loss_tokens"]), "widest_row": max(stats["widths"]), "optim": str(config.optim),
            "step_seconds": [round(t1 - t0_, 4) for t0_, t1 in zip([times["begin"]] + times["ends"][:-1], times["ends"])],
            "tokens_per_s_source": "time between on_step_end callbacks (data loading, forward, backward, optimizer, "
                                   "logging) and the real tokens counted in SFTTrainer.training_step"}
     if len(stats["tokens"]) != steps:
         res["note"] = f"counted {len(stats['tokens'])} micro-batches for {steps} steps"
-    res.update(steady_rate([float(x) for x in stats["tokens"][:steps]], times["ends"], a.warmup_steps, times["begin"]),
-               warmup_excluded=a.warmup_steps > 0)
+    step_tokens = [float(x) for x in stats["tokens"][:steps]]
+    res.update(steady_rate(step_tokens, times["ends"], a.warmup_steps, times["begin"]),
+               warmup_excluded=a.warmup_steps > 0,
+               tokens_per_cpu_s=steady_rate(step_tokens, times["cpu_ends"], a.warmup_steps,
+                                            times["cpu_begin"])["tokens_per_s"])
     a.child_out.write_text(json.dumps(res))
 
 
@@ -355,12 +485,12 @@ def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir
            "--precision", precision, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size)]
     print(f"[bench] TRL SFTTrainer (packing={'on' if packing else 'off'})", flush=True)
     log_path = work / f"trl-{tag}.log"
-    rc, peak_mib, wall = run_child(cmd, env, log_path, work)
-    res = {"framework": "trl", "packing": packing, "exit_code": rc, "peak_rss_mib": peak_mib,
-           "process_wall_s": wall, "log": str(log_path)}
-    if rc != 0 or not out.exists():
+    proc = run_child(cmd, env, log_path, work)
+    proc.pop("progress_wall"), proc.pop("progress_cpu")
+    res = {"framework": "trl", "packing": packing, **proc, "log": str(log_path)}
+    if proc["exit_code"] != 0 or not out.exists():
         res["error"] = tail(log_path)
-        print(f"[bench] TRL failed (exit {rc}):\n{res['error']}", file=sys.stderr)
+        print(f"[bench] TRL failed (exit {proc['exit_code']}):\n{res['error']}", file=sys.stderr)
         return res
     res.update(json.loads(out.read_text()))
     return res
@@ -391,8 +521,13 @@ def report(results: list[dict], meta: dict) -> str:
         ("peak RSS (MiB)", [fmt(r.get("peak_rss_mib")) for r in results]),
         (f"MFU vs {meta['precision']} matmul peak", [fmt(r.get("mfu") and 100 * r["mfu"], ".2f") + "%"
                                                       if r.get("mfu") else "-" for r in results]),
+        ("useful tokens per CPU-second", [fmt(r.get("tokens_per_cpu_s"), ",.1f") for r in results]),
         ("timed steps / seconds", [f"{r.get('steps_timed', '-')} / {fmt(r.get('seconds_timed'), '.1f')}"
                                    for r in results]),
+        ("widest row seen (tokens)", [fmt(r.get("widest_row")) for r in results]),
+        ("other processes' CPU (cores, avg)", [fmt(r.get("other_cpu_cores"), ".2f") for r in results]),
+        ("load avg (1 min) before/after", [f"{fmt(r.get('load_1min_before'), '.1f')}/"
+                                           f"{fmt(r.get('load_1min_after'), '.1f')}" for r in results]),
         ("useful tokens (all steps)", [fmt(r.get("useful_tokens")) for r in results]),
         ("padded tokens (all steps)", [fmt(r.get("padded_tokens")) for r in results]),
         ("loss tokens (all steps)", [fmt(r.get("loss_tokens")) for r in results]),
@@ -417,12 +552,14 @@ def report(results: list[dict], meta: dict) -> str:
             lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}, peak RSS x{mem:.2f} -> target "
                          f"(>=1.5x tokens/s at <= TRL's peak RSS) {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
     meta["ratios"] = ratios
-    lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']}): "
+    lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']} at start and at end): "
                  + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
                  + f"; MFU uses the {meta['precision']} figure")
     lines.append(f"MFU formula: {meta['flops_formula']}")
     lines.append(f"tokens/s: real (non-padding) tokens of steps {meta['warmup_steps'] + 1}..{meta['steps']} over "
-                 f"their wall time; the first {meta['warmup_steps']} step(s) are warm-up and left out")
+                 f"their wall time; the first {meta['warmup_steps']} step(s) are warm-up and left out. Per CPU-second: "
+                 f"the same tokens over the process's user+system CPU time in those steps (less sensitive to other "
+                 f"load on the machine). Padding-free TRL batches are one flattened row.")
     for r in results:
         if r.get("note"):
             lines.append(f"note ({r['framework']}, packing={r['packing']}): {r['note']}")
@@ -430,7 +567,14 @@ def report(results: list[dict], meta: dict) -> str:
 
 
 def main(argv=None) -> int:
+    import signal
+
     a = parse_args(argv)
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: the running child is killed and the temporary runs removed.
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
     if a.child == "trl":
         trl_child(a)
         return 0
@@ -462,18 +606,35 @@ def main(argv=None) -> int:
     try:
         for packing in packings:
             for fw in frameworks:
-                load = os.getloadavg()[0]
-                r = (bench_ftune(a, packing, precision, env, work) if fw == "ftune"
-                     else bench_trl(a, packing, precision, env, work, model_dir))
-                r["load_1min_before"], r["load_1min_after"] = load, os.getloadavg()[0]
+                discarded = []
+                for attempt in range(a.retry_busy + 1):
+                    waited = wait_for_idle(a.wait_idle) if a.wait_idle > 0 else 0.0
+                    load = os.getloadavg()[0]
+                    run_dir = work / f"try{attempt}"
+                    run_dir.mkdir(exist_ok=True)
+                    r = (bench_ftune(a, packing, precision, env, run_dir) if fw == "ftune"
+                         else bench_trl(a, packing, precision, env, run_dir, model_dir))
+                    r.update(load_1min_before=load, load_1min_after=os.getloadavg()[0], waited_for_idle_s=waited)
+                    if r.get("tokens_per_s"):
+                        print(f"[bench]   -> {r['tokens_per_s']:.1f} useful tok/s, peak RSS {r['peak_rss_mib']:.0f} "
+                              f"MiB, {r['process_wall_s']:.0f}s; other processes used "
+                              f"{r['other_cpu_cores']:.2f} cores meanwhile", flush=True)
+                    busy = r.get("other_cpu_cores", 0) > BUSY_CORES and r.get("exit_code") == 0
+                    if not busy or attempt == a.retry_busy:
+                        break
+                    print(f"[bench]   machine was busy during this run; running it again "
+                          f"({attempt + 1}/{a.retry_busy})", flush=True)
+                    discarded.append({k: r.get(k) for k in ("tokens_per_s", "peak_rss_mib", "other_cpu_cores")})
+                r["discarded_busy_attempts"] = discarded
                 results.append(r)
-                if r.get("tokens_per_s"):
-                    print(f"[bench]   -> {r['tokens_per_s']:.1f} useful tok/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-                          f"{r['process_wall_s']:.0f}s", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
+    print("[bench] measuring the matmul peak again ...", flush=True)
+    peak_end = matmul_peak()
+    peak_runs = {"start": peak, "end": peak_end}
+    peak = {k: max(peak[k], peak_end[k]) for k in peak}
     import platform
 
     import peft
@@ -489,7 +650,7 @@ def main(argv=None) -> int:
             "precision_requested": a.precision, "precision_note": fallback, "seq_len": a.seq_len,
             "batch_size": a.batch_size, "lora": LORA, "lr": LR, "seed": SEED, "model_dir": str(model_dir),
             "data": str(data_dir / "gsm8k" / "train.jsonl"), "params": params, "flops_per_token": fpt,
-            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_n": 2048, "matmul_repeats": 5,
+            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": 2048, "matmul_repeats": 5,
             "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "load_avg_before": load_before, "load_avg_after": load_after, "work_dir": str(work) if a.keep else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
