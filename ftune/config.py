@@ -295,9 +295,6 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     quantize = cfg.peft.get("quantize")
     if quantize is not None and quantize not in ("4bit", "8bit"):
         raise ConfigError(f"peft.quantize={quantize!r} must be null, 4bit or 8bit.")
-    if quantize and t.gradient_checkpointing and cfg.model.dtype == "float16":
-        raise ConfigError("peft.quantize with model.dtype=float16 and gradient checkpointing is unstable; "
-                          "use model.dtype=bfloat16 or float32.")
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bfloat16":
         raise ConfigError("trainer.mixed_precision=fp16 with model.dtype=bfloat16 mixes two half formats; use "
                           "trainer.mixed_precision=bf16.")
