@@ -75,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-packing", choices=("on", "off"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--order-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--random-order", action="store_true",
+                   help="without packing, let TRL draw its own random batches instead of ftune's (default: TRL\n"
+                        "trains on exactly ftune's examples in ftune's order, so both see the same batches)")
     a = p.parse_args(argv)
     if a.steps <= a.warmup_steps:
         p.error(f"--steps ({a.steps}) must exceed --warmup-steps ({a.warmup_steps}).")
@@ -331,6 +335,8 @@ def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict
     summary = json.loads((out_dir / "summary.json").read_text())
     records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     per_step = {r["step"]: r for r in records if "tokens_per_s" in r}
+    losses = [r["loss"] for r in per_step.values() if "loss" in r]
+    res["mean_loss"] = sum(losses) / len(losses) if losses else None
     res.update(summary_tokens=summary["train_tokens"], summary_seconds=summary["train_seconds"],
                summary_tokens_per_s=summary["tokens_per_s"], final_loss=summary["final_loss"])
     steps_logged = all(k in per_step for k in range(1, a.steps + 1))
@@ -401,15 +407,21 @@ def trl_child(a) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    rows = gsm8k_rows(data_dir, a.examples)
+    order = json.loads(a.order_file.read_text()) if a.order_file else None
+    if order is not None:  # ftune's examples in ftune's order, read sequentially: both sides see the same batches
+        rows = [rows[i] for i in order]
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}],
-                             "completion": [{"role": "assistant", "content": r["answer"]}]}
-                            for r in gsm8k_rows(data_dir, a.examples)])
+                             "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
     work = a.child_out.parent / f"trl-{a.child_packing}"
     # SFTConfig turns activation (gradient) checkpointing on by default; ftune's default is off. transformers 5.x
     # renamed the argument to activation_checkpointing (gradient_checkpointing is a deprecated alias).
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     no_ckpt = {"activation_checkpointing": False} if "activation_checkpointing" in fields \
         else {"gradient_checkpointing": False}
+    sequential = order is not None and "train_sampling_strategy" in fields
+    if sequential:
+        no_ckpt["train_sampling_strategy"] = "sequential"
     config = SFTConfig(
         output_dir=str(work), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
@@ -421,9 +433,14 @@ def trl_child(a) -> None:
     )
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
-    stats = {"tokens": [], "padded": [], "loss_tokens": [], "rows": [], "widths": []}
+    stats = {"tokens": [], "padded": [], "loss_tokens": [], "rows": [], "widths": [], "losses": []}
 
     class Counting(SFTTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            if order is not None and not sequential:  # older transformers: no train_sampling_strategy
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+            return super()._get_train_sampler(*args, **kwargs)
+
         def training_step(self, *args, **kwargs):
             inputs = args[1] if len(args) > 1 else kwargs["inputs"]
             ids = inputs["input_ids"]
@@ -434,7 +451,9 @@ def trl_child(a) -> None:
             stats["rows"].append(ids.shape[0])
             # Row width the model sees (padding-free: the whole batch flattened into one row).
             stats["widths"].append(ids.shape[1])
-            return super().training_step(*args, **kwargs)
+            loss = super().training_step(*args, **kwargs)
+            stats["losses"].append(float(loss))  # this step's mean token loss (no gradient accumulation)
+            return loss
 
     times = {"begin": None, "ends": [], "cpu_begin": None, "cpu_ends": []}
 
@@ -455,15 +474,19 @@ def trl_child(a) -> None:
     train_s = time.perf_counter() - t0
     steps = len(times["ends"])
     res = {"framework": "trl", "packing": packing, "trl_version": trl.__version__,
+           "example_order": "ftune's (same batches)" if order is not None else "TRL's own random sampler",
            "transformers_version": transformers.__version__, "steps_done": steps, "train_wall_s": train_s,
-           "final_loss": out.training_loss, "trainable_params": trainable, "dataset_rows": len(lens),
+           "final_loss": stats["losses"][-1] if stats["losses"] else None,
+           "mean_loss": sum(stats["losses"]) / len(stats["losses"]) if stats["losses"] else out.training_loss,
+           "trainable_params": trainable, "dataset_rows": len(lens),
            "dataset_mean_row_tokens": sum(lens) / max(len(lens), 1),
            "useful_tokens": float(sum(stats["tokens"])), "padded_tokens": sum(stats["padded"]),
            "activation_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)
                                             or config.gradient_checkpointing),
            "bf16_autocast": trainer.accelerator.mixed_precision,
            "loss_tokens": sum(stats["loss_tokens"]), "widest_row": max(stats["widths"]), "optim": str(config.optim),
-           "step_seconds": [round(t1 - t0_, 4) for t0_, t1 in zip([times["begin"]] + times["ends"][:-1], times["ends"])],
+           "step_seconds": [round(t1 - t0_, 4)
+                            for t0_, t1 in zip([times["begin"]] + times["ends"][:-1], times["ends"])],
            "tokens_per_s_source": "time between on_step_end callbacks (data loading, forward, backward, optimizer, "
                                   "logging) and the real tokens counted in SFTTrainer.training_step"}
     if len(stats["tokens"]) != steps:
@@ -476,13 +499,35 @@ def trl_child(a) -> None:
     a.child_out.write_text(json.dumps(res))
 
 
+def ftune_example_order(a, precision: str) -> list[int]:
+    """Indices (into the first N GSM8K rows) of the examples ftune trains on without packing, in its order."""
+    rows = ftune_step_rows(ftune_overrides(a, False, precision, Path(tempfile.gettempdir()) / "unused"), a.steps)
+    order = []
+    for rs in rows:
+        for r in rs:
+            split, _, idx = str(r["id"]).rpartition("-")
+            if split != "train" or not idx.isdigit():
+                raise ValueError(f"unexpected example id {r['id']!r}")
+            order.append(int(idx))
+    return order
+
+
 def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir: Path) -> dict:
     tag = "pack" if packing else "nopack"
     out = work / f"trl-{tag}.json"
+    order_note = None
+    order_args: list[str] = []
+    if not packing and not a.random_order:
+        try:
+            order_file = work / "ftune_order.json"
+            order_file.write_text(json.dumps(ftune_example_order(a, precision)))
+            order_args = ["--order-file", str(order_file)]
+        except Exception as e:  # noqa: BLE001 - ftune's internals changed: TRL draws its own batches
+            order_note = f"could not rebuild ftune's example order ({type(e).__name__}: {e}); TRL used its own"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "trl", "--child-out", str(out),
            "--child-packing", "on" if packing else "off", "--model-dir", str(model_dir),
            "--examples", str(a.examples), "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
-           "--precision", precision, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size)]
+           "--precision", precision, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size), *order_args]
     print(f"[bench] TRL SFTTrainer (packing={'on' if packing else 'off'})", flush=True)
     log_path = work / f"trl-{tag}.log"
     proc = run_child(cmd, env, log_path, work)
@@ -493,6 +538,8 @@ def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir
         print(f"[bench] TRL failed (exit {proc['exit_code']}):\n{res['error']}", file=sys.stderr)
         return res
     res.update(json.loads(out.read_text()))
+    if order_note:
+        res["note"] = order_note
     return res
 
 
@@ -531,7 +578,8 @@ def report(results: list[dict], meta: dict) -> str:
         ("useful tokens (all steps)", [fmt(r.get("useful_tokens")) for r in results]),
         ("padded tokens (all steps)", [fmt(r.get("padded_tokens")) for r in results]),
         ("loss tokens (all steps)", [fmt(r.get("loss_tokens")) for r in results]),
-        ("final train loss", [fmt(r.get("final_loss"), ".4f") for r in results]),
+        ("train loss: last step / mean", [f"{fmt(r.get('final_loss'), '.3f')} / {fmt(r.get('mean_loss'), '.3f')}"
+                                          for r in results]),
         ("process wall s", [fmt(r.get("process_wall_s"), ".0f") for r in results]),
     ]
     w0 = max(len(k) for k, _ in rows)
@@ -549,8 +597,9 @@ def report(results: list[dict], meta: dict) -> str:
             mem = f["peak_rss_mib"] / t["peak_rss_mib"]
             ratios.append({"pair": label, "tokens_per_s_ratio": speed, "peak_rss_ratio": mem,
                            "meets_target": speed >= 1.5 and mem <= 1.0})
+            verdict = "met" if speed >= 1.5 and mem <= 1.0 else "NOT met"
             lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}, peak RSS x{mem:.2f} -> target "
-                         f"(>=1.5x tokens/s at <= TRL's peak RSS) {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
+                         f"(>=1.5x tokens/s at <= TRL's peak RSS) {verdict}")
     meta["ratios"] = ratios
     lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']} at start and at end): "
                  + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
@@ -650,7 +699,8 @@ def main(argv=None) -> int:
             "precision_requested": a.precision, "precision_note": fallback, "seq_len": a.seq_len,
             "batch_size": a.batch_size, "lora": LORA, "lr": LR, "seed": SEED, "model_dir": str(model_dir),
             "data": str(data_dir / "gsm8k" / "train.jsonl"), "params": params, "flops_per_token": fpt,
-            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": 2048, "matmul_repeats": 5,
+            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": 2048,
+            "matmul_repeats": 5,
             "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "load_avg_before": load_before, "load_avg_after": load_after, "work_dir": str(work) if a.keep else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
