@@ -17,18 +17,16 @@ The language-model adaptation (ftune's, not the paper's, which works on diffusio
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 
 import torch
 
 from ftune.config import ConfigError
 from ftune.data.tokenize import IGNORE
 from ftune.eval import gsm8k
-from ftune.eval.generation import generate_ids
 from ftune.objectives.dpo import DPO, collate_pairs
+from ftune.objectives.sampling import cache_key, generate_from, write_json_atomic
 from ftune.paths import ftune_home
 
 log = logging.getLogger(__name__)
@@ -96,16 +94,12 @@ class PSO:
         return self.dpo.normalizer(batch)
 
     def _sample(self, trainer, rows: list[dict], progress: bool) -> list[list[int]]:
-        tok = trainer.tokenizer
-        model = trainer.acc.unwrap_model(trainer.model)
-        with trainer.acc.autocast():
-            return generate_ids(model, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
-                                tok.pad_token_id, tok.eos_token_id, self.temperature, progress)
+        return generate_from(trainer, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
+                             self.temperature, progress)
 
     def _cached_samples(self, trainer, rows: list[dict], what: str) -> list[list[int]]:
-        key = hashlib.sha256(json.dumps([
-            trainer.cfg.model.name_or_path, trainer.cfg.seed, self.temperature, self.max_new_tokens,
-            [[r["id"], r["input_ids"]] for r in rows]]).encode()).hexdigest()[:24]
+        key = cache_key(trainer.cfg.model.name_or_path, trainer.cfg.seed, self.temperature, self.max_new_tokens,
+                        [[r["id"], r["input_ids"]] for r in rows])
         path = ftune_home() / "pso_samples" / f"{key}.json"
         if path.exists():
             log.info("PSO: reusing %d cached %s samples from %s", len(rows), what, path)
@@ -114,10 +108,7 @@ class PSO:
         with torch.random.fork_rng():
             torch.manual_seed(trainer.cfg.seed)
             samples = self._sample(trainer, rows, progress=trainer.cfg.trainer.progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(samples))
-        os.replace(tmp, path)
+        write_json_atomic(path, samples)
         return samples
 
     def _keep(self, row: dict, sample: list[int], tokenizer) -> str | None:

@@ -72,7 +72,7 @@ def test_offline_pso_starts_at_log2_and_caches_samples(tmp_path, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("offline samples must come from the cache")
 
-    monkeypatch.setattr("ftune.objectives.pso.generate_ids", no_generation)
+    monkeypatch.setattr("ftune.objectives.sampling.generate_ids", no_generation)
     run(make_cfg(tmp_path / "b", *SMALL_PSO, "trainer.max_steps=3"))
     assert losses(tmp_path / "b") == first  # same cached samples, same seed: same trajectory
 

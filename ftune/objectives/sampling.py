@@ -1,0 +1,34 @@
+"""Answers from the model being trained, and their on-disk cache: shared by the objectives that train on data the
+model generates itself before training (`pso` offline samples, `s3ft` rewritten responses)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ftune.eval.generation import generate_ids
+
+
+def generate_from(trainer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+                  progress: bool = False) -> list[list[int]]:
+    """New token ids of the trainer's model for each prompt (batched; greedy when temperature == 0)."""
+    tok = trainer.tokenizer
+    model = trainer.acc.unwrap_model(trainer.model)
+    with trainer.acc.autocast():
+        return generate_ids(model, prompts, max_new_tokens, batch_size, tok.pad_token_id, tok.eos_token_id,
+                            temperature, progress)
+
+
+def cache_key(*parts) -> str:
+    """A short stable key of JSON-serialisable parts (settings, example ids and tokens)."""
+    return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:24]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON so that a reader never sees a half-written file (temp file per process, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
