@@ -6,12 +6,14 @@ import logging
 from dataclasses import dataclass, field
 
 from ftune.data.batching import pack
+from ftune.data.many_shot import load_task_examples, tokenize_many_shot_batch
 from ftune.data.preference import load_pairs, tokenize_pairs_batch
 from ftune.data.sources import DataError, load_conversations
 from ftune.data.tokenize import tokenize_examples
 
 # What an objective reads (its `data_kind`): a loader of raw examples and the tokenizing map function.
-KINDS = {"sft": (load_conversations, None), "preference": (load_pairs, tokenize_pairs_batch)}
+KINDS = {"sft": (load_conversations, None), "preference": (load_pairs, tokenize_pairs_batch),
+         "many_shot": (load_task_examples, tokenize_many_shot_batch)}  # per-example pieces of many-shot sequences
 
 log = logging.getLogger(__name__)
 
