@@ -87,6 +87,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     at_start: bool = False
     at_end: bool = False
+    shots: list[Any] = field(default_factory=lambda: [0, 5, "many"])  # eval=many_shot: in-context examples per prompt
+    single_task: str | None = None                                     # eval=many_shot: the data set as one task
+    match: str = "auto"                                                # eval=many_shot: answer comparison
 
 
 @dataclass
@@ -131,7 +134,8 @@ CHOICES = {
     "data.truncation": ("drop", "truncate", "error"),
     "trainer.scheduler": ("cosine", "linear", "constant"),
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
-    "eval.task": ("gsm8k", "preference", "none"),
+    "eval.task": ("gsm8k", "preference", "many_shot", "none"),
+    "eval.match": ("auto", "exact", "numeric"),
 }
 
 
@@ -298,4 +302,6 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bfloat16":
         raise ConfigError("trainer.mixed_precision=fp16 with model.dtype=bfloat16 mixes two half formats; use "
                           "trainer.mixed_precision=bf16.")
+    if hasattr(objective_cls, "check_config"):  # the objective's own checks, last as they may read the data
+        objective_cls.check_config(cfg)
     return targets

@@ -10,6 +10,7 @@ import torch
 
 from ftune.eval import gsm8k
 from ftune.eval.generation import generate
+from ftune.eval.many_shot import evaluate_many_shot, many_shot_inputs
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -100,6 +101,8 @@ def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) ->
 
     if eval_cfg.task == "gsm8k":
         return task_examples(data_cfg, eval_cfg.split, seed, eval_cfg.limit)
+    if eval_cfg.task == "many_shot":
+        return many_shot_inputs(data_cfg, eval_cfg, tokenizer, seed, tokenizer_key)
     _, held_out, _ = load_train_examples(data_cfg, seed, kind="preference")
     if not held_out:
         raise DataError("eval.task=preference scores held-out pairs, and there are none: set data.eval_size > 0 "
@@ -110,5 +113,5 @@ def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) ->
 
 def run_task(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
     """Dispatch to the task named by `eval.task` and return its metrics (with an `accuracy` key)."""
-    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference}[eval_cfg.task]
+    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference, "many_shot": evaluate_many_shot}[eval_cfg.task]
     return fn(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress)
