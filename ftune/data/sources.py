@@ -181,6 +181,8 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             skipped_empty += 1
             continue
         ex["id"] = row.get("id", f"{split}-{i}")
+        if "tests" in row:  # kept for judges that run the example's tests (objective=s3ft, judge=unit_tests)
+            ex["tests"] = row["tests"]
         examples.append(ex)
     if skipped_empty:
         log.warning("%s: skipped %d example(s) with an empty prompt or response.", origin, skipped_empty)

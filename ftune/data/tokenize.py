@@ -99,7 +99,7 @@ def tokenize_examples(examples: list[dict], tokenizer, cfg, tokenizer_key: str, 
 
     map_fn = map_fn or _tokenize_batch
     records = [dict(e, id=str(e["id"])) for e in examples]
-    fields = sorted(k for k in records[0] if k != "answer")
+    fields = sorted(k for k in records[0] if k not in ("answer", "tests"))  # tests: not tokenized
     payload = json.dumps([[r[k] for k in fields] for r in records], sort_keys=True).encode()
     key = hashlib.sha256(payload + f"|{map_fn.__module__}.{map_fn.__name__}|{tokenizer_key}|{cfg.max_length}|"
                                    f"{cfg.truncation}|{CACHE_VERSION}".encode())
