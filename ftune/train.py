@@ -303,7 +303,9 @@ class Trainer:
         summary = {"steps": self.step, "skipped_steps": self.skipped, "final_loss": last_loss,
                    "eval": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
                    "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),
-                   "task": self.cfg.eval.task, "task_start": start_metrics, "task_end": end_metrics}
+                   "task": self.cfg.eval.task, "task_start": start_metrics, "task_end": end_metrics,
+                   # what the objective made of the training data, if it rebuilt it (e.g. s3ft's own/paraphrase/gold)
+                   "composition": self.data.stats.get("composition")}
         if self.is_main:
             from ftune.eval.tasks import _write_json_atomic
 
@@ -323,6 +325,10 @@ def _summary_text(s: dict, out: Path) -> str:
         keys = [k for k in end if k.endswith("_accuracy")] or ["accuracy"]  # `accuracy` repeats one of them
         shown = [f"{k} {start[k]:.3f} -> {end[k]:.3f}" if k in start else f"{k} {end[k]:.3f}" for k in keys]
         lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
+    if s.get("composition"):
+        c = s["composition"]
+        lines.append(f"  training data ({c['examples']} examples): "
+                     + ", ".join(f"{k} {v:.1f}%" for k, v in c["percent"].items()))
     lines.append(f"  model: {s['output']}\n  metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}), "
                  f"curve: {out / 'loss.png'}")
     return "\n".join(lines)
