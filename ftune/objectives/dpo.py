@@ -30,6 +30,22 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return logps, (targets != -100).sum(-1)
 
 
+def frozen_copy(model):
+    """A frozen copy of the initial model: the reference of full fine-tuning (a PEFT model disables its adapter)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@contextmanager
+def reference_model(model, adapter: bool, frozen=None):
+    """The initial model: `model` with its PEFT adapter disabled when `adapter`, else the `frozen` copy."""
+    if adapter:
+        unwrapped = model.module if hasattr(model, "module") else model
+        with unwrapped.disable_adapter():
+            yield model
+    else:
+        yield frozen
+
+
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> 2B rows (chosen first, then rejected), padded together; precomputed reference log-probs ride along."""
     sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in ("chosen", "rejected")
@@ -87,19 +103,13 @@ class DPO:
         elif not self.adapter:
             log.info("Full fine-tuning with a reference: keeping a frozen copy of the initial model "
                      "(set objective.precompute_ref=true to hold one model only).")
-            self.ref_model = copy.deepcopy(unwrapped).eval().requires_grad_(False)
+            self.ref_model = frozen_copy(unwrapped)
 
     def before_step(self, trainer, rows: list[list[dict]]) -> None:
         """Offline pairs: nothing to refresh."""
 
-    @contextmanager
     def _reference(self, model):
-        if self.adapter:
-            unwrapped = model.module if hasattr(model, "module") else model
-            with unwrapped.disable_adapter():
-                yield model
-        else:
-            yield self.ref_model
+        return reference_model(model, self.adapter, self.ref_model)
 
     @torch.no_grad()
     def _precompute(self, trainer, rows: list[dict], what: str) -> None:
