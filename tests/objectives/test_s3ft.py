@@ -192,6 +192,21 @@ def test_interrupted_preparation_resumes_at_its_first_missing_chunk(tmp_path):
     assert calls == [["train-3", "train-4", "train-5"]]
 
 
+def test_processes_prepare_disjoint_chunks_then_read_them_all(tmp_path):
+    examples = [gsm_example(i) for i in range(10)]
+    done = {0: [], 1: []}
+
+    def prepare(rank):
+        return lambda chunk: (done[rank].append(chunk[0]["id"]),
+                              rewrite_chunk(chunk, fake_answer([]), judges.NumericMatch()))[1]
+
+    # process 1 of 2 reaches the barrier; process 0 does its share meanwhile
+    records = rewrite_cached(examples, tmp_path, 3, prepare(1), rank=1, world=2,
+                             barrier=lambda: rewrite_cached(examples, tmp_path, 3, prepare(0), rank=0, world=2))
+    assert done == {0: ["train-0", "train-6"], 1: ["train-3", "train-9"]}
+    assert records == rewrite_cached(examples, tmp_path / "one", 3, prepare(0))
+
+
 def test_unpack_undoes_pack():
     rows = [{"id": f"r{i}", "input_ids": list(range(10 * i, 10 * i + 3 + i)), "labels": [IGNORE] + [7] * (2 + i)}
             for i in range(5)]
