@@ -60,6 +60,25 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
+def collate_packed(seqs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Collate sequences several to a row, without padding between them: `pack` into rows as wide as the longest
+    sequence (first-fit decreasing), then `collate`. `seq_ids` (rows, width) gives each token's index in `seqs`
+    (-1 on padding), so per-sequence sums survive the packing; position_ids restart at every sequence, so none
+    attends to another (see the module docstring)."""
+    width = max(len(s["input_ids"]) for s in seqs)
+    rows = pack([{"input_ids": s["input_ids"], "labels": s["labels"], "id": i} for i, s in enumerate(seqs)], width)
+    batch = collate(rows, pad_id)
+    seq_ids = torch.full_like(batch["input_ids"], -1)
+    for b, r in enumerate(rows):
+        at = 0
+        for i in r["ids"]:
+            n = len(seqs[i]["input_ids"])
+            seq_ids[b, at: at + n] = i
+            at += n
+    batch["seq_ids"] = seq_ids
+    return batch
+
+
 def row_tokens(row: dict) -> int:
     """Real (non-padding) tokens of a row, whatever the objective's row layout (input_ids, chosen_input_ids, ...)."""
     return sum(len(v) for k, v in row.items() if k.endswith("input_ids"))

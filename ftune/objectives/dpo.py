@@ -13,21 +13,33 @@ import logging
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from ftune.config import ConfigError
-from ftune.data.batching import collate
+from ftune.data.batching import collate_packed
 from ftune.objectives.preference import LOSSES, REFERENCE_FREE, preference_loss
-from ftune.objectives.sft import causal_lm_forward, token_ce_sum
+from ftune.objectives.sft import labelled_logits
 
 log = logging.getLogger(__name__)
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled tokens of each row and the number of those tokens: (rows,), (rows,)."""
-    logits, targets = causal_lm_forward(model, batch, flatten=False)
-    # Row by row so only one row of logits is upcast to float32 at a time.
-    logps = torch.stack([-token_ce_sum(logits[i], targets[i]) for i in range(logits.shape[0])])
-    return logps, (targets != -100).sum(-1)
+def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled tokens of each sequence and the number of those tokens: (S,), (S,).
+
+    Sequences are the batch's `seq_ids` (several packed in a row, see `collate_pairs`), or else its rows.
+    """
+    logits, targets, rows, cols = labelled_logits(model, batch)
+    seq_ids = batch.get("seq_ids")
+    if seq_ids is None:
+        seq_ids = torch.arange(batch["labels"].shape[0], device=targets.device)[:, None].expand_as(batch["labels"])
+    seq = seq_ids[rows, cols]
+    n_seq = int(seq_ids.max()) + 1
+    # Float32 one chunk of positions at a time (caps the upcast at chunk_size x vocab floats).
+    token_logps = torch.cat([-F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size],
+                                              reduction="none") for s in range(0, len(targets), chunk_size)]
+                            or [logits.new_zeros(0, dtype=torch.float32)])
+    logps = token_logps.new_zeros(n_seq).index_add(0, seq, token_logps)
+    return logps, torch.bincount(seq, minlength=n_seq)
 
 
 def frozen_copy(model):
@@ -47,10 +59,12 @@ def reference_model(model, adapter: bool, frozen=None):
 
 
 def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """B pairs -> 2B rows (chosen first, then rejected), padded together; precomputed reference log-probs ride along."""
+    """B pairs -> 2B sequences (0..B-1 chosen, B..2B-1 rejected) for one forward pass, packed several to a row as
+    wide as the longest (`seq_ids` tells them apart): short answers and prompts waste no padding. Precomputed
+    reference log-probs ride along."""
     sides = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in ("chosen", "rejected")
              for r in rows]
-    batch = collate(sides, pad_id)
+    batch = collate_packed(sides, pad_id)
     if all("ref_logp" in r for r in rows):
         batch["ref_logp"] = torch.tensor([r["ref_logp"][0] for r in rows] + [r["ref_logp"][1] for r in rows])
     return batch
@@ -89,7 +103,7 @@ class DPO:
     collate = staticmethod(collate_pairs)
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return (int(batch["seq_ids"].max()) + 1) // 2
 
     def setup(self, trainer) -> None:
         """Choose the reference: adapter-disabled model, precomputed log-probs, or a frozen copy."""

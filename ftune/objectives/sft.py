@@ -6,11 +6,15 @@ so gradient accumulation and data parallelism do not change the loss (cf. transf
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
+
+log = logging.getLogger(__name__)
 
 
 def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
@@ -45,6 +49,55 @@ def causal_lm_forward(model, batch: dict[str, torch.Tensor], flatten: bool = Tru
     if not flatten:
         return out.logits, targets
     return out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
+
+
+# Per model: whether applying its output embeddings to the last hidden states reproduces its logits (true for
+# Llama-like models; false for models that scale or soft-cap logits, e.g. Gemma 2, which keep the logits path).
+_HEAD_MATCHES: dict[int, bool] = {}
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model  # DDP / FSDP wrappers
+
+
+def _head_matches(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> bool:
+    key = id(_unwrap(model))
+    if key not in _HEAD_MATCHES:
+        was_training = model.training
+        model.eval()  # no dropout, so both paths see the same activations
+        with torch.no_grad():
+            keep = cols[:8]
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                        use_cache=False, logits_to_keep=keep, output_hidden_states=True)
+            ours = _unwrap(model).get_output_embeddings()(out.hidden_states[-1][rows[:8], keep])
+            theirs = out.logits[rows[:8], torch.arange(len(keep), device=keep.device)]
+            _HEAD_MATCHES[key] = bool(torch.allclose(ours.float(), theirs.float(), rtol=1e-3, atol=1e-3))
+        model.train(was_training)
+        if not _HEAD_MATCHES[key]:
+            log.info("%s: its logits are not its output embeddings applied to the last hidden states; computing the "
+                     "LM head on whole positions.", type(_unwrap(model)).__name__)
+    return _HEAD_MATCHES[key]
+
+
+def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Logits only at the (row, position) pairs that predict a label: (N, V), with targets, rows and the label
+    positions, each (N,). A sequence's first token is never a target (nothing before it in its sequence).
+    Unlike `causal_lm_forward`, which keeps a position if any row needs it, no LM-head work is spent on another
+    row's prompt or padding (the LM head of a 135M model is a fifth of its weights)."""
+    labels = batch["labels"]
+    # A label at position 0 starts a packed sequence: the token before it belongs to another one.
+    rows, cols = ((labels[:, 1:] != IGNORE) & (batch["position_ids"][:, 1:] != 0)).nonzero(as_tuple=True)
+    targets = labels[rows, cols + 1]
+    if _head_matches(model, batch, rows, cols):
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                    use_cache=False, logits_to_keep=cols[:0], output_hidden_states=True)
+        logits = _unwrap(model).get_output_embeddings()(out.hidden_states[-1][rows, cols])
+    else:
+        keep = torch.unique(cols)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                    use_cache=False, logits_to_keep=keep)
+        logits = out.logits[rows, torch.searchsorted(keep, cols)]
+    return logits, targets, rows, cols + 1
 
 
 class SFT:

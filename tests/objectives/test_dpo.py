@@ -55,20 +55,31 @@ def records(run_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ unit level
-def test_collate_pairs_chosen_rows_first_then_rejected(tiny_tokenizer):
+def test_collate_pairs_packs_chosen_then_rejected_sequences_without_padding_between(tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
     rows = [pair_row(tiny_tokenizer, "Hi", "Hello!", "Go away, I am busy right now.", ref_logp=(-1.0, -2.0)),
-            pair_row(tiny_tokenizer, "A much longer question about the weather today?", "Sunny.", "No.",
-                     ref_logp=(-3.0, -4.0))]
+            pair_row(tiny_tokenizer, "A much longer question about the weather today, and tomorrow, and the day "
+                     "after that one? " * 4, "Sunny.", "No.", ref_logp=(-3.0, -4.0))]
     batch = collate_pairs(rows, pad)
-    order = [(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]
-    width = max(len(rows[i][f"{s}_input_ids"]) for i, s in order)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (4, width)
-    for b, (i, side) in enumerate(order):
-        ids, labels = rows[i][f"{side}_input_ids"], rows[i][f"{side}_labels"]
-        n = len(ids)
-        assert batch["input_ids"][b, :n].tolist() == ids and batch["labels"][b, :n].tolist() == labels
-        assert (batch["input_ids"][b, n:] == pad).all() and (batch["labels"][b, n:] == IGNORE).all()
+    order = [(0, "chosen"), (1, "chosen"), (0, "rejected"), (1, "rejected")]  # sequence index -> (pair, side)
+    lengths = [len(rows[i][f"{s}_input_ids"]) for i, s in order]
+    width = max(lengths)
+    n_rows = batch["input_ids"].shape[0]
+    for key in ("input_ids", "labels", "position_ids", "seq_ids"):
+        assert batch[key].shape == (n_rows, width)
+    # The two short pair-0 sequences share a row: fewer rows than sequences, and fewer padded tokens.
+    assert n_rows < 4
+    assert int((batch["seq_ids"] >= 0).sum()) == sum(lengths)
+    for k, (i, side) in enumerate(order):
+        where = (batch["seq_ids"] == k).nonzero()
+        row = int(where[0, 0])
+        cols = where[:, 1]
+        assert (where[:, 0] == row).all() and (cols == torch.arange(int(cols[0]), int(cols[0]) + lengths[k])).all()
+        assert batch["input_ids"][row, cols].tolist() == rows[i][f"{side}_input_ids"]
+        assert batch["labels"][row, cols].tolist() == rows[i][f"{side}_labels"]
+        assert batch["position_ids"][row, cols].tolist() == list(range(lengths[k]))  # restarts: no cross-attention
+    padding = batch["seq_ids"] == -1
+    assert (batch["input_ids"][padding] == pad).all() and (batch["labels"][padding] == IGNORE).all()
     assert batch["ref_logp"].tolist() == [-1.0, -3.0, -2.0, -4.0]
     assert DPO().normalizer(batch) == 2
     # Reference log-probs ride along only when every pair has them.
@@ -77,31 +88,47 @@ def test_collate_pairs_chosen_rows_first_then_rejected(tiny_tokenizer):
 
 
 def test_sequence_logps_sums_response_token_logprobs_only(tiny_tokenizer):
+    """Packed sequences score exactly as each does alone: only its response tokens, nothing seen across packing."""
     model = fresh_tiny_model()
     rows = [pair_row(tiny_tokenizer, "Hi", "Hello there, friend!", "Go away."),
-            pair_row(tiny_tokenizer, "What is the capital city of France, please?", "Paris.",
-                     "I do not know any capitals.")]
+            pair_row(tiny_tokenizer, "What is the capital city of France, please? Answer with one word, thanks. " * 4,
+                     "Paris.", "I do not know any capitals.")]
     batch = collate_pairs(rows, tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] < 4  # something was packed
+    seqs = [rows[i][f"{s}_{k}"] for s in ("chosen", "rejected") for i in range(2) for k in ("input_ids",)]
+    labels = [rows[i][f"{s}_labels"] for s in ("chosen", "rejected") for i in range(2)]
     with torch.no_grad():
         logp, n_tokens = sequence_logps(model, batch)
-        logits = model(input_ids=batch["input_ids"]).logits.float()
-    token_logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    response = batch["labels"][:, 1:] != IGNORE
-    lengths = torch.tensor([len(rows[i][f"{s}_input_ids"]) for s in ("chosen", "rejected") for i in range(2)])
-    real = torch.arange(1, batch["input_ids"].shape[1])[None, :] < lengths[:, None]
-    expected = (token_logp * response).sum(-1)
-    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-4)
-    assert n_tokens.tolist() == response.sum(-1).tolist()
-    assert n_tokens.tolist() == [sum(x != IGNORE for x in rows[i][f"{s}_labels"][1:])
-                                 for s in ("chosen", "rejected") for i in range(2)]
-    # Prompt tokens do not count: summing every real position gives a far lower log-prob.
-    everything = (token_logp * real).sum(-1)
-    assert ((expected - everything) > 5).all()
+        expected, everything = [], []
+        for ids, lab in zip(seqs, labels):
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # the sequence on its own
+            token_logp = F.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+            expected.append(float((token_logp * (torch.tensor(lab[1:]) != IGNORE)).sum()))
+            everything.append(float(token_logp.sum()))
+    torch.testing.assert_close(logp, torch.tensor(expected), rtol=1e-5, atol=1e-4)
+    assert n_tokens.tolist() == [sum(x != IGNORE for x in lab[1:]) for lab in labels]
+    # Prompt tokens do not count: summing every position gives a far lower log-prob ...
+    assert (torch.tensor(expected) - torch.tensor(everything) > 5).all()
     # ... and labelling them (with their real ids) makes sequence_logps that sum.
-    labelled = dict(batch, labels=torch.where(torch.arange(batch["labels"].shape[1]) < lengths[:, None],
-                                              batch["input_ids"], IGNORE))
+    labelled = dict(batch, labels=torch.where(batch["seq_ids"] >= 0, batch["input_ids"], IGNORE))
     with torch.no_grad():
-        torch.testing.assert_close(sequence_logps(model, labelled)[0], everything, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(sequence_logps(model, labelled)[0], torch.tensor(everything), rtol=1e-5, atol=1e-3)
+
+
+def test_labelled_logits_equal_the_models_logits_at_those_positions(tiny_tokenizer):
+    """The LM head applied to the last hidden states of labelled positions reproduces the full forward's logits."""
+    from ftune.objectives.sft import labelled_logits
+
+    model = fresh_tiny_model()
+    rows = [pair_row(tiny_tokenizer, "Hi", "Hello there, friend!", "Go away."),
+            pair_row(tiny_tokenizer, "Why?", "Because the sky is blue today.", "No.")]
+    batch = collate_pairs(rows, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits, targets, r, c = labelled_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert len(targets) == int((batch["labels"][:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(logits, full[r, c - 1], rtol=1e-4, atol=1e-4)
+    assert (targets == batch["labels"][r, c]).all()
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [
