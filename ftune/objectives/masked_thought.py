@@ -100,7 +100,8 @@ class MaskedThought:
 
     Args:
         rate: p, the (final) replacement probability of a response token, in [0, 1) (paper: 0.4 GSM8K, 0.2 MATH).
-        noise: random (uniform vocabulary id) | mask (an unused token set to the mean embedding) | pad.
+        noise: random (uniform vocabulary id) | mask (an unused token set to the mean embedding) | pad (the pad
+            id, which is EOS for tokenizers without a pad token, e.g. SmolLM2 and Llama-2).
         warmup_ratio: w, the fraction of the optimizer steps over which the rate ramps up linearly; 0 = constant.
         mask_token: noise=mask: the token to use (null = chosen automatically).
         chunk_size: positions per float32 chunk of the cross-entropy.
