@@ -109,7 +109,8 @@ def load_task_examples(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
     return examples, {"origin": origin, "read": len(rows), "skipped_empty": skipped_empty}
 
 
-def check_tasks(examples: list[dict], single_task: str | None, what: str, min_examples: int = 2) -> dict[str, int]:
+def check_tasks(examples: list[dict], single_task: str | None, what: str, min_examples: int = 2,
+                single_task_key: str = "objective.single_task") -> dict[str, int]:
     """Examples per task; DataError when an example has no task (and no single task is set) or a task is too small."""
     if single_task is None:
         missing = [e for e in examples if e["task"] in (None, "")]
@@ -117,7 +118,7 @@ def check_tasks(examples: list[dict], single_task: str | None, what: str, min_ex
             raise DataError(f"{missing[0].get('where', what)}: {what} example '{missing[0]['id']}' has no 'task' field "
                             f"({len(missing)} of {len(examples)} examples lack one). Many-shot sequences hold "
                             f"examples of one task: add a task field, map yours with data.fields={{task: NAME}}, "
-                            f"or treat the whole data set as one task with objective.single_task=NAME.")
+                            f"or treat the whole data set as one task with {single_task_key}=NAME.")
     counts: dict[str, int] = {}
     for e in examples:
         name = single_task or e["task"]
@@ -168,7 +169,8 @@ def example_piece(tokenizer, text_in: str, text_out: str) -> tuple[list[int], li
 
 def tokenize_many_shot_batch(batch, tokenizer, max_length, policy):
     """`datasets.map` function: one piece per example; an example longer than `max_length` on its own is dropped
-    (counted and reported by tokenize_examples), or an error under `data.truncation=error`."""
+    (counted and reported by tokenize_examples; `data.truncation=truncate` drops too, as a cut answer would be a
+    wrong target), or an error under `data.truncation=error`."""
     out = {"input_ids": [], "labels": [], "id": [], "task": [], "instruction": [], "dropped": []}
     for i, ex_id in enumerate(batch["id"]):
         ids, labels = example_piece(tokenizer, batch["input"][i], batch["output"][i])

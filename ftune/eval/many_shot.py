@@ -98,8 +98,8 @@ def many_shot_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: st
     if not held_out:
         raise DataError("eval.task=many_shot scores held-out queries, and there are none: set data.eval_size > 0 "
                         "(the last examples of the split) or data.eval_split.")
-    check_tasks(train, single, "eval (shots)", min_examples=1)
-    check_tasks(held_out, single, "eval (queries)", min_examples=1)
+    check_tasks(train, single, "eval (shots)", min_examples=1, single_task_key="eval.single_task")
+    check_tasks(held_out, single, "eval (queries)", min_examples=1, single_task_key="eval.single_task")
     held_out = held_out[: eval_cfg.limit] if eval_cfg.limit else held_out
     gold = {e["id"]: e["output"] for e in held_out}
     pools = group_by_task(tokenize_examples(train, tokenizer, data_cfg, tokenizer_key, "eval shots",

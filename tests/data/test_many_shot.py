@@ -236,3 +236,25 @@ def test_examples_too_long_alone_are_dropped_then_refused(tmp_path, tiny_tokeniz
     with pytest.raises(DataError, match="alone has .* tokens > data.max_length=64"):
         tokenize_examples(ex[:1], tiny_tokenizer, data_cfg(None, truncation="error"), "tiny", "train",
                           tokenize_many_shot_batch)
+
+
+def test_eval_inputs_one_prompt_per_query_and_setting(tmp_path, tiny_tokenizer, compose):
+    from ftune.eval.many_shot import many_shot_inputs
+
+    rows = [{"question": f"{i}+{i}", "answer": f"#### {2 * i}"} for i in range(12)]
+    f = write(tmp_path / "q.jsonl", rows)
+    common = ["model=tiny_random", "data=jsonl", f"data.path={f}", "data.eval_size=3", "data.max_length=160",
+              "eval=many_shot", "eval.shots=[0,2,many]", "eval.max_new_tokens=16"]
+    with pytest.raises(DataError, match="eval.single_task=NAME"):
+        many_shot_inputs((c := compose(common, "evaluate")).data, c.eval, tiny_tokenizer, 0, "tiny")
+    c = compose([*common, "eval.single_task=sums", "eval.match=numeric"], "evaluate")
+    inputs = many_shot_inputs(c.data, c.eval, tiny_tokenizer, 0, "tiny")
+    settings = ("0", "2", "many")
+    assert [(x["id"], x["shots"]) for x in inputs] == [(f"train-{q}", s) for q in (9, 10, 11) for s in settings]
+    for x in inputs:
+        text = tiny_tokenizer.decode(x["prompt"])
+        assert text.count("<|im_start|>user\n") == x["k"] + 1 and len(x["prompt"]) <= 160 - 16
+        assert x["task"] == "sums" and x["match"] == "numeric" and x["gold"] == rows[int(x["id"][6:])]["answer"]
+        assert text.startswith("<|im_start|>system\nTask: sums.")  # the per-task default instruction
+    assert {x["k"] for x in inputs if x["shots"] == "2"} == {2}
+    assert min(x["k"] for x in inputs if x["shots"] == "many") > 2
