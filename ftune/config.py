@@ -302,6 +302,8 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bfloat16":
         raise ConfigError("trainer.mixed_precision=fp16 with model.dtype=bfloat16 mixes two half formats; use "
                           "trainer.mixed_precision=bf16.")
+    if hasattr(targets["peft"], "check_config"):  # the PEFT method's own cross-group checks
+        targets["peft"].check_config(cfg)
     if hasattr(objective_cls, "check_config"):  # the objective's own checks, last as they may read the data
         objective_cls.check_config(cfg)
     return targets

@@ -1,11 +1,14 @@
-"""Helpers shared by PEFT methods: parameter counts and loading full-model weights back for resume."""
+"""Helpers shared by PEFT methods: parameter counts, target checks, adapter save/load/merge, full-model resume."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from ftune.config import ConfigError
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -31,3 +34,51 @@ def load_full_weights(model: torch.nn.Module, directory: Path) -> None:
     if result.unexpected_keys or set(result.missing_keys) - tied:
         raise RuntimeError(f"weights in {directory} do not match the model: missing {result.missing_keys[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
+
+
+def check_targets(model: torch.nn.Module, targets: str | list | None, key: str = "peft.target_modules") -> None:
+    """Refuse module names that match nothing in `model`, listing its linear layers (the usual targets)."""
+    if targets is None or isinstance(targets, str):
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"{key} {unknown} match no module of this model. Its linear layers are: "
+                          f"{', '.join(linear)} (or use {key}=all-linear where the method allows it).")
+
+
+def target_linears(model: torch.nn.Module, targets: str | list) -> dict[str, torch.nn.Module]:
+    """The linear layers a `target_modules` value selects: "all-linear" is every linear layer but the LM head, another
+    string a regex on the full module name (as in `peft`), a list the last name component."""
+    head = model.get_output_embeddings()
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or m is head:  # bitsandbytes' Linear4bit/8bitLt are nn.Linear
+            continue
+        if targets == "all-linear" or (re.fullmatch(targets, name) if isinstance(targets, str)
+                                       else name.rsplit(".", 1)[-1] in targets):
+            out[name] = m
+    return out
+
+
+def save_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """A `peft` adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def load_adapter_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load a saved `peft` adapter's weights into an already wrapped model (resume)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_file(Path(directory) / "adapter_model.safetensors"))
+    if result.unexpected_keys:
+        raise RuntimeError(f"adapter in {directory} does not match this model: {result.unexpected_keys[:5]}")
+
+
+def merge_peft_adapter(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    """Attach the `peft` adapter in `directory` to an unquantized `base` and fold it into the weights."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, directory)
+    return model.merge_and_unload()

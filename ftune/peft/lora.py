@@ -1,33 +1,64 @@
-"""LoRA and QLoRA through the `peft` library (Hu et al. 2022; Dettmers et al. 2023)."""
+"""LoRA, QLoRA, DoRA, rsLoRA and LoRA+ through the `peft` library.
+
+- LoRA (Hu et al. 2022): h = W0 x + (alpha / r) B A x, A random, B = 0.
+- QLoRA (Dettmers et al. 2023): the same on a frozen 4-bit NF4 (double-quantized) base.
+- DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A||_c, magnitude m (one per output feature) initialised
+  to ||W0||_c and trained with A and B (`peft`'s `use_dora`).
+- rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead of alpha / r (`peft`'s `use_rslora`).
+- LoRA+ (Hayou et al. 2024): B learns at `loraplus_lr_ratio` x the learning rate of A. `peft` has the same grouping in
+  `peft.optimizers.create_loraplus_optimizer`, which builds its own optimizer; here it is a per-parameter lr
+  multiplier (`lr_scale`) so ftune's optimizer keeps its weight-decay rule, scheduler and resumable state.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ftune.config import ConfigError
+from ftune.peft.base import check_targets, load_adapter_weights, merge_peft_adapter, save_adapter, target_linears
+
+
+def bnb_config(quantize: str | None, compute_dtype: torch.dtype):
+    """The bitsandbytes config for a frozen base: 4bit = NF4 + double quantization, 8bit = LLM.int8."""
+    if quantize is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"peft.quantize={quantize} needs bitsandbytes: pip install 'ftune[quant]'.") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
 class LoRA:
-    """`peft=lora` / `peft=qlora`: a LoRA adapter on a frozen (optionally bitsandbytes-quantized) base.
+    """`peft=lora` / `peft=qlora` / `peft=dora`: a (DoRA) LoRA adapter on a frozen, optionally quantized, base.
 
     Args:
-        r: rank of A and B.
-        alpha: scale numerator; the update is (alpha / r) B A.
+        r: rank of A and B (at most the smallest dimension of a targeted layer).
+        alpha: scale numerator; the update is (alpha / r) B A, or (alpha / sqrt(r)) B A with `rslora`.
         dropout: dropout on the adapter input.
-        target_modules: "all-linear" or a list of module names (e.g. [q_proj, v_proj]).
+        target_modules: "all-linear", a list of module names (e.g. [q_proj, v_proj]) or a regex on full names.
         bias: none | all | lora_only.
         quantize: null | 4bit (NF4 + double quantization) | 8bit (LLM.int8) for the frozen base.
+        dora: weight-decomposed LoRA (a trained magnitude per output feature).
+        rslora: rank-stabilised scale alpha / sqrt(r).
+        loraplus_lr_ratio: LoRA+: learning rate of B = ratio x trainer.lr (null: same as A).
     """
 
     adapter = True
     # Names other tools use for these keys, for "did you mean" hints.
-    aliases = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target": "target_modules"}
+    aliases = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target": "target_modules",
+               "use_dora": "dora", "use_rslora": "rslora"}
 
     def __init__(self, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-                 target_modules: str | list = "all-linear", bias: str = "none", quantize: str | None = None):
+                 target_modules: str | list = "all-linear", bias: str = "none", quantize: str | None = None,
+                 dora: bool = False, rslora: bool = False, loraplus_lr_ratio: float | None = None):
         if r < 1:
             raise ConfigError(f"peft.r={r} must be >= 1.")
         if not 0 <= dropout < 1:
@@ -36,51 +67,53 @@ class LoRA:
             raise ConfigError(f"peft.bias={bias!r} must be none, all or lora_only.")
         if quantize not in (None, "4bit", "8bit"):
             raise ConfigError(f"peft.quantize={quantize!r} must be null, 4bit or 8bit.")
+        if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
+            raise ConfigError(f"peft.loraplus_lr_ratio={loraplus_lr_ratio} must be > 0 (the paper uses 16), or null.")
         self.r, self.alpha, self.dropout, self.bias, self.quantize = r, alpha, dropout, bias, quantize
+        self.dora, self.rslora, self.loraplus_lr_ratio = dora, rslora, loraplus_lr_ratio
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
 
     def quantization_config(self, compute_dtype: torch.dtype):
-        if self.quantize is None:
-            return None
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"peft.quantize={self.quantize} needs bitsandbytes: pip install 'ftune[quant]'.") \
-                from None
-        from transformers import BitsAndBytesConfig
+        return bnb_config(self.quantize, compute_dtype)
 
-        if self.quantize == "8bit":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-
-    def _check_targets(self, model: torch.nn.Module) -> None:
-        if isinstance(self.target_modules, str):
-            return
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        unknown = [t for t in self.target_modules if t not in names]
-        if unknown:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise ConfigError(f"peft.target_modules {unknown} match no module of this model. Its linear layers are: "
-                              f"{', '.join(linear)} (or use target_modules=all-linear).")
+    def _check_rank(self, model: torch.nn.Module) -> None:
+        layers = target_linears(model, self.target_modules)
+        if not layers:
+            raise ConfigError(f"peft.target_modules={self.target_modules} selects no linear layer of this model. "
+                              f"Use all-linear or names of its linear layers.")
+        small = {n: min(m.in_features, m.out_features) for n, m in layers.items()
+                 if self.r > min(m.in_features, m.out_features)}
+        if small:
+            name, dim = min(small.items(), key=lambda kv: kv[1])
+            raise ConfigError(f"peft.r={self.r} is larger than the smallest dimension ({dim}) of the targeted layer "
+                              f"{name}, so B A cannot have rank r. Use peft.r<={min(small.values())}, or drop such "
+                              f"layers from peft.target_modules.")
 
     def apply(self, model: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        self._check_targets(model)
+        check_targets(model, self.target_modules)
+        self._check_rank(model)
         if self.quantize:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias=self.bias,
-                            target_modules=self.target_modules, task_type="CAUSAL_LM")
+                            target_modules=self.target_modules, use_dora=self.dora, use_rslora=self.rslora,
+                            task_type="CAUSAL_LM")
         return get_peft_model(model, config)
 
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of parameter `name`: LoRA+ gives B matrices `loraplus_lr_ratio`."""
+        if self.loraplus_lr_ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name):
+            return float(self.loraplus_lr_ratio)
+        return 1.0
+
     def save(self, model: torch.nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
+        save_adapter(model, directory)
 
     def load_trainable(self, model: torch.nn.Module, directory: Path) -> None:
-        from peft import set_peft_model_state_dict
+        load_adapter_weights(model, directory)
 
-        result = set_peft_model_state_dict(model, load_file(Path(directory) / "adapter_model.safetensors"))
-        if result.unexpected_keys:
-            raise RuntimeError(f"adapter in {directory} does not match this model: {result.unexpected_keys[:5]}")
+    def merge(self, base: torch.nn.Module, directory: Path) -> torch.nn.Module:
+        """Fold the adapter in `directory` into an unquantized `base`: W0 + s B A (DoRA: m-normalised)."""
+        return merge_peft_adapter(base, directory)

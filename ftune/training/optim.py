@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, t, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; `lr_scale(name)` (a PEFT method's, e.g. LoRA+) multiplies one's lr."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}  # (weight decay?, lr scale)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    if not decay and not no_decay:
+            decay = not (p.ndim < 2 or "norm" in name.lower())
+            groups.setdefault((decay, lr_scale(name) if lr_scale else 1.0), []).append(p)
+    if not any(groups.values()):
         raise RuntimeError("the model has no trainable parameters; check the peft config.")
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.lr * scale}
+                              for (decay, scale), ps in groups.items() if ps],
+                             lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
