@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("ftune.train", "fine-tune a model: ftune train +recipe=NAME [key=value ...]"),
     "eval": ("ftune.evaluate", "task accuracy of a model or a run: ftune eval run_dir=PATH [eval.limit=N]"),
     "generate": ("ftune.generate", "answer a prompt: ftune generate prompt='...' [run_dir=PATH]"),
+    "merge": ("ftune.merge", "fold a run's adapter into its base model: ftune merge RUN_DIR [--out DIR] [--force]"),
     "recipes": (None, "list the recipes with their one-line descriptions"),
 }
 
@@ -81,6 +82,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, os.getcwd())
     import importlib
 
+    from ftune.config import ConfigError, check_overrides
+
+    try:
+        check_overrides(command, rest)
+    except ConfigError as e:
+        print(f"ftune: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"ftune {command}", *rest]
     module.main()

@@ -8,6 +8,7 @@ Everything here runs before a model or dataset is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -241,7 +242,55 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
+# The fixed groups and their schemas: a key added with `+group.key=...` (or by a recipe) that no schema field holds
+# would be silently ignored, so it is refused with a suggestion.
+SCHEMA_GROUPS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "eval": EvalConfig}
+SCHEMAS = {"train": TrainSchema, "eval": EvalSchema, "generate": GenerateSchema}
+
+
+def _check_schema_keys(cfg: DictConfig) -> None:
+    for group, schema in SCHEMA_GROUPS.items():
+        node = cfg.get(group) if isinstance(cfg, DictConfig) else None
+        if not isinstance(node, DictConfig):
+            continue
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in known:
+                raise ConfigError(f"{group}.{key}: unknown key, nothing reads it.{_suggest(str(key), known)} "
+                                  f"Valid keys: {', '.join(known)}.")
+
+
+def check_overrides(command: str, overrides: list[str]) -> None:
+    """Command-line overrides whose key no schema field or config group holds, with a "did you mean" hint.
+
+    Hydra rejects them too, but suggests appending the misspelt key with `+`; this names the key meant instead.
+    Group choices (`peft=lorra`) are left to Hydra, which lists the available options.
+    """
+    schema = SCHEMAS.get(command)
+    user_dir = any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd=")) for a in overrides)
+    if schema is None or user_dir:
+        return  # a user config dir may bring its own groups
+    top = [f.name for f in dataclasses.fields(schema)]
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        parts = key.split(".")
+        if "/" in key or parts[0] in ("hydra", "recipe"):
+            continue
+        if parts[0] not in top:
+            raise ConfigError(f"{arg}: '{parts[0]}' is not a config group or key of `ftune {command}`."
+                              f"{_suggest(parts[0], top)} Valid names: {', '.join(top)}.")
+        fields = SCHEMA_GROUPS.get(parts[0])
+        if fields is not None and len(parts) > 1:
+            known = [f.name for f in dataclasses.fields(fields)]
+            if parts[1] not in known:
+                raise ConfigError(f"{arg}: {parts[0]}.{parts[1]} is not a key.{_suggest(parts[1], known)} "
+                                  f"Valid keys of {parts[0]}: {', '.join(known)}.")
+
+
 def validate_common(cfg: DictConfig) -> None:
+    _check_schema_keys(cfg)
     for key in CHOICES:
         if OmegaConf.select(cfg, key, default=None) is not None:
             _check_choice(cfg, key)

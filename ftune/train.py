@@ -112,6 +112,13 @@ class Trainer:
         tok_key = fingerprint(model_dir) + str(model_dir)
         self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector, pack_rows=cfg.data.packing,
                             kind=self.objective.data_kind)
+        # No objective makes more rows than examples, so too few examples for one step is known before the model loads.
+        n_examples = self.data.stats["train_examples"]
+        rows_per_step = t.batch_size * t.grad_accum * self.acc.num_processes
+        if n_examples < rows_per_step:
+            raise ConfigError(f"only {n_examples} training examples, fewer than one optimizer step needs "
+                              f"(trainer.batch_size x trainer.grad_accum x processes = {rows_per_step}). "
+                              f"Lower them, or train on more examples.")
         self.task = (task_inputs(cfg.data, cfg.eval, self.tokenizer, cfg.seed, tok_key)
                      if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
         compute = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from ftune.data.sources import ROLES, DataError, _load_hub, read_jsonl
+from ftune.data.sources import ROLES, DataError, _load_hub, check_unique_ids, read_jsonl
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,12 @@ def to_pair(row: dict, where: str) -> dict:
     """One raw record to {"prompt": messages, "chosen": str, "rejected": str}."""
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing:
+        sft = any(all(f in row for f in fields) for fields in (("prompt", "completion"), ("messages",),
+                                                                 ("instruction", "output"), ("question", "answer")))
+        hint = (" This looks like prompt/response data: train it with objective=sft, or add chosen and rejected "
+                "responses." if sft else "")
         raise DataError(f"{where}: missing field(s) {missing}; preference data needs chosen and rejected "
-                        f"(and prompt, unless they are HH-RLHF transcripts).")
+                        f"(and prompt, unless they are HH-RLHF transcripts).{hint}")
     if "prompt" not in row:
         if not (isinstance(row["chosen"], str) and isinstance(row["rejected"], str)):
             raise DataError(f"{where}: without a 'prompt' field, chosen and rejected must be HH-RLHF transcripts.")
@@ -103,9 +107,12 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
     else:
         raise DataError(f"data.source={cfg.source} has no preference pairs; use data=hh_rlhf or data=jsonl with "
                         f"{{prompt, chosen, rejected}} records.")
+    if not rows:
+        raise DataError(f"{origin}: no records at all (an empty file or split '{split}'). Check data.path.")
     if cfg.limit is not None and split == cfg.split:
         rows = rows[: cfg.limit]
-    pairs, skipped, mismatched = [], 0, []
+    check_unique_ids(rows, origin)
+    pairs, skipped, mismatched, identical = [], 0, [], 0
     for i, row in enumerate(rows):
         where = f"{origin}:{row.pop('_line', i + 1)}"
         try:
@@ -115,6 +122,7 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             continue
         if not pair["chosen"].strip() or not pair["rejected"].strip() or pair["chosen"] == pair["rejected"]:
             skipped += 1
+            identical += pair["chosen"] == pair["rejected"]
             continue
         if cfg.system_prompt and pair["prompt"][0]["role"] != "system":
             pair["prompt"] = [{"role": "system", "content": cfg.system_prompt}] + pair["prompt"]
@@ -124,8 +132,10 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         log.warning("%s: skipped %d pair(s) whose transcripts differ before the final answer (lines %s).", origin,
                     len(mismatched), ", ".join(mismatched[:10]))
     if not pairs:
-        raise DataError(f"{origin}: no usable preference pairs in split '{split}' (read {len(rows)}, {skipped} "
-                        f"empty or identical, {len(mismatched)} mismatched).")
+        raise DataError(f"{origin}: no usable preference pairs in split '{split}' (read {len(rows)}: {identical} with "
+                        f"identical chosen and rejected, {skipped - identical} with an empty response, "
+                        f"{len(mismatched)} whose transcripts differ before the final answer). Each pair needs two "
+                        f"different, non-empty responses to the same prompt; check data.path and data.limit.")
     return pairs, {"origin": origin, "read": len(rows), "skipped_pairs": skipped, "mismatched_pairs": len(mismatched)}
 
 

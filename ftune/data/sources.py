@@ -43,15 +43,40 @@ def read_jsonl(path: Path) -> list[dict]:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). Each line must "
                                     f"be one JSON object; fix or delete that line.") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}. The file "
+                                    f"must be JSON Lines: one {{...}} object per line (a .json array is not read).")
                 row.setdefault("_line", lineno)
                 rows.append(row)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}). Re-encode the file as UTF-8.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{_first_non_utf8_line(path, opener)}: not UTF-8 text. Re-encode the file as UTF-8 "
+                        f"(e.g. `iconv -f latin1 -t utf-8`).") from None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file. Check data.path (relative paths resolve against "
                         f"{Path.cwd()}).") from None
     return rows
+
+
+def _first_non_utf8_line(path: Path, opener) -> int:
+    with opener(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 0
+
+
+def check_unique_ids(rows: list[dict], origin: str) -> None:
+    """Ids given in the data must be unique: caches, reference log-probs and reports are keyed by them."""
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if "id" not in row:
+            continue
+        line = row.get("_line", i + 1)
+        first = seen.setdefault(str(row["id"]), line)
+        if first != line:
+            raise DataError(f"{origin}:{line}: id {str(row['id'])!r} already used at line {first}. Ids must be "
+                            f"unique: remove the duplicate example or give it another id.")
 
 
 def _hub_offline() -> bool:
@@ -106,6 +131,10 @@ def detect_format(row: dict, fmt: str, where: str) -> str:
     for name, fields in FORMAT_FIELDS.items():
         if all(f in row for f in fields):
             return name
+    if {"chosen", "rejected"} <= set(row):
+        raise DataError(f"{where}: this is a preference pair (chosen/rejected), but the objective trains on "
+                        f"prompt/response examples. Use a preference objective (objective=dpo), or give "
+                        f"{{prompt, completion}} records.")
     raise DataError(f"{where}: cannot tell the format from fields {sorted(k for k in row if k != '_line')}. Use "
                     f"{{prompt, completion}}, {{messages: [...]}}, {{instruction, input, output}} or "
                     f"{{question, answer}}, or map your names with data.fields={{prompt: ..., completion: ...}}.")
@@ -165,8 +194,11 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
     else:
         raise DataError(f"data.source={source!r} holds no prompt/response examples; use gsm8k, gsm_symbolic, jsonl "
                         f"or hub (hh_rlhf holds preference pairs, for objective=dpo).")
+    if not rows:
+        raise DataError(f"{origin}: no records at all (an empty file or split '{split}'). Check data.path.")
     if cfg.limit is not None and split == cfg.split:
         rows = rows[: cfg.limit]
+    check_unique_ids(rows, origin)
     rename = dict(cfg.fields or {})
     examples, skipped_empty = [], 0
     fmt = None

@@ -174,8 +174,8 @@ def test_load_pairs_system_prompt_prepended_unless_present(tmp_path):
 def test_load_pairs_nothing_usable_is_an_error(tmp_path):
     f = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "Q", "chosen": "x", "rejected": "x"},
                                                {"prompt": "Q", "chosen": "", "rejected": "y"}])
-    with pytest.raises(DataError, match=re.escape(f"{f}: no usable preference pairs in split 'train' (read 2, 2 "
-                                                  f"empty or identical, 0 mismatched)")):
+    with pytest.raises(DataError, match=re.escape(f"{f}: no usable preference pairs in split 'train' (read 2: 1 "
+                                                  f"with identical chosen and rejected, 1 with an empty response, 0 ")):
         load_pairs(data_cfg(path=str(f)), "train", seed=0)
 
 

@@ -61,7 +61,7 @@ def test_read_jsonl_non_object_line(tmp_path):
 def test_read_jsonl_not_utf8(tmp_path):
     p = tmp_path / "file.jsonl"
     p.write_bytes(b'{"a": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"file\.jsonl: not UTF-8"):
+    with pytest.raises(DataError, match=r"file\.jsonl:1: not UTF-8"):
         read_jsonl(p)
 
 
