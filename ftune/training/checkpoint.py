@@ -4,6 +4,9 @@ A checkpoint is written into `.tmp-checkpoint-N`, every file fsynced, then `mani
 written last and the directory renamed to `checkpoint-N`. A directory without a manifest, or whose files do not
 match it, is incomplete: resume skips it (with a warning naming it) for the previous good one. Old checkpoints are
 deleted only after a newer one is complete.
+
+Fault-injection hook (tests only): with `FTUNE_TEST_SAVE_PAUSE=SECONDS` set, `finalize` sleeps that long in two halves,
+before the manifest is written and before the rename, so `scripts/crash_test.py` can SIGKILL a run inside a save.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +64,15 @@ def finalize(tmp: Path, final: Path) -> Path:
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
             files[str(p.relative_to(tmp))] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    pause = float(os.environ.get("FTUNE_TEST_SAVE_PAUSE", 0))  # fault injection only, see the module docstring
+    time.sleep(pause / 2)
     manifest = tmp / MANIFEST
     with open(manifest, "w") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    time.sleep(pause / 2)
     if final.exists():  # an older, identical-step leftover (e.g. re-saving the same step after resume)
         shutil.rmtree(final)
     os.replace(tmp, final)
