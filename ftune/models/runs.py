@@ -8,11 +8,12 @@ from omegaconf import OmegaConf
 
 from ftune.config import ConfigError
 from ftune.models.loading import load_model, load_tokenizer
+from ftune.peft.base import ADAPTER_FILE
 
 
 def _weights_dir(run_dir: Path) -> Path:
     for candidate in (run_dir, run_dir / "final"):
-        if (candidate / "adapter_config.json").exists() or (candidate / "config.json").exists():
+        if any((candidate / f).exists() for f in ("adapter_config.json", "config.json", ADAPTER_FILE)):
             return candidate
     raise ConfigError(f"run_dir={run_dir}: no adapter or model found there or in its final/ directory. Point "
                       f"run_dir at a directory written by `ftune train` (the run, its final/ or a checkpoint-N/).")
@@ -23,7 +24,15 @@ def load_from_run(run_dir: str | Path, model_cfg=None):
     from peft import PeftModel
 
     weights = _weights_dir(Path(run_dir).expanduser())
-    if (weights / "adapter_config.json").exists():
+    if (weights / ADAPTER_FILE).exists():  # a method of ftune's own (ftune/peft/): it re-applies itself
+        from ftune.config import build
+
+        saved = OmegaConf.load(weights / "ftune_config.yaml")
+        method = build(saved.peft)
+        base, _, _ = load_model(saved.model)
+        model = method.apply(base)
+        method.load_trainable(model, weights)
+    elif (weights / "adapter_config.json").exists():
         saved = OmegaConf.load(weights / "ftune_config.yaml") if (weights / "ftune_config.yaml").exists() else None
         base_cfg = saved.model if saved is not None else model_cfg
         quant = saved.peft.get("quantize") if saved is not None else None

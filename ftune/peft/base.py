@@ -82,3 +82,28 @@ def merge_peft_adapter(base: torch.nn.Module, directory: Path) -> torch.nn.Modul
 
     model = PeftModel.from_pretrained(base, directory)
     return model.merge_and_unload()
+
+
+# ftune's own methods (those `peft` lacks) save only their trainable tensors, by parameter name, in this file.
+ADAPTER_FILE = "ftune_adapter.safetensors"
+
+
+def save_trainable(model: torch.nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+              Path(directory) / ADAPTER_FILE)
+
+
+def load_trainable_file(model: torch.nn.Module, directory: Path) -> None:
+    """Load `save_trainable`'s tensors into a model the same method has been applied to."""
+    state = load_file(Path(directory) / ADAPTER_FILE)
+    params = dict(model.named_parameters())
+    unknown = [k for k in state if k not in params]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if unknown or missing:
+        raise RuntimeError(f"adapter in {directory} does not match this model: unexpected {unknown[:5]}, "
+                           f"missing {missing[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
