@@ -141,7 +141,8 @@ class Trainer:
                               f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "
                               f"Lower them, or train on more examples.")
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
-        optimizer = build_optimizer(self.model, t, getattr(self.peft, "lr_scale", None))  # e.g. LoRA+
+        make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
+        optimizer = make(self.model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)
         self.step, self.skipped = 0, 0

@@ -7,6 +7,7 @@ so gradient accumulation and data parallelism do not change the loss (cf. transf
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def causal_lm_forward(model, batch: dict[str, torch.Tensor], flatten: bool = Tru
 
 # Per model: whether applying its output embeddings to the last hidden states reproduces its logits (true for
 # Llama-like models; false for models that scale or soft-cap logits, e.g. Gemma 2, which keep the logits path).
-_HEAD_MATCHES: dict[int, bool] = {}
+_HEAD_MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unwrap(model):
@@ -61,7 +62,7 @@ def _unwrap(model):
 
 
 def _head_matches(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> bool:
-    key = id(_unwrap(model))
+    key = _unwrap(model)
     if key not in _HEAD_MATCHES:
         was_training = model.training
         model.eval()  # no dropout, so both paths see the same activations
@@ -120,5 +121,5 @@ class SFT:
         return label_count(batch)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets = causal_lm_forward(model, batch)
+        logits, targets, _, _ = labelled_logits(model, batch)
         return token_ce_sum(logits, targets, self.chunk_size), {}
