@@ -8,8 +8,8 @@ Each trial is one SIGKILL of a `ftune train` subprocess (model=tiny_random, a ge
 so the RNG state matters, a checkpoint every 2 steps). The moment is drawn at random among:
 
 - startup: a random delay after launch (imports, tokenization, model build, resume);
-- step: a random delay (up to a few steps and saves) after the process logs its first new step;
-- checkpoint: a random delay after a new `.tmp-checkpoint-N` directory appears. `FTUNE_TEST_SAVE_PAUSE` (read by
+- step: a random delay (within the rest of the run) after the process logs its first new step;
+- checkpoint: a random delay into the first, second or third save from there. `FTUNE_TEST_SAVE_PAUSE` (read by
   ftune.training.checkpoint.finalize, a test-only hook) widens the save so kills land before the manifest, between
   the manifest and the rename, or just after it.
 
@@ -118,12 +118,19 @@ def inject(proc: subprocess.Popen, run: Path, mode: str, rng: random.Random, tim
     elif mode == "step":
         inode0 = _inode(run / "metrics.jsonl")
         ready = wait_until(proc, lambda: _new_step_logged(run / "metrics.jsonl", inode0, resume_step), 600)
-        if ready:
-            # anywhere in the next few steps and saves, so runs also progress between kills
-            time.sleep(rng.uniform(0, 6 * timing["step"] + 1.5 * timing["pause"]))
+        if ready:  # anywhere in the rest of the run (its steps and its saves)
+            left = timing["steps"] - resume_step
+            time.sleep(rng.uniform(0, left * timing["step"] + left / 2 * timing["pause"]))
     else:
         before = _tmp_dirs(run)
-        ready = wait_until(proc, lambda: bool(_tmp_dirs(run) - before), 600)
+        skip = rng.randrange(3)  # the first, second or third save from here, so runs progress between kills
+        seen: set = set()
+
+        def nth_save_started() -> bool:
+            seen.update(_tmp_dirs(run) - before)  # a finished save's temporary dir is gone: count all seen
+            return len(seen) > skip
+
+        ready = wait_until(proc, nth_save_started, 600)
         if ready:
             time.sleep(rng.uniform(0, 1.2 * timing["pause"]))
     if proc.poll() is not None:
@@ -192,7 +199,7 @@ def main() -> int:
     summary = json.loads((ref / "summary.json").read_text())
     step_time = summary["train_seconds"] / max(summary["steps"], 1)
     timing = {"startup": max(1.0, time.monotonic() - tic - summary["train_seconds"]), "step": step_time,
-              "pause": args.pause}
+              "pause": args.pause, "steps": args.steps}
     print(f"reference: {summary['steps']} steps in {time.monotonic() - tic:.1f}s (step {1000 * step_time:.0f} ms, "
           f"startup about {timing['startup']:.1f}s)")
 
