@@ -69,6 +69,7 @@ class TrainerConfig:
     warmup_ratio: float = 0.03
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    spike_factor: float = 0.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     log_every: int = 1
@@ -321,6 +322,9 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"trainer.max_steps={t.max_steps}: use a positive number of steps, or -1 to train for "
                           f"trainer.epochs epochs.")
+    if t.spike_factor and t.spike_factor <= 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor}: a spike is a loss above factor x the recent median, "
+                          f"so use a factor > 1 (e.g. 3), or 0 to turn the guard off.")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1).")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):

@@ -22,6 +22,7 @@ from ftune.config import ConfigError, build, register_configs, validate_train
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training.metrics import MetricsLog, plot_loss
+from ftune.training.watchdog import SpikeGuard
 
 log = logging.getLogger("ftune")
 register_configs()
@@ -146,6 +147,7 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)
         self.step, self.skipped = 0, 0
+        self.spikes = SpikeGuard(t.spike_factor)
         if self.resume_from is not None:
             self._load(self.resume_from)
 
@@ -170,7 +172,8 @@ class Trainer:
             self.tokenizer.save_pretrained(tmp)
             (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             torch.save({"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, tmp / ckpt.STATE)
+                        "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
+                       tmp / ckpt.STATE)
             ckpt.finalize(tmp, final)
             if root == self.ckpt_root:
                 ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last)
@@ -183,6 +186,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
+        if "spike_guard" in state:
+            self.spikes.load_state_dict(state["spike_guard"])
         rng = path / f"rng_rank{self.acc.process_index}.pt"
         if rng.exists():
             ckpt.set_rng_state(torch.load(rng, weights_only=False))
@@ -263,7 +268,11 @@ class Trainer:
                     sums[name] = sums.get(name, 0.0) + v
             step_loss = _reduce_sum(acc, loss_sum) / max(n_global, 1)
             grad_norm = acc.clip_grad_norm_(trainable, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            if math.isfinite(step_loss) and math.isfinite(float(grad_norm)):
+            finite, limit = math.isfinite(step_loss) and math.isfinite(float(grad_norm)), self.spikes.threshold()
+            if finite and self.spikes.is_spike(step_loss):
+                log.warning("step %d: loss %.4f > trainer.spike_factor x recent median = %.4f; step skipped.",
+                            self.step, step_loss, limit)
+            elif finite:
                 self.optimizer.step()
                 bad_in_a_row = 0
             else:
@@ -308,7 +317,8 @@ class Trainer:
         final = self._save("final")
         end_metrics = self.eval_task("end") if self.cfg.eval.at_end else None
         metrics.close()
-        summary = {"steps": self.step, "skipped_steps": self.skipped, "final_loss": last_loss,
+        summary = {"steps": self.step, "skipped_steps": self.skipped, "spike_skipped_steps": self.spikes.skipped,
+                   "final_loss": last_loss,
                    "eval": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
                    "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),
                    "task": self.cfg.eval.task, "task_start": start_metrics, "task_end": end_metrics,

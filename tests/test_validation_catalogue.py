@@ -142,6 +142,8 @@ CONFIG_CASES = [
          r"trainer\.warmup_ratio=-0\.1 must be in \[0, 1\)"),
     Case("adam-beta-over-one", [*SFT, "trainer.adam_betas=[0.9,1.5]"], "config",
          r"trainer\.adam_betas=\[0\.9, 1\.5\] must be two numbers in \[0, 1\)"),
+    Case("spike-factor-below-one", [*SFT, "trainer.spike_factor=0.5"], "config",
+         r"trainer\.spike_factor=0\.5: .*use a factor > 1 \(e\.g\. 3\), or 0 to turn the guard off"),
     Case("max-steps-minus-two", [*SFT, "trainer.max_steps=-2"], "config",
          r"trainer\.max_steps=-2: use a positive number of steps, or -1"),
     Case("jsonl-without-path", ["data=jsonl", "data.path=null"], "config",
