@@ -63,7 +63,7 @@ def test_train_help(tmp_path):
     assert out.returncode == 0, out.stderr
     recipes = sorted(x.stem for x in recipes_dir().glob("*.yaml"))
     assert f"recipe: {', '.join(recipes)}" in out.stdout
-    assert "peft: dora, ia3, lora, none, prompt_tuning, qlora" in out.stdout
+    assert "peft: adalink, dora, hft, ia3, lift, lora, none, prompt_tuning, qlora, ssf" in out.stdout
 
 
 def test_unknown_command_suggests(tmp_path):
