@@ -22,35 +22,42 @@ from omegaconf import OmegaConf
 from ftune.config import ConfigError
 
 
-def merge_run(run_dir: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
-    """Merge the adapter of `run_dir` (a run, its final/ or a checkpoint-N/) into its base; returns the output dir."""
+def load_merged(run_dir: str | Path, allow_full: bool = False):
+    """(plain float32 model with the run's update folded in, its weights dir, its saved config)."""
     from ftune.config import build
-    from ftune.models.loading import DTYPES, load_model, load_tokenizer
+    from ftune.models.loading import load_model
     from ftune.models.runs import _weights_dir
 
-    run_dir = Path(run_dir).expanduser()
-    weights = _weights_dir(run_dir)
-    out = Path(out).expanduser() if out else run_dir / "merged"
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
+    weights = _weights_dir(Path(run_dir).expanduser())
     if not (weights / "ftune_config.yaml").exists():
         raise ConfigError(f"{weights} has no ftune_config.yaml, so its base model and PEFT method are unknown. Point "
-                          f"RUN_DIR at a directory written by `ftune train`.")
+                          f"the path at a directory written by `ftune train`.")
     saved = OmegaConf.load(weights / "ftune_config.yaml")
     method = build(saved.peft)
+    fp32 = OmegaConf.merge(saved.model, {"dtype": "float32"})
     if not method.adapter:
-        raise ConfigError(f"{weights} is a full fine-tune (peft={saved.peft._target_}): it already is a plain model, "
-                          f"loadable with AutoModelForCausalLM.from_pretrained('{weights}'). Nothing to merge.")
-    base, _, _ = load_model(OmegaConf.merge(saved.model, {"dtype": "float32"}), None)
-    merged = method.merge(base, weights).to(DTYPES[saved.model.dtype])
+        if not allow_full:
+            raise ConfigError(f"{weights} is a full fine-tune (peft={saved.peft._target_}): it already is a plain "
+                              f"model, loadable with AutoModelForCausalLM.from_pretrained('{weights}'). Nothing to "
+                              f"merge.")
+        model, _, _ = load_model(OmegaConf.merge(fp32, {"name_or_path": str(weights)}), None, weights)
+        return model, weights, saved
+    base, _, _ = load_model(fp32, None)
+    return method.merge(base, weights), weights, saved
+
+
+def write_model(model, tokenizer_dir: Path, out: Path, force: bool, info: dict) -> Path:
+    """save_pretrained + tokenizer + ftune_merge.json into a temp dir beside `out`, then rename it to `out`."""
+    from ftune.models.loading import load_tokenizer
+
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(weights).save_pretrained(tmp)
-        (tmp / "ftune_merge.json").write_text(json.dumps(
-            {"source": str(weights.resolve()), "peft": saved.peft._target_, "base": saved.model.name_or_path,
-             "dtype": saved.model.dtype}, indent=2) + "\n")
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+        (tmp / "ftune_merge.json").write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
         if out.exists():  # --force
             shutil.rmtree(out)
@@ -58,6 +65,20 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, force: bool = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def merge_run(run_dir: str | Path, out: str | Path | None = None, force: bool = False) -> Path:
+    """Merge the adapter of `run_dir` (a run, its final/ or a checkpoint-N/) into its base; returns the output dir."""
+    from ftune.models.loading import DTYPES
+
+    run_dir = Path(run_dir).expanduser()
+    out = Path(out).expanduser() if out else run_dir / "merged"
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
+    merged, weights, saved = load_merged(run_dir)
+    info = {"source": str(weights.resolve()), "peft": saved.peft._target_, "base": saved.model.name_or_path,
+            "dtype": saved.model.dtype}
+    return write_model(merged.to(DTYPES[saved.model.dtype]), weights, out, force, info)
 
 
 def main(argv: list[str] | None = None) -> None:
