@@ -246,7 +246,7 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 # The fixed groups and their schemas: a key added with `+group.key=...` (or by a recipe) that no schema field holds
 # would be silently ignored, so it is refused with a suggestion.
 SCHEMA_GROUPS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "eval": EvalConfig}
-SCHEMAS = {"train": TrainSchema, "eval": EvalSchema, "generate": GenerateSchema}
+SCHEMAS = {"train": TrainSchema, "eval": EvalSchema, "generate": GenerateSchema, "select": TrainSchema}
 
 
 def _check_schema_keys(cfg: DictConfig) -> None:
@@ -359,4 +359,6 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
         targets["peft"].check_config(cfg)
     if hasattr(objective_cls, "check_config"):  # the objective's own checks, last as they may read the data
         objective_cls.check_config(cfg)
+    if hasattr(targets["selection"], "check_config"):  # the selection method's own (e.g. its target file)
+        targets["selection"].check_config(cfg)
     return targets
