@@ -78,9 +78,16 @@ class PromptTuning:
 
     @staticmethod
     def check_config(cfg) -> None:
+        from ftune.config import check_target
+        from ftune.objectives.dpo import collate_pairs
+
         if cfg.data.packing:
             raise ConfigError("peft=prompt_tuning with data.packing=true: the soft prompt would precede only the "
                               "first sequence of each packed row. Set data.packing=false.")
+        if getattr(check_target("objective", cfg.objective), "collate", None) is collate_pairs:
+            raise ConfigError(f"peft=prompt_tuning with objective {cfg.objective._target_}: that objective packs "
+                              f"chosen and rejected sequences into shared rows, and the soft prompt would precede only "
+                              f"the first of each row. Use another PEFT method (e.g. peft=lora) for pair objectives.")
 
     def quantization_config(self, compute_dtype: torch.dtype):
         return None

@@ -175,3 +175,5 @@ def test_prompt_tuning_with_packing_fails_before_the_model_loads(tmp_path, monke
     monkeypatch.setattr("ftune.models.loading.load_model", no_load)
     with pytest.raises(ConfigError, match="data.packing=false"):
         validate_train(make_cfg(tmp_path / "x", "peft=prompt_tuning", "data.packing=true"))
+    with pytest.raises(ConfigError, match="packs chosen and rejected"):
+        validate_train(make_cfg(tmp_path / "x", "peft=prompt_tuning", "objective=dpo", "data=hh_rlhf"))
