@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("ftune.train", "fine-tune a model: ftune train +recipe=NAME [key=value ...]"),
     "eval": ("ftune.evaluate", "task accuracy of a model or a run: ftune eval run_dir=PATH [eval.limit=N]"),
     "generate": ("ftune.generate", "answer a prompt: ftune generate prompt='...' [run_dir=PATH]"),
+    "select": ("ftune.select", "choose a training subset: ftune select selection=kmq selection.budget=N [data=...]"),
     "merge": ("ftune.merge", "fold a run's adapter into its base model: ftune merge RUN_DIR [--out DIR] [--force]"),
     "soup": ("ftune.soup", "average fine-tunes of one base: ftune soup RUN_DIR RUN_DIR ... --out DIR [--greedy]"),
     "recipes": (None, "list the recipes with their one-line descriptions"),
