@@ -118,3 +118,22 @@ def test_on_the_tiny_model(ftune_home):
     assert cached
     again = KMQ(budget=6, k=3, encoder="tiny_random", max_length=64, batch_size=8, progress=False).select(recs, 0)
     assert again.indices == first.indices and list((ftune_home / "embeddings").glob("*.pt")) == cached
+
+
+def test_inside_a_training_run(tmp_path, ftune_home):
+    """selection=kmq in `ftune train`: the trainer keeps exactly the budget and records the report."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from _tiny import make_cfg, run
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f"{i} " * (1 + i % 4)}) + "\n"
+                            for i in range(30)))
+    cfg = make_cfg(tmp_path / "run", "data=jsonl", f"data.path={pool}", "data.eval_size=0", "data.max_length=64",
+                   "selection=kmq", "selection.budget=8", "selection.k=2", "trainer.max_steps=1",
+                   "trainer.batch_size=2")
+    trainer = run(cfg)
+    report = trainer.data.stats["selection"]
+    assert trainer.data.stats["train_examples"] == 8 and report["selected"] == 8 and report["k"] == 2
+    assert len(trainer.data.train) == 8
