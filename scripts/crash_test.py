@@ -110,6 +110,7 @@ def wait_until(proc: subprocess.Popen, predicate, timeout: float) -> bool:
 def inject(proc: subprocess.Popen, run: Path, mode: str, rng: random.Random, timing: dict) -> str | None:
     """Kill `proc` at a moment chosen by `mode`; returns a description, or None if it finished first."""
     t0 = time.monotonic()
+    at_launch = _tmp_dirs(run)
     steps = _complete_steps(run)
     resume_step = steps[-1] if steps else 0
     if mode == "startup":
@@ -138,8 +139,13 @@ def inject(proc: subprocess.Popen, run: Path, mode: str, rng: random.Random, tim
     proc.kill()  # SIGKILL: no handler runs, nothing is flushed
     proc.wait()
     leftovers = sorted(name for name, _ in _tmp_dirs(run))
+    in_save = ""
+    for name, _ in _tmp_dirs(run) - at_launch:  # a save this process had started and not renamed
+        tmp = (run / "checkpoints" if name.startswith(".tmp-checkpoint") else run) / name
+        in_save = f"; inside the save of {name[5:]}, " + ("manifest written" if (tmp / "manifest.json").exists()
+                                                          else "before the manifest")
     return (f"{mode:10s} at {time.monotonic() - t0:5.2f}s (resumed from step {resume_step}; complete checkpoints "
-            f"now {_complete_steps(run)}, temporary dirs {leftovers})")
+            f"now {_complete_steps(run)}, temporary dirs {leftovers}{in_save})")
 
 
 def compare(ref: Path, run: Path) -> list[str]:
