@@ -72,7 +72,7 @@ def train_command(out: Path, held_out: bool, overrides: list[str]) -> str:
     """The `ftune train` command that trains on the written subset with the same model, seed and data knobs."""
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("data", "selection", "output_dir"))
             or o.lstrip("+~").startswith(PASS_DATA_KEYS)]
-    args = ["ftune", "train", "data=jsonl", f"data.path={out / 'selected.jsonl'}"]
+    args = ["ftune", "train", "data=jsonl", f"data.path={out / 'selected.jsonl'}", "selection=none"]
     args.append(f"data.eval_split={out / 'heldout.jsonl'}" if held_out else "data.eval_size=0")
     return shlex.join(args + keep)
 

@@ -121,14 +121,14 @@ class Embedder:
         model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(self.model_dir, dtype=torch.float32)
         model.to(device).eval()
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        encoded = []
+        encoded = []  # tensors, not lists: a 100k-example pool of Python ints would take gigabytes
         for r in records:
             ids, labels = tokenize_conversation(tok, r["messages"])
-            encoded.append((ids[: self.max_length], labels[: self.max_length]))
+            encoded.append((torch.tensor(ids[: self.max_length]), torch.tensor(labels[: self.max_length])))
         n = len(records)
         emb: list[torch.Tensor | None] = [None] * n
         nll = torch.full((n,), float("nan"))
-        resp = torch.tensor([sum(x != IGNORE for x in lab) for _, lab in encoded])
+        resp = torch.tensor([int((lab != IGNORE).sum()) for _, lab in encoded])
         order = sorted(range(n), key=lambda i: -len(encoded[i][0]))
         batches = [order[s: s + self.batch_size] for s in range(0, n, self.batch_size)]
         backbone = model.base_model if causal else model
@@ -140,7 +140,7 @@ class Embedder:
             mask = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
                 x, lab = encoded[i]
-                ids[row, : len(x)], labels[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(lab), 1
+                ids[row, : len(x)], labels[row, : len(x)], mask[row, : len(x)] = x, lab, 1
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
@@ -160,4 +160,6 @@ class Embedder:
                 if causal and counts[row] > 0:
                     nll[i] = (per_row[row] / counts[row]).cpu()
         del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the training model loads next
         return Embedded(torch.stack(emb), nll if causal else None, resp)
