@@ -276,7 +276,7 @@ def check_overrides(command: str, overrides: list[str]) -> None:
         if arg.startswith("-") or "=" not in arg:
             continue
         key = arg.split("=", 1)[0].lstrip("+~")
-        parts = key.split(".")
+        parts = key.split("@", 1)[0].split(".")  # `group@package=option` moves a group: check the group's name
         if "/" in key or parts[0] in ("hydra", "recipe"):
             continue
         if parts[0] not in top:
