@@ -20,11 +20,13 @@ def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(nearest center index, squared distance to it) per point, in chunks."""
     labels, dists = [], []
+    c2 = (centers * centers).sum(1)
     for s in range(0, len(x), CHUNK):
-        d = _sqdist(x[s: s + CHUNK], centers)
-        v, i = d.min(1)
+        chunk = x[s: s + CHUNK]
+        # ||x||^2 is the same for every center: add it after the argmin, to the winner only.
+        v, i = (c2 - 2 * chunk @ centers.T).min(1)
         labels.append(i)
-        dists.append(v)
+        dists.append((v + (chunk * chunk).sum(1)).clamp_min_(0))
     return torch.cat(labels), torch.cat(dists)
 
 
