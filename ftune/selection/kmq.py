@@ -10,7 +10,8 @@ Adaptations:
   encoder. k-means is our torch k-means++ (`ftune.selection.cluster`), not faiss.
 - Quality: the paper uses the Deita quality scorer. Here `selection.quality=perplexity` (default) is minus the
   model's own log-perplexity of the response (fluent, well-formed responses score higher), `length` is the log of
-  the response token count (the Deita score grows with length), `none` is uniform (the paper's kM-Random). Scores
+  the response token count (the Deita score grows with length), `none` is uniform (the paper's kM-Random), and
+  `module.function` is your own scorer (records -> one float each, e.g. a quality or reward model). Scores
   are standardised over the pool, then sampling weights are softmax(q / temperature) inside each cluster.
 - Budgets: the paper's rounding is unspecified; we floor and give the remainder to the largest fractional parts. When
   budget >= k every cluster first gets one example and the rest is shared in proportion to |D_j| - 1, so each cluster
@@ -33,6 +34,20 @@ from ftune.selection.embed import Embedder
 log = logging.getLogger(__name__)
 QUALITIES = ("perplexity", "length", "none")
 SILHOUETTE_SAMPLE = 2000
+
+
+def _import_quality(name: str):
+    """A user's scorer `module.function(records) -> one float per record` (higher = better), e.g. a reward model."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        if module:
+            return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        pass
+    raise ConfigError(f"selection.quality={name!r} must be one of {', '.join(QUALITIES)}, or an importable "
+                      f"`module.function` taking the records and returning one score per record.")
 
 
 def cluster_budgets(sizes: list[int], budget: int) -> list[int]:
@@ -87,8 +102,7 @@ class KMQ:
         if k is None and not k_candidates:
             raise ConfigError("selection.k is null, so k is chosen by silhouette among selection.k_candidates, "
                               "which is empty. Set selection.k=N or selection.k_candidates=[8,16,32].")
-        if quality not in QUALITIES:
-            raise ConfigError(f"selection.quality={quality!r} must be one of {', '.join(QUALITIES)}.")
+        self.quality_fn = _import_quality(quality) if quality not in QUALITIES else None
         if temperature <= 0:
             raise ConfigError(f"selection.temperature={temperature} must be > 0.")
         self.budget, self.k, self.k_candidates = budget, k, k_candidates
@@ -137,6 +151,10 @@ class KMQ:
                                   f"{self.scorer.name_or_path} has no LM head. Set selection.scorer to the training "
                                   f"model, or selection.quality=length|none.")
             q = -nll
+        elif self.quality_fn is not None:
+            q = torch.as_tensor(self.quality_fn(records), dtype=torch.float64)
+            if q.shape != (n,):
+                raise ValueError(f"selection.quality={self.quality} returned shape {tuple(q.shape)}, not ({n},).")
         elif self.quality == "length":
             q = out.response_tokens.double().clamp_min(1).log()
         else:

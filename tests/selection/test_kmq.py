@@ -137,3 +137,15 @@ def test_inside_a_training_run(tmp_path, ftune_home):
     report = trainer.data.stats["selection"]
     assert trainer.data.stats["train_examples"] == 8 and report["selected"] == 8 and report["k"] == 2
     assert len(trainer.data.train) == 8
+
+
+def my_quality(records):
+    """A user's scorer for the test below: prefers even ids."""
+    return [1.0 if int(r["id"][1:]) % 2 == 0 else 0.0 for r in records]
+
+
+def test_own_quality_function():
+    sel, recs, _, _ = make(8, quality=f"{__name__}.my_quality", temperature=1e-3)
+    assert all(i % 2 == 0 for i in sel.select(recs, seed=0).indices)
+    with pytest.raises(ConfigError, match=r"or an importable `module\.function`"):
+        KMQ(budget=3, quality="nomodule.nofn")
