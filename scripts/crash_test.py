@@ -5,7 +5,8 @@ finished runs equal an uninterrupted one bit for bit (final weights and every st
     python scripts/crash_test.py --trials 3      # a quick smoke run
 
 Each trial is one SIGKILL of a `ftune train` subprocess (model=tiny_random, a generated JSONL set, LoRA with dropout
-so the RNG state matters, a checkpoint every 2 steps). The moment is drawn at random among:
+so the RNG state matters, or `--peft none` for full fine-tuning, a checkpoint every 2 steps). The moment is drawn at
+random among:
 
 - startup: a random delay after launch (imports, tokenization, model build, resume);
 - step: a random delay (within the rest of the run) after the process logs its first new step;
@@ -40,11 +41,12 @@ def write_data(path: Path, n: int = 64) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def overrides(data: Path, out: Path, steps: int, seed: int, resume: bool) -> list[str]:
+def overrides(data: Path, out: Path, steps: int, seed: int, resume: bool, peft: str = "lora") -> list[str]:
+    method = ["peft=lora", "peft.dropout=0.1"] if peft == "lora" else ["peft=none"]
     return ["model=tiny_random", "data=jsonl", f"data.path={data}", "data.eval_size=0", "data.max_length=128",
             "eval=none", f"trainer.max_steps={steps}", "trainer.save_every=2", "trainer.keep_last=2",
             "trainer.batch_size=4", "trainer.lr=5e-3", "trainer.warmup_ratio=0", "trainer.progress=false",
-            "peft.dropout=0.1", f"seed={seed}", f"output_dir={out}", *(["trainer.resume=auto"] if resume else [])]
+            *method, f"seed={seed}", f"output_dir={out}", *(["trainer.resume=auto"] if resume else [])]
 
 
 def launch(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -149,20 +151,27 @@ def inject(proc: subprocess.Popen, run: Path, mode: str, rng: random.Random, tim
 
 
 def compare(ref: Path, run: Path) -> list[str]:
-    """Differences between two finished runs: final adapter tensors and the loss of every step (bitwise)."""
+    """Differences between two finished runs: final weight tensors (adapter or full model) and the loss of every
+    step, bitwise."""
     import torch
     from safetensors.torch import load_file
 
     problems = []
-    a = load_file(ref / "final" / "adapter_model.safetensors")
-    b = load_file(run / "final" / "adapter_model.safetensors")
-    if a.keys() != b.keys():
-        problems.append(f"adapter keys differ: {sorted(set(a) ^ set(b))[:4]}")
-    differing = [k for k in a if k in b and not torch.equal(a[k], b[k])]
-    if differing:
-        worst = max(float((a[k] - b[k]).abs().max()) for k in differing)
-        problems.append(f"{len(differing)} of {len(a)} adapter tensors differ (max abs diff {worst:.3e}), "
-                        f"e.g. {differing[0]}")
+    files = sorted(p.name for p in (ref / "final").glob("*.safetensors"))
+    theirs = sorted(p.name for p in (run / "final").glob("*.safetensors"))
+    if files != theirs:
+        problems.append(f"weight files differ: {files} vs {theirs}")
+    for name in files:
+        if not (run / "final" / name).exists():
+            continue
+        a, b = load_file(ref / "final" / name), load_file(run / "final" / name)
+        if a.keys() != b.keys():
+            problems.append(f"{name}: keys differ: {sorted(set(a) ^ set(b))[:4]}")
+        differing = [k for k in a if k in b and not torch.equal(a[k], b[k])]
+        if differing:
+            worst = max(float((a[k] - b[k]).abs().max()) for k in differing)
+            problems.append(f"{name}: {len(differing)} of {len(a)} tensors differ (max abs diff {worst:.3e}), "
+                            f"e.g. {differing[0]}")
 
     def losses(r: Path) -> list[tuple[int, float]]:
         recs = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -180,6 +189,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20, help="SIGKILLs to inject (default 20)")
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and of the training runs")
+    ap.add_argument("--peft", choices=("lora", "none"), default="lora", help="LoRA with dropout, or full fine-tuning")
     ap.add_argument("--pause", type=float, default=0.4, help="FTUNE_TEST_SAVE_PAUSE for the killed runs (seconds)")
     ap.add_argument("--workdir", type=Path, default=None, help="where runs go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -198,7 +208,7 @@ def main() -> int:
     print(f"work dir: {work}")
     ref = work / "reference"
     tic = time.monotonic()
-    proc = launch(overrides(data, ref, args.steps, args.seed, resume=False), env, work / "reference.log")
+    proc = launch(overrides(data, ref, args.steps, args.seed, False, args.peft), env, work / "reference.log")
     if proc.wait() != 0:
         print(f"reference run failed; see {work / 'reference.log'}")
         return 2
@@ -218,7 +228,7 @@ def main() -> int:
         log = work / f"run{run_index}.log"
         kills_in_run = 0
         while True:
-            proc = launch(overrides(data, run, args.steps, args.seed, resume=True), kill_env, log)
+            proc = launch(overrides(data, run, args.steps, args.seed, True, args.peft), kill_env, log)
             what = None
             if trials < args.trials:
                 mode = rng.choices(modes, weights=(0.2, 0.4, 0.4))[0]
