@@ -30,6 +30,16 @@ def assign(x: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.cat(labels), torch.cat(dists)
 
 
+def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster sums of the rows of x by sorting and a running sum (fixed order, unlike CUDA's index_add_, and
+    faster than CPU index_add_ when many rows land on few clusters)."""
+    order = torch.argsort(labels, stable=True)
+    running = torch.cat([torch.zeros(1, x.shape[1], dtype=x.dtype), x[order].cumsum(0)])
+    ends = torch.bincount(labels, minlength=k).cumsum(0)
+    starts = ends - torch.bincount(labels, minlength=k)
+    return running[ends] - running[starts]
+
+
 def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): each next center drawn with probability proportional to the
     squared distance to the nearest center chosen so far."""
@@ -51,11 +61,14 @@ def kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 def kmeans(x: torch.Tensor, k: int, seed: int, n_iter: int = 100, n_redo: int = 3):
     """Lloyd's k-means from `n_redo` seeded k-means++ starts; returns (centers, labels, inertia) of the best start.
 
-    Deterministic under `seed` (on one device; the generator is a CPU one).
+    Deterministic under `seed` on a given device (the generator is a CPU one).
     """
     if not 1 <= k <= len(x):
         raise ValueError(f"k={k} must be in [1, {len(x)}]")
     gen = torch.Generator().manual_seed(seed)
+    # Centroid sums on the CPU in float64: CUDA's index_add_ adds in a run-dependent order (atomics), and a last-bit
+    # difference can flip a tie and with it the selection.
+    x_sum = x.double().cpu()
     best = None
     for _ in range(n_redo):
         centers = kmeans_pp(x, k, gen)
@@ -65,10 +78,10 @@ def kmeans(x: torch.Tensor, k: int, seed: int, n_iter: int = 100, n_redo: int = 
             if labels is not None and torch.equal(new, labels):
                 break
             labels = new
-            sums = torch.zeros_like(centers).index_add_(0, labels, x)
+            sums = _cluster_sums(x_sum, labels.cpu(), k)
             counts = torch.bincount(labels, minlength=k)
             empty = (counts == 0).nonzero().flatten()
-            centers = sums / counts.clamp_min(1).unsqueeze(1).to(x.dtype)
+            centers = (sums / counts.cpu().clamp_min(1).unsqueeze(1)).to(x)
             if len(empty):
                 far = dist.argsort(descending=True)[: len(empty)]
                 centers[empty] = x[far]
