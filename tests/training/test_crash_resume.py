@@ -14,9 +14,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "crash_test.py"
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_runs_equal_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_killed_and_resumed_runs_equal_the_uninterrupted_run(tmp_path, peft):
     out = subprocess.run([sys.executable, str(SCRIPT), "--trials", "4", "--steps", "10", "--seed", "1",
-                          "--workdir", str(tmp_path / "crash")], capture_output=True, text=True, timeout=900,
+                          "--peft", peft, "--workdir", str(tmp_path / "crash")],
+                         capture_output=True, text=True, timeout=900,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "trials (SIGKILLs): 4;" in out.stdout
