@@ -46,6 +46,49 @@ def run_reporting_errors(fn, cfg):
         sys.exit(2)
 
 
+def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:
+    """`--nproc N` / `--nproc=N` out of the arguments."""
+    out, nproc, i = [], 1, 0
+    while i < len(args):
+        a = args[i]
+        if a == "--nproc" or a.startswith("--nproc="):
+            value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if "=" in a else 2
+            if not value.isdigit() or int(value) < 1:
+                print(f"ftune: config error: --nproc needs a number of processes >= 1, got {value!r}.",
+                      file=sys.stderr)
+                sys.exit(2)
+            nproc = int(value)
+            continue
+        out.append(a)
+        i += 1
+    return nproc, out
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """`ftune train --nproc N ...`: N data-parallel processes on this machine with torchrun (DDP through
+    accelerate: NCCL on GPUs, gloo on CPU). The run directory is chosen once here so every rank writes to the same
+    one. Multi-node: use `torchrun` or `accelerate launch` with their own flags and `-m ftune.train`."""
+    import datetime
+    import socket
+    import subprocess
+
+    import torch
+
+    env = dict(os.environ, FTUNE_NPROC=str(nproc))
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # without it, CPU processes never join one group (no gradient sync)
+    if not any(a.startswith("output_dir=") for a in args):
+        now = datetime.datetime.now()
+        args = [*args, f"output_dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}"]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ftune.train", *args]
+    return subprocess.call(cmd, env=env)
+
+
 def list_recipes() -> list[tuple[str, str]]:
     """(name, description) of each recipe: the first comment line of recipes/NAME.yaml."""
     from ftune.paths import recipes_dir
@@ -91,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"ftune: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    nproc, rest = _pop_nproc(rest) if command == "train" else (1, rest)
+    if nproc > 1:
+        sys.exit(launch(nproc, rest))
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"ftune {command}", *rest]
     module.main()

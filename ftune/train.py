@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -77,6 +78,24 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output_dir={out} is not writable ({e.strerror}). Choose another output_dir.") from None
 
 
+def _check_world_size(seen: int) -> None:
+    """Refuse to train when the launcher started more processes than accelerate joined into one group: each would
+    then train alone on its shard, never syncing gradients (on CPU this happens without ACCELERATE_USE_CPU=true)."""
+    launched = int(os.environ.get("FTUNE_NPROC") or os.environ.get("WORLD_SIZE") or 1)
+    if launched != seen:
+        raise ConfigError(f"{launched} processes were launched but accelerate sees {seen}, so they would not share "
+                          f"gradients. On a CPU, set ACCELERATE_USE_CPU=true (gloo), or launch with "
+                          f"`ftune train --nproc {launched} ...`, which sets what is needed.")
+
+
+def rank_argv(argv: list[str]) -> list[str]:
+    """Hydra overrides for a process that is not rank 0 of a multi-process run: it writes no `.hydra/` and no log
+    file into the run directory (rank 0 does)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
 class Trainer:
     """Holds what the loop needs; `run()` is the loop, read top to bottom."""
 
@@ -101,6 +120,7 @@ class Trainer:
 
         AcceleratorState._reset_state()
         self.acc = Accelerator(mixed_precision=t.mixed_precision)
+        _check_world_size(self.acc.num_processes)
         self.is_main = self.acc.is_main_process
         if self.is_main:
             _check_fresh(self.out, t.resume)
@@ -108,11 +128,13 @@ class Trainer:
         self.resume_from = _resume_point(cfg, self.ckpt_root)
         set_seed(cfg.seed)
 
-        model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
-        self.tokenizer = load_tokenizer(model_dir)
-        tok_key = fingerprint(model_dir) + str(model_dir)
-        self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector, pack_rows=cfg.data.packing,
-                            kind=self.objective.data_kind)
+        # Rank 0 first converts or builds the model and fills the tokenization cache; the other ranks then read them.
+        with self.acc.main_process_first():
+            model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+            self.tokenizer = load_tokenizer(model_dir)
+            tok_key = fingerprint(model_dir) + str(model_dir)
+            self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector,
+                                pack_rows=cfg.data.packing, kind=self.objective.data_kind)
         # No objective makes more rows than examples, so too few examples for one step is known before the model loads.
         n_examples = self.data.stats["train_examples"]
         rows_per_step = t.batch_size * t.grad_accum * self.acc.num_processes
@@ -365,5 +387,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[0] = "ftune train"
+    sys.argv = ["ftune train", *rank_argv(sys.argv[1:])]
     main()

@@ -1,0 +1,104 @@
+"""Data parallelism on CPU (gloo): `ftune train --nproc 2` against one process with the same global batch, every rank
+holding the same parameters, a launch whose processes would not sync refused, and resume under two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli import ftune  # noqa: E402
+
+# No dropout (each rank draws its own masks) and a constant lr (a shorter run then equals the start of a longer one).
+BASE = ["model=tiny_random", "data.size=64", "data.eval_size=0", "data.max_length=256", "data.packing=false",
+        "eval=none", "trainer.progress=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.warmup_ratio=0",
+        "trainer.scheduler=constant", "trainer.log_every=1"]
+WORKER = Path(__file__).parent / "_dist_worker.py"
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "adapter_model.safetensors")
+
+
+def torchrun(args: list[str], cpu_group: bool, cwd: Path) -> subprocess.CompletedProcess:
+    """Two processes launched by torchrun; `cpu_group` sets ACCELERATE_USE_CPU=true (else it is left unset)."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", *args]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    if cpu_group:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    r2 = ftune("train", "--nproc", "2", *BASE, "trainer.batch_size=4", "trainer.max_steps=4", f"output_dir={two}",
+               cwd=tmp_path, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = ftune("train", *BASE, "trainer.batch_size=8", "trainer.max_steps=4", f"output_dir={one}", cwd=tmp_path,
+               timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    # 2 x 4 rows per step are the same 8 rows as 1 x 8 (BatchOrder splits the global batch by rank), and the loss is
+    # normalised by the label tokens of the whole global batch: same trajectory up to float summation order.
+    l2, l1 = losses(two), losses(one)
+    assert len(l2) == len(l1) == 4 and l2[-1] < l2[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+    w2, w1 = adapter(two), adapter(one)
+    assert w2.keys() == w1.keys()
+    for k in w1:
+        # Adam divides by the gradient's running RMS, which magnifies summation-order noise where a gradient is tiny:
+        # agreement to 1e-4, against updates of lr x steps = 2e-2 per entry.
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)
+    assert max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k) > 1e-3  # B starts at zero: it moved
+    # Only rank 0 writes the run: one .hydra/, one metrics file with one record per step.
+    assert (two / ".hydra" / "config.yaml").is_file() and len(l2) == 4
+
+
+def test_every_rank_holds_the_same_parameters(tmp_path):
+    out = tmp_path / "run"
+    r = torchrun([str(WORKER), str(out), *BASE, "trainer.batch_size=2", "trainer.max_steps=3"],
+                 True, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digests = [json.loads((out / f"params_rank{k}.json").read_text()) for k in (0, 1)]
+    assert digests[0]["world"] == digests[1]["world"] == 2
+    assert digests[0]["trainable"] == digests[1]["trainable"]  # bitwise: the sha256 of every trainable tensor
+    assert digests[0]["changed"]  # training moved them (not two copies of the untouched initial weights)
+
+
+def test_processes_that_would_not_sync_are_refused(tmp_path):
+    """torchrun on CPU without ACCELERATE_USE_CPU: two processes, each alone in its group; training must not start."""
+    r = torchrun(["-m", "ftune.train", *BASE, "trainer.max_steps=2", f"output_dir={tmp_path / 'run'}"], False,
+                 tmp_path)
+    assert r.returncode != 0
+    assert "2 processes were launched but accelerate sees 1" in r.stderr
+    assert "ACCELERATE_USE_CPU=true" in r.stderr and "--nproc 2" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_resume_under_two_processes_continues_the_same_trajectory(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--nproc", "2", *BASE, "trainer.batch_size=2", "trainer.save_every=2"]
+    assert ftune("train", *args, "trainer.max_steps=6", f"output_dir={full}", cwd=tmp_path, timeout=300).returncode == 0
+    assert ftune("train", *args, "trainer.max_steps=3", f"output_dir={cut}", cwd=tmp_path, timeout=300).returncode == 0
+    r = ftune("train", *args, "trainer.max_steps=6", "trainer.resume=auto", f"output_dir={cut}", cwd=tmp_path,
+              timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(cut)[-4:]), torch.tensor(losses(full)[-4:]), rtol=0, atol=0)
+    for k, v in adapter(full).items():
+        assert torch.equal(adapter(cut)[k], v), k
