@@ -136,9 +136,19 @@ class PSO:
         self.stats["pairs"] += len(pairs) if what == "train" else 0
         return pairs
 
+    def _sampled_per_step(self) -> bool:
+        """Online, re-sampling every step and judging nothing: each row gets its sample right before it is used, so
+        samples drawn up front for the training rows would be thrown away unread."""
+        return self.mode == "online" and self.resample_every == 1 and self.judge is None
+
     def setup(self, trainer) -> None:
         """Sample reference answers from the initial model and turn every SFT row into a (gold, sample) pair."""
-        trainer.data.train = self._pairs(trainer, trainer.data.train, "train")
+        if self._sampled_per_step():  # placeholder rejected side (the gold: zero gradient); before_step replaces it
+            eos = trainer.tokenizer.eos_token_id
+            trainer.data.train = [make_pair(r, split_row(r)[1], eos) for r in trainer.data.train]
+            self.stats["pairs"] = len(trainer.data.train)
+        else:
+            trainer.data.train = self._pairs(trainer, trainer.data.train, "train")
         trainer.data.eval = self._pairs(trainer, trainer.data.eval, "eval") if trainer.data.eval else []
         log.info("PSO pairs: %s", self.stats)
         if not trainer.data.train:

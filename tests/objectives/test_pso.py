@@ -92,3 +92,31 @@ def test_online_pso_resamples_the_steps_rows(tmp_path, monkeypatch):
     resampled = [r for r in t.data.train if r["rejected_input_ids"][-2:] in ([42, EOS], [42, EOS, 198])
                  or 42 in r["rejected_input_ids"]]
     assert len(resampled) == 4
+
+
+def test_online_pso_sampling_every_step_draws_only_the_rows_it_trains_on(tmp_path, monkeypatch):
+    calls, used, marks = [], [], []
+
+    def fake_sample(self, trainer, rows, progress):
+        if not marks:  # token ids no training row contains, one per step
+            seen = {t for r in trainer.data.train for t in r["chosen_input_ids"]}
+            marks.extend(t for t in range(1000, 2000) if t not in seen)
+        calls.append((trainer.step, len(rows)))
+        return [[marks[trainer.step], EOS] for _ in rows]
+
+    real_call = PSO.__call__
+
+    def spy(self, model, batch):  # the rejected sides the loss really sees
+        used.append(batch["input_ids"].clone())
+        return real_call(self, model, batch)
+
+    monkeypatch.setattr(PSO, "_sample", fake_sample)
+    monkeypatch.setattr(PSO, "__call__", spy)
+    t = run(make_cfg(tmp_path / "o", *SMALL_PSO, "objective.mode=online", "objective.resample_every=1",
+                     "trainer.max_steps=3"))
+    # Nothing drawn up front for the training rows: one draw per step, of that step's 2 rows.
+    assert calls == [(0, 2), (1, 2), (2, 2)]
+    assert t.objective.stats["pairs"] == len(t.data.train) > 10
+    # Every batch trained on carries that step's fresh sample (its own token), never the placeholder.
+    for step, ids in enumerate(used):
+        assert [int((ids == m).sum()) for m in marks[:3]] == [2 if k == step else 0 for k in range(3)], step
