@@ -38,10 +38,12 @@ def run_reporting_errors(fn, cfg):
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "output_dir" in cfg:
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # sweep job k writes to <output_dir>/k
+    from ftune.training.checkpoint import SaveError
+
     try:
         return fn(cfg)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model"}[type(e)]
+    except (ConfigError, DataError, ModelLoadError, SaveError) as e:
+        kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model", SaveError: "save"}[type(e)]
         print(f"ftune: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
 

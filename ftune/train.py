@@ -190,13 +190,24 @@ class Trainer:
         self.acc.wait_for_everyone()
         final = root / name
         if self.is_main:
-            self.peft.save(self.acc.unwrap_model(self.model), tmp)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-            torch.save({"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
-                       tmp / ckpt.STATE)
-            ckpt.finalize(tmp, final)
+            try:
+                self.peft.save(self.acc.unwrap_model(self.model), tmp)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+                torch.save({"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
+                           tmp / ckpt.STATE)
+                ckpt.finalize(tmp, final)
+            except OSError as e:  # disk full, quota, permissions: say so, keep every complete checkpoint
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+                good = ckpt.latest_valid(self.ckpt_root)
+                raise ckpt.SaveError(
+                    f"could not write {name} to {root} at step {self.step} ({e.strerror or e}). Nothing written "
+                    f"before was touched; the newest complete checkpoint is {good or 'none'}. Free space (or fix "
+                    f"permissions) and continue with `ftune train ... output_dir={self.out} trainer.resume=auto`."
+                ) from None
             if root == self.ckpt_root:
                 ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last)
         self.acc.wait_for_everyone()

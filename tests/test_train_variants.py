@@ -158,3 +158,31 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
     resumed = run(make_cfg(tmp_path / "s", "trainer.max_steps=5", "trainer.batch_size=2", "trainer.resume=auto"))
     assert resumed.step == 5 and len(losses(tmp_path / "s")) == 5
+
+
+def test_disk_full_during_a_save_says_so_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    """The loop's own save path: ENOSPC while writing checkpoint-4 -> a one-paragraph error naming the step, the cause
+    and the intact checkpoint-2; no half-written directory is left behind."""
+    import errno
+
+    from ftune.cli import run_reporting_errors
+    from ftune.train import train
+    from ftune.training import checkpoint as ckpt
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith(f"checkpoint-4/{ckpt.STATE}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        run_reporting_errors(train, make_cfg(out, "trainer.max_steps=6", "trainer.save_every=2"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "ftune: save error: could not write checkpoint-4" in err and "No space left on device" in err
+    assert "checkpoint-2" in err and "trainer.resume=auto" in err
+    assert ckpt.verify(out / "checkpoints" / "checkpoint-2") is None
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]

@@ -30,6 +30,10 @@ STATE = "training_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+class SaveError(RuntimeError):
+    """A checkpoint or the final model could not be written (disk full, permissions); earlier ones are intact."""
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
