@@ -33,3 +33,24 @@ def run(cfg):
     trainer = Trainer(cfg)
     trainer.run()
     return trainer
+
+
+def crash_after_checkpoint(monkeypatch, cfg, checkpoint: str) -> None:
+    """Train `cfg` until `checkpoint` (e.g. "checkpoint-3") is saved, then crash there (KeyboardInterrupt), as a
+    killed run would; the caller resumes with trainer.resume=auto."""
+    import pytest
+
+    from ftune.train import Trainer
+
+    real_save = Trainer._save
+
+    def crash(self, name):
+        path = real_save(self, name)
+        if name == checkpoint:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(Trainer, "_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(Trainer, "_save", real_save)

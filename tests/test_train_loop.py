@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import losses, make_cfg, run  # noqa: E402
+from _tiny import crash_after_checkpoint, losses, make_cfg, run  # noqa: E402
 
 
 def test_grad_accum_equals_big_batch(tmp_path):
@@ -75,23 +75,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     equal the uninterrupted run bit for bit (LoRA dropout on, so RNG state must be restored too)."""
     from safetensors.torch import load_file
 
-    from ftune.train import Trainer
 
     common = ["trainer.max_steps=6", "trainer.save_every=3", "peft.dropout=0.1", "trainer.batch_size=2"]
     run(make_cfg(tmp_path / "full", *common))
 
-    real_save = Trainer._save
-
-    def crash_after_checkpoint(self, name):
-        path = real_save(self, name)
-        if name == "checkpoint-3":
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(tmp_path / "resumed", *common))
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    crash_after_checkpoint(monkeypatch, make_cfg(tmp_path / "resumed", *common), "checkpoint-3")
     resumed = run(make_cfg(tmp_path / "resumed", *common, "trainer.resume=auto"))
     assert resumed.resume_from.name == "checkpoint-3"
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _tiny import losses, make_cfg, run  # noqa: E402
+from _tiny import crash_after_checkpoint, losses, make_cfg, run  # noqa: E402
 
 from ftune.config import ConfigError  # noqa: E402
 from ftune.data.sources import DataError  # noqa: E402
@@ -150,23 +150,11 @@ def test_two_task_mixture_end_to_end(tmp_path, monkeypatch):
 
 
 def test_resume_across_an_epoch_boundary_equals_uninterrupted(tmp_path, monkeypatch):
-    from ftune.train import Trainer
 
     data = mixture(tmp_path / "mix.jsonl")
     common = ["trainer.epochs=2", "trainer.save_every=2", "data.eval_size=0"]
     full = run(mix_cfg(tmp_path, "full", data, *common))
     assert full.total_steps > 3  # the crash below is in epoch 0, the resumed part crosses into epoch 1
-    real_save = Trainer._save
-
-    def crash_after_checkpoint(self, name):
-        path = real_save(self, name)
-        if name == "checkpoint-2":
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(mix_cfg(tmp_path, "resumed", data, *common))
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    crash_after_checkpoint(monkeypatch, mix_cfg(tmp_path, "resumed", data, *common), "checkpoint-2")
     run(mix_cfg(tmp_path, "resumed", data, *common, "trainer.resume=auto"))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")

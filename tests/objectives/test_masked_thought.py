@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from _tiny import losses, make_cfg, run  # noqa: E402
+from _tiny import crash_after_checkpoint, losses, make_cfg, run  # noqa: E402
 
 from ftune.config import ConfigError  # noqa: E402
 from ftune.data.batching import collate  # noqa: E402
@@ -230,7 +230,6 @@ def records(run_dir: Path) -> list[dict]:
 def test_packed_run_follows_the_warmup_and_resumes_exactly(tmp_path, monkeypatch):
     """4 packed steps, w = 0.5: p = 0.4 * step / 3 (0, 0.133, 0.267, 0.4); crashing after checkpoint-2 and resuming
     reproduces the uninterrupted losses bit for bit (the masks depend on the step, not on RNG state)."""
-    from ftune.train import Trainer
 
     common = ["objective=masked_thought", "objective.warmup_ratio=0.5", "data.packing=true", "data.max_length=512",
               "trainer.max_steps=4", "trainer.save_every=2", "trainer.batch_size=2", "peft.dropout=0"]
@@ -242,18 +241,7 @@ def test_packed_run_follows_the_warmup_and_resumes_exactly(tmp_path, monkeypatch
         assert abs(observed - 0.4 * step / 3) < 0.07, rates  # ~500 response tokens per step
     assert all(math.isfinite(x) for x in losses(tmp_path / "full"))
 
-    real_save = Trainer._save
-
-    def crash_after_checkpoint(self, name):
-        path = real_save(self, name)
-        if name == "checkpoint-2":
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(tmp_path / "resumed", *common))
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    crash_after_checkpoint(monkeypatch, make_cfg(tmp_path / "resumed", *common), "checkpoint-2")
     run(make_cfg(tmp_path / "resumed", *common, "trainer.resume=auto"))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _tiny import losses, make_cfg, run  # noqa: E402
+from _tiny import crash_after_checkpoint, losses, make_cfg, run  # noqa: E402
 
 from ftune.peft.lift import MaskedAdamW, budget, principal_mask  # noqa: E402
 
@@ -102,23 +102,11 @@ def test_bad_options(tmp_path, bad):
 
 
 def test_resume_restores_masks_and_moments(tmp_path, monkeypatch):
-    from ftune.train import Trainer
 
     common = ["peft=lift", "peft.rank=2", "peft.filter_rank=4", "peft.update_interval=3", "data.size=8",
               "trainer.max_steps=4", "trainer.save_every=2", "trainer.batch_size=2", "trainer.lr=1e-2"]
     full = run(make_cfg(tmp_path / "full", *common))
-    real_save = Trainer._save
-
-    def crash_after_checkpoint(self, name):
-        path = real_save(self, name)
-        if name == "checkpoint-2":
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(tmp_path / "resumed", *common))
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    crash_after_checkpoint(monkeypatch, make_cfg(tmp_path / "resumed", *common), "checkpoint-2")
     resumed = run(make_cfg(tmp_path / "resumed", *common, "trainer.resume=auto"))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # the refresh at step 3 happens after resume
     after = dict(resumed.model.named_parameters())

@@ -10,7 +10,7 @@ import pytest
 from ftune.training.watchdog import SpikeGuard
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from _tiny import make_cfg  # noqa: E402
+from _tiny import crash_after_checkpoint, make_cfg  # noqa: E402
 
 
 def test_threshold_is_factor_times_median_once_the_history_is_full():
@@ -108,18 +108,7 @@ def test_resumed_run_keeps_the_guard_history(tmp_path, monkeypatch):
     full = Trainer(make_cfg(tmp_path / "full", *common)).run()
     assert full["spike_skipped_steps"] == 1
 
-    real_save = Trainer._save
-
-    def crash_after_checkpoint(self, name):
-        path = real_save(self, name)
-        if name == "checkpoint-5":
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(Trainer, "_save", crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(make_cfg(tmp_path / "resumed", *common)).run()
-    monkeypatch.setattr(Trainer, "_save", real_save)
+    crash_after_checkpoint(monkeypatch, make_cfg(tmp_path / "resumed", *common), "checkpoint-5")
     resumed = Trainer(make_cfg(tmp_path / "resumed", *common, "trainer.resume=auto"))
     assert resumed.step == 5 and len(resumed.spikes.history) == 5
     assert resumed.run()["spike_skipped_steps"] == 1
