@@ -278,12 +278,15 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and t.progress),
                    desc="train", dynamic_ncols=True)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # What the optimizer holds (a method may change which of them train during the run, e.g. HFT per epoch).
+        trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         tokens_seen, train_time, bad_in_a_row, last_loss = 0.0, 0.0, 0, float("nan")
         self.model.train()
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
+            if hasattr(self.peft, "before_step"):  # e.g. HFT re-selecting its half at a new epoch
+                self.peft.before_step(self)
             self.objective.before_step(self, rows)
             micro = [self.objective.collate(r, pad) for r in rows]
             n_global = _reduce_sum(acc, sum(self.objective.normalizer(b) for b in micro))

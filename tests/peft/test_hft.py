@@ -69,3 +69,41 @@ def test_hft_trains_only_the_selected_half(tmp_path):
     assert all(not torch.equal(now[n], v) for n, v in trained.items())
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "h" / "final")
     assert all(torch.equal(p, now[n]) for n, p in saved.named_parameters())
+
+
+def test_reselect_epoch_draws_a_new_half_each_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+    from _tiny import crash_after_checkpoint, losses, run
+
+    common = ["peft=hft", "peft.reselect=epoch", "peft.seed=5", "data.size=8", "data.eval_size=0",
+              "trainer.max_steps=-1", "trainer.epochs=2", "trainer.batch_size=2", "trainer.lr=1e-3",
+              "trainer.save_every=2"]
+    t = run(make_cfg(tmp_path / "full", *common))
+    assert t.order.steps_per_epoch >= 3 and t.total_steps == 2 * t.order.steps_per_epoch and t.peft.epoch == 1
+    n = len(t.peft.layers)
+    first, second = (select(n, t.peft.attention, t.peft.ffn, t.peft.norms, seed) for seed in (5, 6))
+    assert t.peft.selection == second and first != second
+    from transformers import AutoModelForCausalLM
+
+    from ftune.models.loading import resolve_model_dir
+
+    initial = dict(AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny_random")).named_parameters())
+    now = dict(t.model.named_parameters())
+    changed = {n: not torch.equal(p, initial[n]) for n, p in now.items()}
+    for i in range(n):
+        for leaf in t.peft.attention + t.peft.ffn + t.peft.norms:
+            names = [k for k in now if f".layers.{i}.{'self_attn' if leaf in t.peft.attention else 'mlp'}.{leaf}."
+                     in k or k.endswith(f".layers.{i}.{leaf}.weight")]
+            assert names, (i, leaf)
+            trained = leaf in first[i] or leaf in second[i]
+            assert all(changed[k] == trained for k in names), (i, leaf, trained)
+    # A crash in epoch 1 (after step 4) resumes with epoch 1's half and the optimizer state of every candidate.
+    crash_after_checkpoint(monkeypatch, make_cfg(tmp_path / "cut", *common), "checkpoint-4")
+    resumed = run(make_cfg(tmp_path / "cut", *common, "trainer.resume=auto"))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    after = dict(resumed.model.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in now.items())
+
+
+def test_reselect_must_be_run_or_epoch():
+    with pytest.raises(ConfigError, match="peft.reselect"):
+        HFT(reselect="stage")
