@@ -60,6 +60,12 @@ def test_lora_soup_averages_merged_updates_and_greedy_runs(tmp_path):
     averaged_factors = w0 + 2.0 * ((ab[0][key.format("B")] + ab[1][key.format("B")]) / 2) @ (
         (ab[0][key.format("A")] + ab[1][key.format("A")]) / 2)
     assert not torch.allclose(got, averaged_factors, atol=1e-6)  # not A and B averaged separately
+    # A soup of one model with itself is that model (merged).
+    from ftune.merge import merge_run
+
+    same = AutoModelForCausalLM.from_pretrained(make_soup([tmp_path / "a", tmp_path / "a"], tmp_path / "aa"))
+    merged = dict(AutoModelForCausalLM.from_pretrained(merge_run(tmp_path / "a")).named_parameters())
+    assert all(torch.equal(p, merged[n]) for n, p in same.named_parameters())
     with pytest.raises(ConfigError, match="--force"):
         make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "soup")
     greedy = make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "greedy", greedy=True, eval_name="gsm8k",
