@@ -62,6 +62,16 @@ def target_linears(model: torch.nn.Module, targets: str | list) -> dict[str, tor
     return out
 
 
+def selected_linears(model: torch.nn.Module, targets: str | list) -> dict[str, torch.nn.Module]:
+    """`target_linears`, after `check_targets`; an empty selection is refused with the fix."""
+    check_targets(model, targets)
+    layers = target_linears(model, targets)
+    if not layers:
+        raise ConfigError(f"peft.target_modules={targets} selects no linear layer of this model. Use all-linear or "
+                          f"names of its linear layers.")
+    return layers
+
+
 def save_adapter(model: torch.nn.Module, directory: Path) -> None:
     """A `peft` adapter directory (adapter_config.json + adapter_model.safetensors)."""
     model.save_pretrained(directory, safe_serialization=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ftune.config import ConfigError
-from ftune.peft.base import check_targets, load_full_weights, target_linears
+from ftune.peft.base import load_full_weights, selected_linears
 
 
 def budget(m: int, n: int, rank: int) -> int:
@@ -128,10 +128,7 @@ class LIFT:
         return None
 
     def apply(self, model: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
-        check_targets(model, self.target_modules)
-        layers = target_linears(model, self.target_modules)
-        if not layers:
-            raise ConfigError(f"peft.target_modules={self.target_modules} selects no linear layer of this model.")
+        layers = selected_linears(model, self.target_modules)
         model.requires_grad_(False)
         for lin in layers.values():
             lin.weight.requires_grad_(True)

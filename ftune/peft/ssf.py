@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ftune.config import ConfigError
-from ftune.peft.base import check_targets, load_trainable_file, save_trainable, target_linears
+from ftune.peft.base import load_trainable_file, save_trainable, selected_linears
 
 # Llama-style config flags that give a family of linear layers a bias.
 BIAS_FLAGS = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj",
@@ -84,10 +84,7 @@ class SSF:
         return None
 
     def apply(self, model: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
-        check_targets(model, self.target_modules)
-        layers = target_linears(model, self.target_modules)
-        if not layers:
-            raise ConfigError(f"peft.target_modules={self.target_modules} selects no linear layer of this model.")
+        layers = selected_linears(model, self.target_modules)
         model.requires_grad_(False)
         for name, lin in layers.items():
             _replace(model, name, ScaleShift(lin, self.init_std, self.shift))
