@@ -8,6 +8,17 @@ from ftune.data.tokenize import prompt_ids
 
 
 @torch.no_grad()
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, attention mask) of token-id prompts, so every prompt ends at the last position."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int, eos_id: int,
                  temperature: float = 0.0, progress: bool = False) -> list[list[int]]:
     """New token ids for each prompt (up to and including EOS); greedy when temperature == 0."""
@@ -26,12 +37,8 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
     bar = tqdm(total=len(order), desc="Generating", disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         for b, i in enumerate(idx):
             new = out[b, width:].tolist()

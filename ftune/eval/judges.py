@@ -34,6 +34,7 @@ import torch
 from ftune.config import ConfigError
 from ftune.data.sources import DataError
 from ftune.eval import gsm8k
+from ftune.eval.generation import left_pad
 
 log = logging.getLogger(__name__)
 JUDGES = ("numeric_match", "unit_tests", "llm_judge")
@@ -161,12 +162,7 @@ def yes_no_margins(model, prompts: list[list[int]], yes: list[int], no: list[int
     out: list[float] = [0.0] * len(prompts)
     for s in range(0, len(prompts), batch_size):
         idx = list(range(s, min(s + batch_size, len(prompts))))
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, i in enumerate(idx):
-            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[b, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        use_cache=False, logits_to_keep=1).logits[:, -1].float()
