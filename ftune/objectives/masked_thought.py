@@ -31,7 +31,7 @@ import torch
 from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
-from ftune.objectives.sft import causal_lm_forward, token_ce_sum
+from ftune.objectives.sft import labelled_logits, token_ce_sum
 
 log = logging.getLogger(__name__)
 NOISES = ("random", "mask", "pad")
@@ -172,5 +172,5 @@ class MaskedThought:
                 batch, replaced = dict(batch, input_ids=ids), float(chosen[:, 1:].sum())
             self.micro += 1
             metrics["mask_rate"] = replaced  # a sum: the loop divides it by the label tokens
-        logits, targets = causal_lm_forward(model, batch)
+        logits, targets, _, _ = labelled_logits(model, batch)
         return token_ce_sum(logits, targets, self.chunk_size), metrics
