@@ -47,6 +47,7 @@ class DataConfig:
     size: int | None = None
     format: str = "auto"
     fields: dict[str, str] = field(default_factory=dict)
+    keep_fields: list[str] = field(default_factory=list)  # raw columns carried with each example (e.g. a domain)
     system_prompt: str | None = None
     limit: int | None = None
     max_length: int = 512

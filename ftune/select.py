@@ -33,12 +33,13 @@ PASS_DATA_KEYS = ("data.max_length", "data.truncation", "data.packing", "data.nu
 OUTPUTS = ("selected.jsonl", "heldout.jsonl", "selected_indices.json", "report.json", "scores.png")
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def _write_jsonl(path: Path, records: list[dict], keep_fields=()) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             row = {"id": str(r["id"]), "messages": r["messages"]}
-            if "tests" in r:
-                row["tests"] = r["tests"]
+            for name in ("tests", *keep_fields):  # data.keep_fields (e.g. a domain column) survive into the subset
+                if name in r:
+                    row[name] = r[name]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -111,9 +112,9 @@ def select_data(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
               "data": {k: v for k, v in stats.items() if k in ("origin", "read", "skipped_empty")},
               "selection": cfg.selection._target_, "seed": cfg.seed}
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "selected.jsonl", [pool[i] for i in indices])
+    _write_jsonl(out / "selected.jsonl", [pool[i] for i in indices], cfg.data.keep_fields)
     if held_out:
-        _write_jsonl(out / "heldout.jsonl", held_out)
+        _write_jsonl(out / "heldout.jsonl", held_out, cfg.data.keep_fields)
     (out / "selected_indices.json").write_text(json.dumps(
         {"indices": indices, "ids": [str(pool[i]["id"]) for i in indices]}) + "\n")
     png = plot_scores(scores, indices, score_name, out / "scores.png") if scores else None

@@ -11,7 +11,14 @@ Adaptations: embeddings are the training model's mean-pooled hidden states (`ftu
 fine-tunes distilBERT, all-MiniLM-L6-v2 is on par, and `selection.encoder=PATH` takes such a model), L2-normalised;
 the cost is the squared Euclidean distance between them; the entropy is `epsilon` times the mean cost (the paper's
 value was not found); log-domain Sinkhorn without momentum. The cost matrix is held in memory (pool x target x 4
-bytes). The paper's first step (picking the closest domains of a multi-domain corpus) is not part of this selector.
+bytes).
+
+Domain pre-selection (the paper's step 1: 10K samples per domain, OT to the target, candidates from the 2 closest
+domains), when `selection.domain_field` names a record key (carried from the data with `data.keep_fields`): each
+domain's seeded sample of `domain_sample` examples is embedded, its distance to the targets is the primal entropic
+cost <P, C> of the same Sinkhorn, and only the examples of the `top_domains` closest domains go on to the gradient
+selection. Adaptations: one absolute entropy for every domain (`epsilon` times the mean cost over all the samples),
+so the distances are comparable; every example of a kept domain is a candidate (the paper resamples 1M from each).
 """
 
 from __future__ import annotations
@@ -71,6 +78,14 @@ def got_d_scores(x: torch.Tensor, y: torch.Tensor, epsilon: float, max_iter: int
     return calibrated_gradient(f), {"sinkhorn_iterations": it, "marginal_error": err, "epsilon_abs": eps}
 
 
+def ot_cost(x: torch.Tensor, y: torch.Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6):
+    """Primal entropic OT cost <P, C> between uniform measures on the rows of x and y, at absolute entropy `eps`."""
+    cost = torch.cdist(x.double(), y.double()).pow(2)
+    f, g, it, err = sinkhorn_log(cost, eps, max_iter, tol)
+    plan = torch.exp((f[:, None] + g[None, :] - cost) / eps - math.log(len(x)) - math.log(len(y)))
+    return float((plan * cost).sum()), {"sinkhorn_iterations": it, "marginal_error": err}
+
+
 def load_targets(target_path: str | None) -> list[dict]:
     """The target set as conversations (any format `data=jsonl` reads); errors name the key and the fix."""
     from ftune.data.sources import load_conversations
@@ -82,49 +97,129 @@ def load_targets(target_path: str | None) -> list[dict]:
     if not path.is_file():
         raise DataError(f"selection.target_path={target_path}: no such file (relative paths resolve against "
                         f"{Path.cwd()}).")
-    cfg = SimpleNamespace(source="jsonl", path=str(path), split="train", limit=None, fields={}, format="auto",
-                          system_prompt=None)
+    cfg = SimpleNamespace(source="jsonl", path=str(path), split="train", limit=None, fields={}, keep_fields=[],
+                          format="auto", system_prompt=None)
     examples, _ = load_conversations(cfg, "train", 0)
     return examples
+
+
+def group_domains(records: list[dict], field: str) -> dict:
+    """Pool positions per domain value, domains in order of first appearance; a record without the field is an
+    error naming the keys it has."""
+    groups: dict = {}
+    for i, r in enumerate(records):
+        if field not in r:
+            has = sorted(k for k in r if k not in ("messages", "answer"))
+            raise ConfigError(f"selection.domain_field={field}: example {i} (id {r.get('id')!r}) has no field "
+                              f"{field!r} (it has {has}). Carry the column from the data with "
+                              f"data.keep_fields=[{field}] (every example needs it), or set selection.domain_field="
+                              f"null to select from the whole pool.")
+        groups.setdefault(r[field], []).append(i)
+    return groups
 
 
 class GOTD:
     """selection=got_d. Args are the keys of configs/selection/got_d.yaml."""
 
     def __init__(self, budget: int, target_path: str | None = None, epsilon: float = 0.05, max_iter: int = 1000,
-                 tol: float = 1e-6, encoder: str = "tiny_random", max_length: int = 512, batch_size: int = 16,
-                 progress: bool = True):
+                 tol: float = 1e-6, domain_field: str | None = None, domain_sample: int = 10000, top_domains: int = 2,
+                 encoder: str = "tiny_random", max_length: int = 512, batch_size: int = 16, progress: bool = True):
         if budget < 1:
             raise ConfigError(f"selection.budget={budget} must be >= 1.")
         if epsilon <= 0:
             raise ConfigError(f"selection.epsilon={epsilon} must be > 0 (entropy, as a fraction of the mean cost).")
+        if domain_sample < 1 or top_domains < 1:
+            raise ConfigError(f"selection.domain_sample={domain_sample} and selection.top_domains={top_domains} must "
+                              f"be >= 1.")
         self.budget, self.target_path, self.epsilon = budget, target_path, epsilon
         self.max_iter, self.tol = max_iter, tol
+        self.domain_field, self.domain_sample, self.top_domains = domain_field, domain_sample, top_domains
         self.embedder = Embedder(encoder, max_length, batch_size, progress)
 
     @staticmethod
     def check_config(cfg) -> None:
-        """Before anything loads: the target file must be given and readable."""
+        """Before anything loads: the target file must be given and readable, and a domain field carried."""
         load_targets(cfg.selection.get("target_path"))
+        field = cfg.selection.get("domain_field")
+        if field is not None and field not in cfg.data.keep_fields:
+            raise ConfigError(f"selection.domain_field={field} reads each example's {field!r} column, but the data "
+                              f"does not carry it: add data.keep_fields=[{field}] (now {list(cfg.data.keep_fields)}).")
 
     def __call__(self, records: list[dict], seed: int) -> tuple[list[dict], dict]:
         return kept(records, self.select(records, seed))
 
+    def _warn_unconverged(self, info: dict, what: str) -> None:
+        if info["marginal_error"] > max(self.tol, 1e-3):
+            log.warning("got_d: Sinkhorn (%s) stopped after %d iterations with marginal error %.2e; raise "
+                        "selection.max_iter or selection.epsilon.", what, info["sinkhorn_iterations"],
+                        info["marginal_error"])
+
+    def pick_domains(self, records: list[dict], groups: dict, y: torch.Tensor, seed: int) -> tuple[list[int], dict]:
+        """The candidate pool (ascending positions) of the `top_domains` domains closest to the targets y."""
+        gen = torch.Generator().manual_seed(seed)
+        samples = {d: [idx[j] for j in sorted(torch.randperm(len(idx), generator=gen)[: self.domain_sample].tolist())]
+                   for d, idx in groups.items()}
+        flat = [i for idx in samples.values() for i in idx]
+        x = torch.nn.functional.normalize(self.embedder([records[i] for i in flat]).emb.float(), dim=1).to(y.device)
+        # One absolute entropy for all domains (the mean cost over every sample), so their distances compare.
+        xd, yd = x.double(), y.double()
+        mean_cost = float((xd * xd).sum(1).mean() + (yd * yd).sum(1).mean() - 2 * xd.mean(0) @ yd.mean(0))
+        eps = self.epsilon * mean_cost if mean_cost > 0 else self.epsilon
+        dist, info, start = {}, {}, 0
+        for d, idx in samples.items():
+            dist[d], info[d] = ot_cost(x[start: start + len(idx)], y, eps, self.max_iter, self.tol)
+            self._warn_unconverged(info[d], f"domain {d}")
+            start += len(idx)
+        order = sorted(range(len(groups)), key=lambda k: (dist[list(groups)[k]], k))
+        keep = [list(groups)[k] for k in order[: self.top_domains]]
+        pool = sorted(i for d in keep for i in groups[d])
+        report = {"domain_field": self.domain_field, "domain_epsilon_abs": eps, "kept_domains": [str(d) for d in keep],
+                  "candidate_pool": len(pool),
+                  "domains": {str(d): {"size": len(groups[d]), "sampled": len(samples[d]), "ot_cost": dist[d],
+                                       "kept": d in keep, "sinkhorn_iterations": info[d]["sinkhorn_iterations"]}
+                              for d in groups}}
+        log.info("got_d: OT cost to the targets per domain: %s; kept %s (%d candidates).",
+                 ", ".join(f"{d}: {dist[d]:.4f}" for d in groups), ", ".join(map(str, keep)), len(pool))
+        if self.budget > len(pool):
+            raise ConfigError(f"selection=got_d: selection.budget={self.budget} is larger than the {len(pool)} "
+                              f"examples of the {len(keep)} closest domain(s) ({', '.join(map(str, keep))}). Raise "
+                              f"selection.top_domains (now {self.top_domains}, of {len(groups)} domains), or lower "
+                              f"selection.budget.")
+        return pool, report
+
     def select(self, records: list[dict], seed: int) -> Selection:
         targets = load_targets(self.target_path)
         check_budget("got_d", self.budget, len(records))
-        x = torch.nn.functional.normalize(self.embedder(records).emb.float(), dim=1)
+        pool, domain_report = list(range(len(records))), {}
+        if self.domain_field is not None:
+            groups = group_domains(records, self.domain_field)
+            if len(groups) < self.top_domains:
+                raise ConfigError(f"selection.top_domains={self.top_domains}, but the pool has {len(groups)} "
+                                  f"domain(s) in {self.domain_field!r} ({', '.join(map(str, groups))}). Lower "
+                                  f"selection.top_domains, or set selection.domain_field=null.")
+            largest = sum(sorted((len(v) for v in groups.values()), reverse=True)[: self.top_domains])
+            if self.budget > largest:  # no choice of domains can meet the budget: say so before embedding
+                raise ConfigError(f"selection=got_d: selection.budget={self.budget} is larger than any "
+                                  f"{self.top_domains} domain(s) hold (at most {largest}). Raise "
+                                  f"selection.top_domains (now {self.top_domains}, of {len(groups)} domains), or "
+                                  f"lower selection.budget.")
         y = torch.nn.functional.normalize(self.embedder(targets).emb.float(), dim=1)
         if torch.cuda.is_available():
-            x, y = x.cuda(), y.cuda()
+            y = y.cuda()
+        if self.domain_field is not None:
+            pool, domain_report = self.pick_domains(records, groups, y, seed)
+        x = torch.nn.functional.normalize(self.embedder([records[i] for i in pool] if len(pool) < len(records)
+                                                        else records).emb.float(), dim=1).to(y.device)
         scores, info = got_d_scores(x, y, self.epsilon, self.max_iter, self.tol)
-        if info["marginal_error"] > max(self.tol, 1e-3):
-            log.warning("got_d: Sinkhorn stopped after %d iterations with marginal error %.2e; raise "
-                        "selection.max_iter or selection.epsilon.", info["sinkhorn_iterations"], info["marginal_error"])
+        self._warn_unconverged(info, "candidates")
         scores = scores.cpu()
         # Most negative first; ties by pool position, so the result is deterministic.
-        order = sorted(range(len(records)), key=lambda i: (float(scores[i]), i))
-        indices = sorted(order[: self.budget])
+        order = sorted(range(len(pool)), key=lambda i: (float(scores[i]), i))
+        indices = sorted(pool[i] for i in order[: self.budget])
+        full = [float("nan")] * len(records)  # examples of dropped domains have no score
+        for j, i in enumerate(pool):
+            full[i] = float(scores[j])
         report = {"method": "got_d", "pool": len(records), "budget": self.budget, "selected": len(indices),
-                  "targets": len(targets), **info, "score_threshold": float(scores[order[self.budget - 1]])}
-        return Selection(indices, report, scores.tolist(), "calibrated OT gradient")
+                  "targets": len(targets), **info, "score_threshold": float(scores[order[self.budget - 1]]),
+                  **domain_report}
+        return Selection(indices, report, full, "calibrated OT gradient")
