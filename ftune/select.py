@@ -92,6 +92,8 @@ def select_data(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         raise ConfigError(f"output_dir={out} already holds a selection ({', '.join(taken)}). Choose another "
                           f"output_dir; nothing was overwritten.")
     selector = build(cfg.selection)
+    if hasattr(selector, "bind_config"):
+        selector.bind_config(cfg)
     kind = getattr(targets["objective"], "data_kind", "sft")
     if kind != "sft":
         raise ConfigError(f"ftune select writes prompt/response examples, but {cfg.objective._target_} trains on "

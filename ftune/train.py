@@ -112,6 +112,8 @@ class Trainer:
         self.peft = build(cfg.peft)
         self.objective = build(cfg.objective)
         self.selector = build(cfg.selection) if targets["selection"] else None
+        if hasattr(self.selector, "bind_config"):  # a selector that trains between rounds (iterative) needs the run
+            self.selector.bind_config(cfg)
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         # A second job in the same process (a `-m` sweep, the tests) may ask for another precision; accelerate keeps

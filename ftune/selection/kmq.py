@@ -16,7 +16,8 @@ Adaptations:
 - Budgets: the paper's rounding is unspecified; we floor and give the remainder to the largest fractional parts. When
   budget >= k every cluster first gets one example and the rest is shared in proportion to |D_j| - 1, so each cluster
   is represented (the iterative code's guarantee); with budget < k it is plain proportional.
-- The iterative variant (retrain, score generations with a reward model, reweight clusters) is not implemented.
+- The iterative variant (retrain, score generations, reweight clusters) is `selection=iterative`
+  (`ftune.selection.iterative`).
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ class KMQ:
                               f"of {len(x)} examples. Set selection.k=N, or give smaller candidates.")
         return max(scores, key=lambda k: (scores[k], -k)), scores
 
-    def select(self, records: list[dict], seed: int) -> Selection:
+    def clusters(self, records: list[dict], seed: int) -> dict:
+        """Embed, cluster and score the pool: labels, k (given or by silhouette), standardised quality q."""
         n = len(records)
-        check_budget("kmq", self.budget, n)
         if self.k is not None and self.k > n:
             raise ConfigError(f"selection.k={self.k} clusters is more than the pool of {n} examples. "
                               f"Lower selection.k.")
@@ -159,21 +160,31 @@ class KMQ:
             q = out.response_tokens.double().clamp_min(1).log()
         else:
             q = torch.zeros(n)
-        q = standardise(q.double())
-        sizes = torch.bincount(labels, minlength=k).tolist()
-        budgets = cluster_budgets(sizes, self.budget)
-        gen = torch.Generator().manual_seed(seed + 1)
+        return {"labels": labels, "k": k, "k_scores": k_scores, "inertia": inertia, "q": standardise(q.double()),
+                "sizes": torch.bincount(labels, minlength=k).tolist()}
+
+    def draw(self, c: dict, budgets: list[int], gen: torch.Generator) -> list[int]:
+        """budgets[j] examples of cluster j, sampled without replacement with weights softmax(q / temperature)."""
         chosen = []
-        for j in range(k):
-            members = (labels == j).nonzero().flatten()
+        for j in range(c["k"]):
+            members = (c["labels"] == j).nonzero().flatten()
             if budgets[j] == 0:
                 continue
-            w = torch.softmax(q[members] / self.temperature, 0)
+            w = torch.softmax(c["q"][members] / self.temperature, 0)
             chosen.append(members[sample_without_replacement(w, budgets[j], gen)])
-        indices = sorted(torch.cat(chosen).tolist())
-        picked = torch.bincount(labels[indices], minlength=k).tolist()
-        report = {"method": "kmq", "pool": n, "budget": self.budget, "selected": len(indices), "k": k,
-                  "k_silhouette": {str(c): round(s, 4) for c, s in k_scores.items()}, "inertia": inertia,
-                  "quality": self.quality, "cluster_sizes": sizes, "cluster_budgets": budgets,
-                  "cluster_selected": picked, "clusters_represented": sum(c > 0 for c in picked)}
-        return Selection(indices, report, q.tolist(), f"quality ({self.quality}, standardised)")
+        return sorted(torch.cat(chosen).tolist())
+
+    def report(self, c: dict, budget: int, indices: list[int]) -> dict:
+        picked = torch.bincount(c["labels"][indices], minlength=c["k"]).tolist()
+        return {"method": "kmq", "pool": len(c["labels"]), "budget": budget, "selected": len(indices), "k": c["k"],
+                "k_silhouette": {str(k): round(s, 4) for k, s in c["k_scores"].items()}, "inertia": c["inertia"],
+                "quality": self.quality, "cluster_sizes": c["sizes"], "cluster_selected": picked,
+                "clusters_represented": sum(n > 0 for n in picked)}
+
+    def select(self, records: list[dict], seed: int) -> Selection:
+        check_budget("kmq", self.budget, len(records))
+        c = self.clusters(records, seed)
+        budgets = cluster_budgets(c["sizes"], self.budget)
+        indices = self.draw(c, budgets, torch.Generator().manual_seed(seed + 1))
+        report = {**self.report(c, self.budget, indices), "cluster_budgets": budgets}
+        return Selection(indices, report, c["q"].tolist(), f"quality ({self.quality}, standardised)")
