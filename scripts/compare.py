@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run (repeatable)")
-    p.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="keep the runs here (default: a temporary directory); a run already finished there with the\n"
+                        "same overrides (e.g. the SFT baseline of an earlier comparison) is reused, not retrained")
     p.add_argument("--out", type=Path, default=None, help="write the table (markdown) and the JSON beside it")
     return p.parse_args(argv)
 
@@ -66,6 +68,12 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
     exe = Path(sys.executable).parent / "ftune"
     cmd = [str(exe), "train"] if exe.exists() else [sys.executable, "-m", "ftune.cli", "train"]
     cmd += [*overrides, f"output_dir={out}"]
+    done = out / "compare_run.json"
+    if done.exists() and json.loads(done.read_text()).get("command") == "ftune train " + " ".join(overrides):
+        # The same run (same overrides) already finished in this --work directory: reuse it rather than train again.
+        res = json.loads(done.read_text())
+        print(f"[compare] {name}: reusing {out} (same command)", flush=True)
+        return res
     print(f"[compare] {name}: ftune train {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()
     with open(out.parent / f"{name}.log", "w") as log:
@@ -81,6 +89,7 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
            "n": s["task_end"]["n"], "command": "ftune train " + " ".join(overrides)}
     if s.get("composition"):
         res["composition"] = s["composition"]
+    done.write_text(json.dumps(res, indent=2))
     print(f"[compare]   -> accuracy {res['acc_end']:.3f} (n={res['n']}), held-out loss {res['heldout_loss']}, "
           f"{wall:.0f}s", flush=True)
     return res
