@@ -30,6 +30,14 @@ precision (bf16 autocast when the CPU supports it, else fp32).
   disabled (no precomputation), chosen and rejected in one forward. Useful tokens = real tokens of both sequences of
   each pair (prompt + chosen, prompt + rejected). FLOPs per useful token: 6*N_base + 6*N_lora (the policy's
   4*N_base + 6*N_lora plus the reference's 2*N_base forward). No packing (neither tool packs preference pairs).
+* `--peft full`: full fine-tuning instead of LoRA (ftune `peft=none`, TRL without a peft_config), learning rate
+  2e-5 on both sides unless --lr says otherwise; 6N FLOPs per token (8N for DPO: the reference is a frozen copy).
+* `--model llama_1b_random` (or llama_3b_random, llama_8b_random, llama_tiny_random for a CPU smoke test):
+  a random-initialised model of that real architecture (scripts/bench/models.py), built once, nothing downloaded.
+* `--device cuda` (default: cuda when there is one): the matmul peak is measured on the GPU, TRL trains on the GPU,
+  and peak memory is each child's GPU memory as nvidia-smi reports it (sampled every ~0.3 s) besides its RSS.
+* `--nproc N` runs ftune as `ftune train --nproc N` (data-parallel: NCCL on GPUs, gloo on CPU); the batch size is
+  per process, so a step trains N times the rows. Peak RSS is then the largest single process's.
 
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FTUNE_DATA_DIR=/work/shared/data
     .venv/bin/python scripts/bench_train.py --wait-idle 180 --out /tmp/bench.json       # ~15 min on 2 cores
@@ -50,13 +58,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))  # scripts/bench/models.py: the random-initialised architectures
 SEED = 42
 LORA = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 # Shared optimisation settings (ftune's defaults; TRL is given the same).
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, WARMUP_RATIO = 2.0e-4, 0.0, 1.0, 0.03
+FULL_LR = 2.0e-5  # full fine-tuning: every weight moves, so a LoRA learning rate would be too large
 DPO_BETA = 0.1
 # The speed targets: ftune's tokens/s at least this multiple of TRL's, at no more peak memory.
 TARGET = {"sft": 1.5, "dpo": 1.3}
+GPU_TARGET = 1.3  # on a GPU: ftune at least 1.3x TRL's tokens/s (and, for the suite, >= 45% MFU)
 DATA_FILE = {"sft": Path("gsm8k") / "train.jsonl", "dpo": Path("hh-rlhf-harmless") / "test.jsonl.gz"}
 IGNORE = -100
 BUSY_CORES = 0.25  # other processes' average CPU use (cores) above which a measurement counts as disturbed
@@ -76,6 +87,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512, help="max length / packed row length (default 512)")
     p.add_argument("--batch-size", type=int, default=4, help="rows per optimizer step (default 4)")
     p.add_argument("--only", choices=("ftune", "trl", "both"), default="both")
+    p.add_argument("--peft", choices=("lora", "full"), default="lora",
+                   help="lora (r 16 on all linear layers) or full fine-tuning (default lora)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate for both sides (default {LR} with LoRA, {FULL_LR} for full fine-tuning)")
+    p.add_argument("--model", default="smollm2_135m",
+                   help="smollm2_135m (ftune's embedded SmolLM2-135M-Instruct) or a random-initialised architecture:\n"
+                        "llama_1b_random, llama_3b_random, llama_8b_random, llama_tiny_random (default smollm2_135m)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where both sides train (default auto: cuda when available)")
+    p.add_argument("--nproc", type=int, default=1, help="ftune data-parallel processes (`ftune train --nproc N`)")
+    p.add_argument("--truncation", choices=("drop", "truncate"), default="drop",
+                   help="ftune's data.truncation for examples longer than --seq-len: drop (ftune's default) or\n"
+                        "truncate (what TRL does); short --seq-len values need truncate (default drop)")
     p.add_argument("--packing", choices=("off", "on", "both"), default=None,
                    help="packing off (padded rows), on (rows packed to --seq-len), or both (default: both for sft,\n"
                         "off for dpo)")
@@ -92,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-packing", choices=("on", "off"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-device", choices=("cpu", "cuda"), default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--order-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--random-order", action="store_true",
@@ -106,7 +131,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps ({a.steps}) must exceed --warmup-steps ({a.warmup_steps}).")
     if a.examples < a.batch_size:
         p.error("--examples must be at least --batch-size.")
+    if a.model != "smollm2_135m" and a.model not in random_archs():
+        p.error(f"--model {a.model}: choose smollm2_135m or one of {', '.join(random_archs())}.")
+    if a.nproc < 1:
+        p.error("--nproc must be at least 1.")
+    if a.lr is None:
+        a.lr = FULL_LR if a.peft == "full" else LR
     return a
+
+
+def random_archs() -> list[str]:
+    from bench.models import ARCHS
+
+    return list(ARCHS)
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_train: --device cuda but torch sees no GPU.")
+    return requested if requested != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bench_model_dir(name: str) -> Path:
+    """The local directory of --model: ftune's embedded SmolLM2, or a random architecture built once."""
+    if name == "smollm2_135m":
+        from ftune.models.loading import EMBEDDED_SMOLLM2, resolve_model_dir
+
+        return resolve_model_dir(EMBEDDED_SMOLLM2)
+    from bench.models import model_dir
+
+    return model_dir(name)
 
 
 def child_env(data_dir: Path) -> dict:
@@ -153,20 +209,25 @@ def bf16_supported() -> bool:
             return False
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5, inner: int = 3) -> dict[str, float]:
-    """Best-of-`repeats` GFLOP/s of an n x n x n torch.matmul (2 n^3 FLOPs) in fp32 and bf16."""
+def matmul_peak(n: int = 2048, repeats: int = 5, inner: int = 3, device: str = "cpu") -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of an n x n x n torch.matmul (2 n^3 FLOPs) in fp32 and bf16 on `device`.
+
+    fp32 on a GPU is measured as torch computes it by default (TF32 tensor cores only if the user enabled them)."""
     import torch
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         for _ in range(2):
             torch.matmul(a, b)
+        sync()
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(inner):
                 torch.matmul(a, b)
+            sync()
             best = min(best, (time.perf_counter() - t0) / inner)
         out[name] = 2 * n ** 3 / best / 1e9
     return out
@@ -224,17 +285,75 @@ def _proc_cpu_rss(pid: int) -> tuple[float, float] | None:
         return None
 
 
-def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Path | None = None) -> dict:
+def _process_tree(pid: int) -> set[int]:
+    """pid and all its descendants (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def _nvidia_smi(query: str) -> list[list[str]]:
+    try:
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def gpu_used_mib() -> float | None:
+    """Memory in use on all GPUs together (MiB), or None without nvidia-smi."""
+    rows = _nvidia_smi("--query-gpu=memory.used")
+    try:
+        return sum(float(r[0]) for r in rows) if rows else None
+    except ValueError:
+        return None
+
+
+def gpu_memory_mib(pids: set[int], baseline: float | None) -> float | None:
+    """GPU memory (MiB) of these processes together as nvidia-smi reports it; inside a container, where its pids are
+    the host's and match none of ours, the memory in use on the GPUs minus `baseline` (measured before the child
+    started: the benchmark assumes nothing else uses the GPUs meanwhile). None when nvidia-smi cannot be asked."""
+    total, matched = 0.0, False
+    for parts in _nvidia_smi("--query-compute-apps=pid,used_memory"):
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in pids:
+            try:
+                total, matched = total + float(parts[1]), True
+            except ValueError:
+                continue
+    if matched:
+        return total
+    used = gpu_used_mib()
+    return None if used is None else max(0.0, used - (baseline or 0.0))
+
+
+def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Path | None = None,
+              gpu: bool = False) -> dict:
     """Run cmd in its own process and return its exit code, peak RSS (MiB, that child alone, from wait4), wall time,
     CPU time and, when `progress` (a JSONL file the child appends one line per step to) is given, the wall and CPU
-    time at which each line appeared (polled every 20 ms from /proc)."""
+    time at which each line appeared (polled every 20 ms from /proc). With `gpu`, also the peak GPU memory of the
+    child and its descendants (nvidia-smi, sampled about every 0.3 s)."""
     import threading
 
     seen: list[tuple[float, float]] = []
+    gpu_peak: list[float] = []
     stop = threading.Event()
 
+    gpu_baseline = gpu_used_mib() if gpu else None
+
     def poll(pid: int) -> None:
-        lines, last = 0, None
+        lines, last, last_gpu = 0, None, 0.0
         while not stop.is_set():
             now, sample = time.perf_counter(), _proc_cpu_rss(pid)
             last = sample or last
@@ -242,6 +361,11 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
                 n = sum(1 for x in progress.read_text().splitlines() if '"tokens_per_s"' in x)
                 seen.extend([(now, sample[0])] * (n - lines))
                 lines = n
+            if gpu and now - last_gpu >= 0.3:
+                used = gpu_memory_mib(_process_tree(pid), gpu_baseline)
+                if used is not None:
+                    gpu_peak.append(used)
+                last_gpu = time.perf_counter()
             stop.wait(0.02)
 
     t0, busy0 = time.perf_counter(), machine_busy_cpu_s()
@@ -262,6 +386,7 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
     wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
     return {"other_cpu_cores": max(0.0, (machine_busy_cpu_s() - busy0 - cpu) / wall),
             "exit_code": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "peak_gpu_mib": max(gpu_peak) if gpu_peak else None,
             "process_wall_s": wall, "process_cpu_s": cpu,
             "progress_wall": [w - t0 for w, _ in seen], "progress_cpu": [c for _, c in seen]}
 
@@ -287,13 +412,17 @@ def steady_rate(step_tokens: list[float], step_end: list[float], warmup: int, t_
 def ftune_overrides(a, packing: bool, precision: str, out_dir: Path) -> list[str]:
     data = (["data=hh_rlhf", "objective=dpo", "objective.loss=sigmoid", f"objective.beta={DPO_BETA}"]
             if a.objective == "dpo" else ["data=gsm8k"])
+    model = (["model=smollm2_135m"] if a.model == "smollm2_135m"
+             else ["model=hub", f"model.name_or_path={a.model_dir}", "model.dtype=float32"])
+    peft = (["peft=none"] if a.peft == "full" else
+            ["peft=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
+             f"peft.target_modules={LORA['target_modules']}"])
     return [
-        "model=smollm2_135m", *data, f"data.limit={a.examples}", "data.eval_size=0",
-        f"data.max_length={a.seq_len}", f"data.packing={'true' if packing else 'false'}",
-        "peft=lora", f"peft.r={LORA['r']}", f"peft.alpha={LORA['alpha']}", f"peft.dropout={LORA['dropout']}",
-        f"peft.target_modules={LORA['target_modules']}",
+        *model, *data, f"data.limit={a.examples}", "data.eval_size=0",
+        f"data.max_length={a.seq_len}", f"data.truncation={a.truncation}",
+        f"data.packing={'true' if packing else 'false'}", *peft,
         f"trainer.max_steps={a.steps}", f"trainer.batch_size={a.batch_size}", "trainer.grad_accum=1",
-        f"trainer.mixed_precision={'bf16' if precision == 'bf16' else 'no'}", f"trainer.lr={LR}",
+        f"trainer.mixed_precision={'bf16' if precision == 'bf16' else 'no'}", f"trainer.lr={a.lr}",
         f"trainer.weight_decay={WEIGHT_DECAY}", f"trainer.max_grad_norm={MAX_GRAD_NORM}",
         "trainer.scheduler=cosine", f"trainer.warmup_ratio={WARMUP_RATIO}", "trainer.warmup_steps=0",
         "trainer.gradient_checkpointing=false", "trainer.log_every=1", "trainer.eval_every=0",
@@ -301,8 +430,9 @@ def ftune_overrides(a, packing: bool, precision: str, out_dir: Path) -> list[str
     ]
 
 
-def ftune_step_rows(overrides: list[str], steps: int) -> list[list[dict]]:
-    """The rows of each optimizer step of an ftune run, rebuilt with ftune's own data pipeline and BatchOrder.
+def ftune_step_rows(overrides: list[str], steps: int, world: int = 1) -> list[list[dict]]:
+    """The rows of each optimizer step of an ftune run (over all `world` processes), rebuilt with ftune's own data
+    pipeline and BatchOrder.
 
     metrics.jsonl only has the cumulative tokens_per_s per step; with the per-step token counts rebuilt here, the
     cumulative training time after step k is tokens_seen_k / tokens_per_s_k. (Mirrors ftune.train.Trainer.__init__.)
@@ -329,8 +459,8 @@ def ftune_step_rows(overrides: list[str], steps: int) -> list[list[dict]]:
     data = prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
                    pack_rows=cfg.data.packing, **extra)
     t = cfg.trainer
-    order = BatchOrder(len(data.train), t.batch_size, t.grad_accum, 1, 0, cfg.seed)
-    return [[data.train[i] for idx in order.micro_batches(k) for i in idx] for k in range(steps)]
+    orders = [BatchOrder(len(data.train), t.batch_size, t.grad_accum, world, rank, cfg.seed) for rank in range(world)]
+    return [[data.train[i] for order in orders for idx in order.micro_batches(k) for i in idx] for k in range(steps)]
 
 
 def ftune_objective(overrides: list[str]):
@@ -363,13 +493,16 @@ def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict
     out_dir = work / f"ftune-{'pack' if packing else 'nopack'}"
     overrides = ftune_overrides(a, packing, precision, out_dir)
     exe = Path(sys.executable).parent / "ftune"
-    cmd = [str(exe), "train", *overrides] if exe.exists() else [sys.executable, "-m", "ftune.cli", "train", *overrides]
+    nproc = ["--nproc", str(a.nproc)] if a.nproc > 1 else []
+    cmd = ([str(exe), "train", *nproc, *overrides] if exe.exists()
+           else [sys.executable, "-m", "ftune.cli", "train", *nproc, *overrides])
     print(f"[bench] ftune (packing={'on' if packing else 'off'}): {' '.join(cmd[1:] if exe.exists() else cmd[3:])}",
           flush=True)
     log_path = work / f"ftune-{'pack' if packing else 'nopack'}.log"
-    proc = run_child(cmd, env, log_path, work, progress=out_dir / "metrics.jsonl")
+    proc = run_child(cmd, env, log_path, work, progress=out_dir / "metrics.jsonl", gpu=a.device == "cuda")
     polled_wall, polled_cpu = proc.pop("progress_wall"), proc.pop("progress_cpu")
-    res = {"framework": "ftune", "packing": packing, "command": "ftune " + " ".join(cmd[-len(overrides) - 1:]),
+    res = {"framework": "ftune", "packing": packing, "nproc": a.nproc,
+           "command": "ftune " + " ".join(cmd[-len(overrides) - 1 - len(nproc):]),
            **proc, "log": str(log_path)}
     if proc["exit_code"] != 0:
         res["error"] = tail(log_path)
@@ -391,7 +524,7 @@ def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict
         rows = None
     else:
         try:
-            rows = ftune_step_rows(overrides, a.steps)
+            rows = ftune_step_rows(overrides, a.steps, a.nproc)
         except Exception as e:  # noqa: BLE001 - ftune's internals changed: fall back to the whole-run rate
             rows, res["note"] = None, f"could not rebuild ftune's per-step rows ({type(e).__name__}: {e})"
         step_tokens = [float(sum(row_tokens(r) for r in rs)) for rs in rows] if rows else []
@@ -486,15 +619,17 @@ def trl_child(a) -> None:
         no_ckpt["train_sampling_strategy"] = "sequential"
     config = Config(
         output_dir=str(work), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=1, learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
+        gradient_accumulation_steps=1, learning_rate=a.lr, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM,
         lr_scheduler_type="cosine", warmup_steps=int(round(WARMUP_RATIO * a.steps)),
-        bf16=precision == "bf16", fp16=False, use_cpu=True, **no_ckpt,
+        bf16=precision == "bf16", fp16=False, use_cpu=a.child_device == "cpu", **no_ckpt,
         max_length=a.seq_len, **method,
         report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10, disable_tqdm=True,
         seed=SEED, dataloader_num_workers=0,
     )
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
-                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    # Full fine-tuning: no peft_config (DPOTrainer then keeps a frozen copy of the model as the reference).
+    peft_config = None if a.peft == "full" else LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
+        target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     stats = {"tokens": [], "padded": [], "loss_tokens": [], "rows": [], "widths": [], "losses": []}
 
     class Counting(BaseTrainer):
@@ -568,7 +703,8 @@ def trl_child(a) -> None:
 
 def ftune_example_order(a, precision: str) -> list[int]:
     """Indices (into the first N GSM8K rows) of the examples ftune trains on without packing, in its order."""
-    rows = ftune_step_rows(ftune_overrides(a, False, precision, Path(tempfile.gettempdir()) / "unused"), a.steps)
+    rows = ftune_step_rows(ftune_overrides(a, False, precision, Path(tempfile.gettempdir()) / "unused"), a.steps,
+                           a.nproc)
     order = []
     for rs in rows:
         for r in rs:
@@ -591,7 +727,7 @@ def ftune_dpo_pairs(a, precision: str) -> list[dict]:
     with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     by_id = {p["id"]: p for p in load_pairs(cfg.data, cfg.data.split, cfg.seed)[0]}
-    ids = [r["id"] for rs in ftune_step_rows(overrides, a.steps) for r in rs]
+    ids = [r["id"] for rs in ftune_step_rows(overrides, a.steps, a.nproc) for r in rs]
     return [{k: by_id[i][k] for k in ("prompt", "chosen", "rejected")} for i in ids]
 
 
@@ -615,11 +751,11 @@ def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir
            "--child-packing", "on" if packing else "off", "--model-dir", str(model_dir),
            "--examples", str(a.examples), "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps),
            "--precision", precision, "--seq-len", str(a.seq_len), "--batch-size", str(a.batch_size),
-           "--objective", a.objective, *order_args]
+           "--objective", a.objective, "--peft", a.peft, "--lr", str(a.lr), "--child-device", a.device, *order_args]
     print(f"[bench] TRL {'DPOTrainer' if a.objective == 'dpo' else 'SFTTrainer'} "
           f"(packing={'on' if packing else 'off'})", flush=True)
     log_path = work / f"trl-{tag}.log"
-    proc = run_child(cmd, env, log_path, work)
+    proc = run_child(cmd, env, log_path, work, gpu=a.device == "cuda")
     proc.pop("progress_wall"), proc.pop("progress_cpu")
     res = {"framework": "trl", "packing": packing, **proc, "log": str(log_path)}
     if proc["exit_code"] != 0 or not out.exists():
@@ -633,8 +769,16 @@ def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir
 
 
 # ----------------------------------------------------------------------------------------------------- reporting
-def flops_per_token(params: dict, objective: str = "sft") -> tuple[float, str]:
+def flops_per_token(params: dict, objective: str = "sft", peft: str = "lora") -> tuple[float, str]:
     n, n_lora = params["base"], params["lora"]
+    if peft == "full":
+        if objective == "dpo":
+            return 8 * n, (f"DPO, full fine-tuning: 8*N = 8*{n / 1e6:.1f}M FLOPs per useful token (policy 6N: forward "
+                           f"2N, activation and weight gradients 4N; frozen reference copy forward 2N); attention "
+                           f"score FLOPs are left out")
+        return 6 * n, (f"full fine-tuning: 6*N = 6*{n / 1e6:.1f}M FLOPs per useful token (forward 2N, activation and "
+                       f"weight gradients 4N). N counts every parameter once (a tied embedding as the LM-head "
+                       f"matmul); attention score FLOPs are left out")
     if objective == "dpo":
         return 6 * n + 6 * n_lora, (f"DPO with LoRA: 6*N_base + 6*N_lora = 6*{n / 1e6:.1f}M + 6*{n_lora / 1e6:.2f}M "
                                     f"FLOPs per useful token (policy 2N forward + 2N activation gradients + "
@@ -654,12 +798,17 @@ def report(results: list[dict], meta: dict) -> str:
     ok = [r for r in results if r.get("exit_code") == 0 and r.get("tokens_per_s")]
     peak = meta["matmul_peak_gflops"][meta["precision"]]
     fpt = meta["flops_per_token"]
+    gpu = meta.get("device") == "cuda"
+    for r in results:  # what the ratios compare: GPU memory on a GPU, resident memory on a CPU
+        r["peak_memory_mib"] = r.get("peak_gpu_mib") if gpu else r.get("peak_rss_mib")
     for r in ok:
         r["mfu"] = r["tokens_per_s"] * fpt / (peak * 1e9)
-    cols = [f"{r['framework']} {'pack' if r['packing'] else 'no-pack'}" for r in results]
+    cols = [f"{r['framework']} {'pack' if r['packing'] else 'no-pack'}"
+            + (f" x{r['nproc']}" if r.get("nproc", 1) > 1 else "") for r in results]
     rows = [
         ("useful tokens/s (steady)", [fmt(r.get("tokens_per_s"), ",.1f") for r in results]),
         ("peak RSS (MiB)", [fmt(r.get("peak_rss_mib")) for r in results]),
+        *([("peak GPU memory (MiB, nvidia-smi)", [fmt(r.get("peak_gpu_mib")) for r in results])] if gpu else []),
         (f"MFU vs {meta['precision']} matmul peak", [fmt(r.get("mfu") and 100 * r["mfu"], ".2f") + "%"
                                                       if r.get("mfu") else "-" for r in results]),
         ("useful tokens per CPU-second", [fmt(r.get("tokens_per_cpu_s"), ",.1f") for r in results]),
@@ -681,7 +830,8 @@ def report(results: list[dict], meta: dict) -> str:
     lines = [f"{'':{w0}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, ws))]
     lines += [f"{k:{w0}}  " + "  ".join(f"{x:>{w}}" for x, w in zip(v, ws)) for k, v in rows]
     by = {(r["framework"], r["packing"]): r for r in ok}
-    target = TARGET[meta["objective"]]
+    target = GPU_TARGET if gpu else TARGET[meta["objective"]]
+    mem_name = "peak GPU memory" if gpu else "peak RSS"
     ratios = []
     pairs = [("same packing off", (False, False)), ("same packing on", (True, True)),
              ("ftune packed vs TRL default (no packing)", (True, False))]
@@ -689,12 +839,13 @@ def report(results: list[dict], meta: dict) -> str:
         f, t = by.get(("ftune", fp)), by.get(("trl", tp))
         if f and t:
             speed = f["tokens_per_s"] / t["tokens_per_s"]
-            mem = f["peak_rss_mib"] / t["peak_rss_mib"]
-            ratios.append({"pair": label, "tokens_per_s_ratio": speed, "peak_rss_ratio": mem,
-                           "meets_target": speed >= target and mem <= 1.0})
+            mem = (f["peak_memory_mib"] / t["peak_memory_mib"] if f["peak_memory_mib"] and t["peak_memory_mib"]
+                   else float("nan"))
+            ratios.append({"pair": label, "tokens_per_s_ratio": speed, "peak_memory_ratio": mem,
+                           "peak_memory_kind": mem_name, "meets_target": speed >= target and mem <= 1.0})
             verdict = "met" if speed >= target and mem <= 1.0 else "NOT met"
-            lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}, peak RSS x{mem:.2f} -> target "
-                         f"(>={target}x tokens/s at <= TRL's peak RSS) {verdict}")
+            lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}, {mem_name} x{mem:.2f} -> target "
+                         f"(>={target}x tokens/s at <= TRL's {mem_name}) {verdict}")
     meta["ratios"] = ratios
     lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']} at start and at end): "
                  + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
@@ -729,20 +880,22 @@ def main(argv=None) -> int:
     os.environ["FTUNE_DATA_DIR"] = str(data_dir)
     import torch
 
-    from ftune.models.loading import EMBEDDED_SMOLLM2, resolve_model_dir
-
+    a.device = pick_device(a.device)
+    if a.device == "cpu" and torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both children on the CPU although there is a GPU
     precision = a.precision
     fallback = None
-    if precision == "bf16" and not bf16_supported():
+    if precision == "bf16" and a.device == "cpu" and not bf16_supported():
         precision, fallback = "fp32", "this CPU has no bf16 support; ran in fp32"
         print(f"[bench] {fallback}", flush=True)
-    model_dir = resolve_model_dir(EMBEDDED_SMOLLM2)
+    model_dir = a.model_dir = bench_model_dir(a.model)
     load_before = os.getloadavg()
     print(f"[bench] load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
-    print("[bench] measuring the matmul peak ...", flush=True)
-    peak = matmul_peak()
+    print(f"[bench] measuring the matmul peak on {a.device} ...", flush=True)
+    matmul_n = 8192 if a.device == "cuda" else 2048  # a GPU needs a large matmul to reach its peak
+    peak = matmul_peak(matmul_n, device=a.device)
     params = param_counts(model_dir)
-    fpt, formula = flops_per_token(params, a.objective)
+    fpt, formula = flops_per_token(params, a.objective, a.peft)
     packings = {"off": [False], "on": [True], "both": [False, True]}[a.packing]
     frameworks = {"ftune": ["ftune"], "trl": ["trl"], "both": ["ftune", "trl"]}[a.only]
     work = Path(tempfile.mkdtemp(prefix="bench_train."))
@@ -760,8 +913,9 @@ def main(argv=None) -> int:
                          else bench_trl(a, packing, precision, env, run_dir, model_dir))
                     r.update(load_1min_before=load, load_1min_after=os.getloadavg()[0], waited_for_idle_s=waited)
                     if r.get("tokens_per_s"):
+                        gpu_mem = f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") else ""
                         print(f"[bench]   -> {r['tokens_per_s']:.1f} useful tok/s, peak RSS {r['peak_rss_mib']:.0f} "
-                              f"MiB, {r['process_wall_s']:.0f}s; other processes used "
+                              f"MiB{gpu_mem}, {r['process_wall_s']:.0f}s; other processes used "
                               f"{r['other_cpu_cores']:.2f} cores meanwhile", flush=True)
                     busy = r.get("other_cpu_cores", 0) > BUSY_CORES and r.get("exit_code") == 0
                     if not busy or attempt == a.retry_busy:
@@ -776,7 +930,7 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     print("[bench] measuring the matmul peak again ...", flush=True)
-    peak_end = matmul_peak()
+    peak_end = matmul_peak(matmul_n, device=a.device)
     peak_runs = {"start": peak, "end": peak_end}
     peak = {k: max(peak[k], peak_end[k]) for k in peak}
     import platform
@@ -793,9 +947,11 @@ def main(argv=None) -> int:
     meta = {"objective": a.objective, "examples": a.examples, "steps": a.steps, "warmup_steps": a.warmup_steps,
             "precision": precision,
             "precision_requested": a.precision, "precision_note": fallback, "seq_len": a.seq_len,
-            "batch_size": a.batch_size, "lora": LORA, "lr": LR, "seed": SEED, "model_dir": str(model_dir),
+            "batch_size": a.batch_size, "peft": a.peft, "lora": LORA if a.peft == "lora" else None, "lr": a.lr,
+            "seed": SEED, "model": a.model, "model_dir": str(model_dir), "device": a.device, "nproc": a.nproc,
+            "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
             "data": str(data_dir / DATA_FILE[a.objective]), "params": params, "flops_per_token": fpt,
-            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": 2048,
+            "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": matmul_n,
             "matmul_repeats": 5,
             "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "load_avg_before": load_before, "load_avg_after": load_after, "work_dir": str(work) if a.keep else None,

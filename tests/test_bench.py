@@ -1,0 +1,77 @@
+"""The benchmark suite's own arithmetic (scripts/bench): the random architectures have the published parameter
+counts, the FLOPs-per-token formulas, and the verdict of the side-by-side table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _engine():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Tok:
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
+
+
+@pytest.mark.parametrize("name,published", [
+    ("llama_1b_random", 1_235_814_400),  # Llama-3.2-1B
+    ("llama_3b_random", 3_212_749_824),  # Llama-3.2-3B
+    ("llama_8b_random", 8_030_261_248),  # Llama-3.1-8B
+])
+def test_random_architectures_have_the_published_parameter_counts(name, published):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from scripts.bench.models import ARCHS, llama_config
+
+    config = llama_config(name, _Tok())
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    # By hand: embedding V*h (+ an untied head V*h), per layer q,o h*h, k,v h*kv*hd, MLP 3*h*i, 2 norms h; final norm.
+    h, layers, heads, kv, inter, tied, _ = ARCHS[name]
+    hd, v = h // heads, 128_256
+    by_hand = v * h * (1 if tied else 2) + layers * (2 * h * h + 2 * h * kv * hd + 3 * h * inter + 2 * h) + h
+    assert n == by_hand == published
+    assert config.rope_parameters["rope_theta"] == 500_000.0
+
+
+def test_flops_per_token():
+    eng = _engine()
+    params = {"base": 1000, "lora": 10}
+    assert eng.flops_per_token(params, "sft", "lora")[0] == 4 * 1000 + 6 * 10
+    assert eng.flops_per_token(params, "sft", "full")[0] == 6 * 1000
+    assert eng.flops_per_token(params, "dpo", "lora")[0] == 6 * 1000 + 6 * 10
+    assert eng.flops_per_token(params, "dpo", "full")[0] == 8 * 1000
+
+
+def test_suite_table_verdict():
+    from scripts.bench.__main__ import suite_rows, table
+
+    def result(fw, tps, mem, mfu):
+        return {"framework": fw, "packing": False, "tokens_per_s": tps, "peak_memory_mib": mem, "mfu": mfu}
+
+    cpu = {"meta": {"device": "cpu"}, "results": [result("ftune", 300.0, 900.0, 0.85), result("trl", 150.0, 1000.0,
+                                                                                                 0.4)]}
+    f, t = suite_rows("sft-lora", cpu)
+    assert f["ratio"] == pytest.approx(2.0) and f["memory_ratio"] == pytest.approx(0.9)
+    assert f["target_met"] is True and t["ratio"] == 1.0 and t["target_met"] is None
+    slow = {"meta": {"device": "cpu"}, "results": [result("ftune", 200.0, 1100.0, 0.5), result("trl", 150.0, 1000.0,
+                                                                                                 0.4)]}
+    f, _ = suite_rows("full-ft", slow)  # 1.33x < 1.5x, more memory than TRL, 50% < 80% MFU
+    assert f["target_met"] is False and f["missed"] == ["speed", "memory", "MFU"]
+    gpu = {"meta": {"device": "cuda"}, "results": [result("ftune", 140.0, 2000.0, 0.46), result("trl", 100.0,
+                                                                                                  1000.0, 0.3)]}
+    f, _ = suite_rows("sft-lora", gpu)  # GPU: 1.4x >= 1.3x and 46% >= 45%; memory is not part of the GPU target
+    assert f["target_met"] is True
+    assert "no (speed, memory, MFU)" in table(suite_rows("full-ft", slow), markdown=True)
