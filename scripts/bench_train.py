@@ -549,7 +549,8 @@ def bench_ftune(a, packing: bool, precision: str, env: dict, work: Path) -> dict
     if step_tokens and len(polled_cpu) == a.steps and a.warmup_steps:
         # Cross-checks from /proc polling: wall time and process CPU time when each step's record appeared.
         res["polled_tokens_per_s"] = steady_rate(step_tokens, polled_wall, a.warmup_steps, 0.0)["tokens_per_s"]
-        res["tokens_per_cpu_s"] = steady_rate(step_tokens, polled_cpu, a.warmup_steps, 0.0)["tokens_per_s"]
+        if a.nproc == 1:  # with --nproc the polled process is the launcher; the workers' CPU time is not in it
+            res["tokens_per_cpu_s"] = steady_rate(step_tokens, polled_cpu, a.warmup_steps, 0.0)["tokens_per_s"]
     problem = res.get("note")
     if not problem and not steps_logged:
         problem = "metrics.jsonl lacks a record for every step"
