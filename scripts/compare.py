@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", required=True, help="objective to compare with SFT (e.g. masked_thought, s3ft)")
+    p.add_argument("--method", help="objective to compare with SFT (e.g. masked_thought, s3ft)")
+    p.add_argument("--arm", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
+                   help="instead of SFT vs --method: a run named NAME with these overrides (repeatable; the first\n"
+                        "arm also scores the base model), e.g. --arm 'random: selection=random selection.budget=200'")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for the method's run only (repeatable), e.g. objective.rate=0.2")
     p.add_argument("--model", default="smollm2_135m", help="model config (default smollm2_135m)")
@@ -46,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-n", type=int, default=100, help="GSM8K test examples scored (default 100)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--skip-base", action="store_true",
+                   help="do not score the base model before training (e.g. known from an earlier comparison)")
     p.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="an override for every run (repeatable)")
     p.add_argument("--work", type=Path, default=None,
@@ -134,13 +140,26 @@ def main(argv=None) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="ftune_compare."))
     work.mkdir(parents=True, exist_ok=True)
     common = common_overrides(a)
-    results = [run("sft", [*common, "objective=sft", "eval.at_start=true"], work / "sft"),
-               run(a.method, [*common, f"objective={a.method}", *a.method_arg], work / a.method)]
+    if a.arm:
+        arms = [(name.strip(), shlex.split(rest)) for name, _, rest in (x.partition(":") for x in a.arm)]
+        bad = [x for x, (name, _) in zip(a.arm, arms) if not name or ":" not in x]
+        if bad or len({n for n, _ in arms}) != len(arms):
+            raise SystemExit(f"--arm takes 'NAME: KEY=VALUE ...' with distinct names; got {bad or a.arm}")
+        title = " vs ".join(n for n, _ in arms)
+    elif a.method:
+        arms = [("sft", ["objective=sft"]), (a.method, [f"objective={a.method}", *a.method_arg])]
+        title = f"SFT vs {a.method}"
+    else:
+        raise SystemExit("give --method OBJECTIVE (SFT vs it), or two or more --arm 'NAME: overrides'")
+    base = [] if a.skip_base else ["eval.at_start=true"]
+    results = [run(name, [*common, *extra, *(base if i == 0 else [])], work / name)
+               for i, (name, extra) in enumerate(arms)]
     text = table(results, a)
     print("\n" + text)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(f"# SFT vs {a.method}\n\n    python scripts/compare.py {' '.join(argv or sys.argv[1:])}\n\n"
+        cmd = shlex.join(["python", "scripts/compare.py", *(argv or sys.argv[1:])])
+        a.out.write_text(f"# {title}\n\n    {cmd}\n\n"
                          + text + "\n")
         a.out.with_suffix(".json").write_text(json.dumps({"args": vars(a) | {"work": str(work), "out": str(a.out)},
                                                           "results": results}, indent=2))
