@@ -15,10 +15,12 @@ Targets checked in the table (ftune rows): on a CPU >= 1.5x TRL's useful tokens/
 
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 FTUNE_DATA_DIR=/path/to/data
     python -m scripts.bench --suite all --wait-idle 180 --out bench-out                    # CPU, SmolLM2-135M
-    python -m scripts.bench --suite sft-lora --model llama_1b_random --out bench-gpu        # GPU, random Llama-3.2-1B
-    python -m scripts.bench --suite none --curves seq,nproc --out bench-curves
-    python -m scripts.bench --suite all --curves seq,nproc --model llama_tiny_random --steps 3 --warmup-steps 1 \\
-        --examples 24 --batch-size 2 --seq-len 256 --seq-lens 128,256 --tokens-per-step 512 --out /tmp/b  # smoke
+    python -m scripts.bench --suite all --model llama_1b_random --device cuda --seq-len 2048 --batch-size 8 \\
+        --packing on --examples 4000 --steps 30 --out bench-gpu                             # GPU, random Llama-3.2-1B
+    python -m scripts.bench --suite none --curves seq,nproc --curve-trl --out bench-curves
+    python -m scripts.bench --suite all --curves seq,nproc --curve-trl --model llama_tiny_random --steps 3 \\
+        --warmup-steps 1 --examples 24 --batch-size 2 --seq-len 512 --seq-lens 128,256 --tokens-per-step 512 \\
+        --out /tmp/bench-smoke                                                               # a smoke test
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ TARGETS = {"cpu": {"speedup": 1.5, "mfu": 0.80, "memory": True}, "cuda": {"speed
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawTextHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--suite", default="all", help="sft-lora, full-ft, dpo, all, none, or a comma list (default all)")
     p.add_argument("--curves", default="", help="seq, nproc or seq,nproc: scaling curves as PNG (default none)")
     p.add_argument("--out", type=Path, required=True, help="directory for the JSON, markdown, logs and PNG files")
