@@ -73,6 +73,9 @@ class TrainerConfig:
     spike_factor: float = 0.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    distributed: str = "ddp"
+    compile: bool = False
+    activation_offload: bool = False
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -137,6 +140,7 @@ CHOICES = {
     "data.truncation": ("drop", "truncate", "error"),
     "trainer.scheduler": ("cosine", "linear", "constant"),
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
+    "trainer.distributed": ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"),
     "eval.task": ("gsm8k", "preference", "many_shot", "none"),
     "eval.match": ("auto", "exact", "numeric"),
 }

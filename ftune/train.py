@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftune.config import ConfigError, build, register_configs, validate_train
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
+from ftune.training import distributed as dist
 from ftune.training.metrics import MetricsLog, plot_loss
 from ftune.training.watchdog import SpikeGuard
 
@@ -100,7 +101,6 @@ class Trainer:
     """Holds what the loop needs; `run()` is the loop, read top to bottom."""
 
     def __init__(self, cfg: DictConfig):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from ftune.data.pipeline import prepare
@@ -121,7 +121,7 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-        self.acc = Accelerator(mixed_precision=t.mixed_precision)
+        self.acc = dist.make_accelerator(cfg)  # DDP, FSDP2 or DeepSpeed: accelerate's own engines (trainer.distributed)
         _check_world_size(self.acc.num_processes)
         self.is_main = self.acc.is_main_process
         if self.is_main:
@@ -152,12 +152,17 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = self.peft.apply(model, t.gradient_checkpointing)
-        self.model = self.acc.prepare(model)
-        # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
-        self.objective.setup(self)
-
+        if t.compile:  # in place (nn.Module.compile): parameter names, and so the saved files, stay as they are
+            model.compile()
         from ftune.data.batching import BatchOrder
         from ftune.training.optim import build_optimizer, build_scheduler
+
+        make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
+        optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
+        # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
+        self.objective.setup(self)
 
         self.order = BatchOrder(len(self.data.train), t.batch_size, t.grad_accum, self.acc.num_processes,
                                 self.acc.process_index, cfg.seed)
@@ -166,10 +171,7 @@ class Trainer:
                               f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "
                               f"Lower them, or train on more examples.")
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
-        make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
-        optimizer = make(self.model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
-        self.optimizer = self.acc.prepare(optimizer)
         self.step, self.skipped = 0, 0
         self.spikes = SpikeGuard(t.spike_factor)
         if self.resume_from is not None:
@@ -191,12 +193,16 @@ class Trainer:
         torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.acc.process_index}.pt")
         self.acc.wait_for_everyone()
         final = root / name
+        # Collective under FSDP2 / ZeRO-3: every rank gathers, rank 0 writes plain full tensors.
+        optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer)
+        with dist.full_parameters(self.acc, self.model) as model:
+            if self.is_main:
+                self.peft.save(model, tmp)
         if self.is_main:
             try:
-                self.peft.save(self.acc.unwrap_model(self.model), tmp)
                 self.tokenizer.save_pretrained(tmp)
                 (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-                torch.save({"step": self.step, "skipped": self.skipped, "optimizer": self.optimizer.state_dict(),
+                torch.save({"step": self.step, "skipped": self.skipped, "optimizer": optimizer_state,
                             "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
                            tmp / ckpt.STATE)
                 ckpt.finalize(tmp, final)
@@ -216,9 +222,10 @@ class Trainer:
         return final
 
     def _load(self, path: Path) -> None:
-        self.peft.load_trainable(self.acc.unwrap_model(self.model), path)
+        with dist.full_parameters(self.acc, self.model, ranks="all") as model:
+            self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
         if "spike_guard" in state:
@@ -239,10 +246,16 @@ class Trainer:
         count = 0.0
         bs, pad = self.cfg.trainer.batch_size, self.tokenizer.pad_token_id
         mine = self.data.eval[self.acc.process_index:: self.acc.num_processes]
-        for s in range(0, len(mine), bs):
-            batch = {k: v.to(self.acc.device) for k, v in self.objective.collate(mine[s: s + bs], pad).items()}
+        # Every rank runs as many batches as rank 0 (a sharded model needs every rank in each forward); a rank with
+        # fewer rows repeats a row and does not count it.
+        for s in range(0, math.ceil(len(self.data.eval) / self.acc.num_processes), bs):
+            rows = mine[s: s + bs]
+            batch = {k: v.to(self.acc.device) for k, v in self.objective.collate(rows or mine[:1] or self.data.eval[:1],
+                                                                                  pad).items()}
             with self.acc.autocast():
                 loss_sum, metrics = self.objective(self.model, batch)
+            if not rows:
+                continue
             for k, v in {"loss": float(loss_sum), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v
             count += self.objective.normalizer(batch)
@@ -284,6 +297,8 @@ class Trainer:
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         tokens_seen, train_time, bad_in_a_row, last_loss = 0.0, 0.0, 0, float("nan")
         self.model.train()
+        # Saved activations wait for backward in pinned CPU memory instead of GPU memory (CUDA only: check_device).
+        offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)) if t.activation_offload else nullcontext
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
@@ -296,7 +311,7 @@ class Trainer:
             for k, batch in enumerate(micro):
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
                 sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
-                with sync, acc.autocast():
+                with sync, acc.autocast(), offload():
                     part, parts = self.objective(self.model, batch)
                     # DDP averages gradients over processes, hence the world-size factor.
                     loss = part * acc.num_processes / max(n_global, 1)

@@ -1,0 +1,184 @@
+"""The distributed engine of a run (`trainer.distributed`): accelerate's own DDP, FSDP2 or DeepSpeed ZeRO.
+
+ftune shards nothing itself. It picks accelerate's plugin (FullyShardedDataParallelPlugin(fsdp_version=2) or
+DeepSpeedPlugin(zero_stage=...)), refuses combinations that cannot work before the model loads, and moves state
+between sharded parameters and the plain files a checkpoint holds:
+
+- the model: the full state dict is gathered onto rank 0 (torch.distributed.checkpoint's get_model_state_dict, as
+  accelerate's `get_state_dict` does) and put in place of the sharded parameters while the PEFT method saves, so
+  `final/` is the same HF / PEFT directory a single process writes;
+- the optimizer: its full (unsharded) state dict, keyed by parameter name, in `trainer_state.pt`.
+
+accelerate (1.15) switches to FSDP or DeepSpeed only on an accelerator (CUDA, XPU, NPU, ...): on a CPU it keeps
+plain data parallelism and ignores the plugin, so ftune refuses those engines there instead of silently running DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+from accelerate.utils import DistributedType
+
+from ftune.config import ConfigError
+
+ENGINES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def accelerator_available() -> bool:
+    """Whether accelerate would run FSDP / DeepSpeed here (it does not on a CPU; see the module docstring)."""
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("1", "true")
+
+
+def check_device(cfg) -> None:
+    """Refuse an engine or a GPU-only option that cannot run here, before the model loads."""
+    t, engine = cfg.trainer, cfg.trainer.distributed
+    if t.activation_offload and not torch.cuda.is_available():
+        raise ConfigError("trainer.activation_offload=true moves saved activations from GPU to CPU memory; without "
+                          "CUDA they already are in CPU memory, so it would only add copies. Set "
+                          "trainer.activation_offload=false.")
+    if engine == "ddp":
+        return
+    if not accelerator_available():
+        raise ConfigError(f"trainer.distributed={engine} needs CUDA GPUs: accelerate enables "
+                          f"{'FSDP' if engine == 'fsdp2' else 'DeepSpeed'} only on an accelerator and would silently "
+                          f"run plain data parallelism on a CPU (or with ACCELERATE_USE_CPU=true). Use "
+                          f"trainer.distributed=ddp here.")
+    if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"trainer.distributed={engine} needs the deepspeed package, which is not installed. "
+                          f"Install it (`pip install deepspeed`), or use trainer.distributed=fsdp2 or ddp.")
+
+
+def check_state(cfg, acc) -> None:
+    """Combinations the engine accelerate actually runs (from ftune's config or `accelerate launch --config_file`)
+    cannot support; still before the model loads."""
+    t = cfg.trainer
+    if acc.is_fsdp2 and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
+        raise ConfigError("eval.at_start/at_end generate on rank 0 alone, which a model sharded by FSDP2 cannot do "
+                          "(every rank must join each forward). Set eval.at_start=false eval.at_end=false and run "
+                          "`ftune eval run_dir=OUTPUT_DIR` after training.")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine steps inside `backward` and keeps its optimizer state partitioned per rank, so ftune's
+        # skipping of a bad step, its manual accumulation (which DeepSpeed rescales by its own count) and its
+        # single-file optimizer checkpoints cannot apply.
+        if t.grad_accum != 1 or t.spike_factor or t.save_every or t.resume:
+            raise ConfigError(f"DeepSpeed steps the optimizer inside its backward and partitions its state, so "
+                              f"trainer.grad_accum must be 1, trainer.spike_factor 0, trainer.save_every 0 and "
+                              f"trainer.resume null (got {t.grad_accum}, {t.spike_factor}, {t.save_every}, "
+                              f"{t.resume}). Raise trainer.batch_size instead, or use trainer.distributed=fsdp2.")
+
+
+def plugins(t) -> dict:
+    """Keyword arguments for `Accelerator(...)` that select the engine (none for DDP)."""
+    if t.distributed == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        # One FSDP unit per decoder layer (the model's `_no_split_modules`), resharded after forward (ZeRO-3 like).
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT", activation_checkpointing=False)}
+    if t.distributed.startswith("deepspeed"):
+        from accelerate.utils import DeepSpeedPlugin
+
+        return {"deepspeed_plugin": DeepSpeedPlugin(
+            zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=1,
+            gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)}
+    return {}
+
+
+def make_accelerator(cfg):
+    """The Accelerator for `trainer.distributed`, after the checks. With trainer.distributed=ddp and an engine chosen
+    by `accelerate launch --config_file ...` (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED), accelerate builds
+    that engine from its environment; ftune then follows `acc.distributed_type`, never the config value."""
+    from accelerate import Accelerator
+
+    check_device(cfg)
+    acc = Accelerator(mixed_precision=cfg.trainer.mixed_precision, **plugins(cfg.trainer))
+    check_state(cfg, acc)
+    return acc
+
+
+def is_sharded(acc) -> bool:
+    """Whether the prepared model's parameters are sharded across processes (FSDP2)."""
+    return acc.is_fsdp2
+
+
+def _zero3(acc) -> bool:
+    return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def full_parameters(acc, model: torch.nn.Module, ranks: str = "main") -> Iterator[torch.nn.Module]:
+    """The unwrapped model with plain, full parameters in place of its shards, for a PEFT method's save/load.
+
+    Every process must enter it (gathering is collective). With `ranks="main"` only rank 0 receives the full tensors
+    (saving); with `ranks="all"` every process does, and whatever the body writes into them is scattered back into
+    the shards on exit (loading). Without sharding it yields the unwrapped model unchanged.
+    """
+    unwrapped = acc.unwrap_model(model)
+    if _zero3(acc):  # DeepSpeed's own gathering; on exit rank 0's values are partitioned back (loading)
+        import deepspeed
+
+        params = list(unwrapped.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if ranks == "all" else None):
+            yield unwrapped
+        return
+    if not is_sharded(acc):
+        yield unwrapped
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    everywhere = ranks == "all"
+    full = get_model_state_dict(unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    if not (everywhere or acc.is_main_process):
+        yield unwrapped
+        return
+    sharded, plain = {}, {}  # (module, attribute) -> the sharded parameter, and its full stand-in
+    for name, p in unwrapped.named_parameters(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        module = unwrapped.get_submodule(owner)
+        if id(p) not in plain:
+            plain[id(p)] = torch.nn.Parameter(full[name].detach().clone(), requires_grad=p.requires_grad)
+        sharded[(module, attr)] = p
+        module._parameters[attr] = plain[id(p)]
+    # FSDP2's load_state_dict hooks re-shard whatever a load writes; the stand-ins are plain tensors, so they are
+    # held back while the PEFT method loads into them (the values are scattered into the shards below).
+    hooks = {m: (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks) for m in unwrapped.modules()}
+    for m in hooks:
+        m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks = type(m._load_state_dict_pre_hooks)(), \
+            type(m._load_state_dict_post_hooks)()
+    try:
+        yield unwrapped
+        loaded = {n: p.detach() for n, p in unwrapped.state_dict(keep_vars=True).items()} if everywhere else None
+    finally:
+        for m, (pre, post) in hooks.items():
+            m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks = pre, post
+        for (module, attr), p in sharded.items():
+            module._parameters[attr] = p
+    if everywhere:
+        set_model_state_dict(unwrapped, loaded, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(acc, model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state dict to save (collective under FSDP2: full, keyed by name, on rank 0 only)."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return {}  # partitioned per rank; DeepSpeed runs save no intermediate checkpoints (check_state)
+    if not is_sharded(acc):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict) -> None:
+    if not is_sharded(acc):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))

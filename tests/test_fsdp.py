@@ -1,0 +1,110 @@
+"""trainer.distributed: the choice is checked before the model loads, FSDP2 / DeepSpeed are refused where accelerate
+would not run them (a CPU), and accelerate's FSDP2 engine, switched on over gloo on CPU (tests/_fsdp_worker.py),
+trains 2 processes x batch 4 to the trajectory of 1 process x batch 8, saves a plain PEFT adapter and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+
+from ftune.config import ConfigError, validate_train
+from ftune.training import distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses, make_cfg, run  # noqa: E402
+
+# No dropout and a constant lr, as in test_distributed.py.
+BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
+        "trainer.warmup_ratio=0"]
+WORKER = Path(__file__).parent / "_fsdp_worker.py"
+
+
+def fsdp2_run(out: Path, *overrides: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out), *BASE, *overrides]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_unknown_engine_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.distributed='fsdp'.*ddp, fsdp2, deepspeed_zero2, deepspeed_zero3"):
+        validate_train(make_cfg(tmp_path, "trainer.distributed=fsdp"))
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+def test_sharded_engines_are_refused_on_cpu_before_the_model_loads(tmp_path, monkeypatch, engine):
+    import ftune.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=f"trainer.distributed={engine} needs CUDA GPUs.*trainer.distributed=ddp"):
+        run(make_cfg(tmp_path / "run", f"trainer.distributed={engine}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_combinations_the_running_engine_cannot_support(tmp_path):
+    fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="sharded by FSDP2"):
+        dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), fsdp)
+    dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.grad_accum=2"), fsdp)  # FSDP2 allows these
+    ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED)
+    for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3", "trainer.save_every=2", "trainer.resume=auto"):
+        with pytest.raises(ConfigError, match="DeepSpeed steps the optimizer inside its backward"):
+            dist.check_state(make_cfg(tmp_path, bad), ds)
+    dist.check_state(make_cfg(tmp_path), ds)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_and_one(tmp_path_factory):
+    """2 processes x batch 4 under FSDP2 (checkpoint at step 2) and 1 process x batch 8, 4 steps each."""
+    root = tmp_path_factory.mktemp("fsdp")
+    fsdp2_run(root / "fsdp2", "trainer.batch_size=4", "trainer.max_steps=4", "trainer.save_every=2")
+    run(make_cfg(root / "one", *BASE, "trainer.batch_size=8", "trainer.max_steps=4"))
+    return root / "fsdp2", root / "one"
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_process_with_the_global_batch(fsdp2_and_one):
+    two, one = fsdp2_and_one
+    ranks = [json.loads((two / f"fsdp_rank{k}.json").read_text()) for k in (0, 1)]
+    for r in ranks:  # really sharded: each rank holds half of every trainable tensor
+        assert r["world"] == 2 and r["fsdp2"] and r["sharded"] and 2 * r["local_numel"] == r["full_numel"]
+    l2, l1 = losses(two), losses(one)
+    assert len(l2) == len(l1) == 4 and l2[-1] < l2[0]
+    # Same rows per step (BatchOrder splits the global batch by rank), the loss normalised by the global batch's label
+    # tokens and FSDP2's reduce-scatter averaging over ranks: equal up to float summation order.
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+    # final/ is a plain PEFT adapter, gathered to full tensors: same keys and shapes as one process writes.
+    assert json.loads((two / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    w2, w1 = (load_file(run / "final" / "adapter_model.safetensors") for run in (two, one))
+    assert w2.keys() == w1.keys()
+    for k in w1:
+        assert w2[k].shape == w1[k].shape, k
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)  # Adam magnifies summation-order noise
+    assert max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k) > 1e-3  # B starts at zero: it moved
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_continues_the_same_trajectory(fsdp2_and_one, tmp_path):
+    full, _ = fsdp2_and_one
+    cut = tmp_path / "resumed"
+    fsdp2_run(cut, "trainer.batch_size=4", "trainer.max_steps=4",
+              f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}")
+    # The full optimizer state (keyed by name) and the gathered adapter go back into the shards.
+    torch.testing.assert_close(torch.tensor(losses(cut)), torch.tensor(losses(full)[2:]), rtol=0, atol=1e-6)
+    a, b = (load_file(run / "final" / "adapter_model.safetensors") for run in (cut, full))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
