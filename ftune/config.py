@@ -75,6 +75,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     distributed: str = "ddp"
     compile: bool = False
+    liger: bool = False
     activation_offload: bool = False
     log_every: int = 1
     eval_every: int = 0

@@ -1,5 +1,6 @@
-"""trainer.compile and trainer.activation_offload: compiled training follows the eager trajectory, and activation
-offloading (CUDA only) is refused on a CPU before the model loads."""
+"""trainer.compile, trainer.liger and trainer.activation_offload: compiled training follows the eager trajectory, the
+Liger path hands the kernel the right head, hidden states and labels, and the CUDA-only options are refused on a CPU
+before the model loads."""
 
 from __future__ import annotations
 
@@ -31,16 +32,72 @@ def test_compiled_training_follows_the_eager_trajectory(tmp_path):
     torch.testing.assert_close(torch.tensor(lc), torch.tensor(le), rtol=0, atol=1e-4)
 
 
-def test_activation_offload_is_refused_on_cpu_before_the_model_loads(tmp_path, monkeypatch):
+class ReferenceFusedCE(torch.nn.Module):
+    """What Liger's LigerFusedLinearCrossEntropyLoss(ignore_index, reduction="sum") computes, in plain torch (its
+    Triton kernel needs CUDA): sum over labelled positions of CE(x W^T + b, y). Records the shapes it was given."""
+
+    calls: list = []
+
+    def __init__(self, ignore_index: int, reduction: str):
+        super().__init__()
+        assert reduction == "sum"
+        self.ignore_index = ignore_index
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        self.calls.append((tuple(lin_weight.shape), tuple(_input.shape), int((target != self.ignore_index).sum())))
+        logits = torch.nn.functional.linear(_input, lin_weight, bias).float()
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum")
+
+
+def test_liger_path_gives_the_sft_loss_from_hidden_states(tmp_path, monkeypatch):
+    """The kernel itself is replaced by its reference maths: this checks what ftune hands it (the LM head weight,
+    the last hidden states at exactly the labelled positions, their labels) and that the loss and the training
+    trajectory are SFT's."""
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+    from ftune.training import distributed as dist
+
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        module = ModuleType(name)
+        module.__spec__ = ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["liger_kernel.transformers"].LigerFusedLinearCrossEntropyLoss = ReferenceFusedCE
+    monkeypatch.setattr(dist, "accelerator_available", lambda: True)  # the check; the run stays on CPU
+    ReferenceFusedCE.calls.clear()
+    plain = run(make_cfg(tmp_path / "plain", *BASE))
+    fused = run(make_cfg(tmp_path / "liger", *BASE, "trainer.liger=true"))
+    assert plain.objective.fused is None and isinstance(fused.objective.fused, ReferenceFusedCE)
+    vocab, hidden = fused.acc.unwrap_model(fused.model).get_output_embeddings().weight.shape
+    assert len(ReferenceFusedCE.calls) >= 3  # every training micro-batch
+    for w, x, labelled in ReferenceFusedCE.calls:
+        assert w == (vocab, hidden) and x == (labelled, hidden)  # one hidden state per labelled position, no others
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "liger")), torch.tensor(losses(tmp_path / "plain")),
+                               rtol=0, atol=1e-5)
+
+
+def test_liger_is_refused_for_other_objectives(tmp_path, monkeypatch):
+    from ftune.training import distributed as dist
+
+    monkeypatch.setattr(dist, "accelerator_available", lambda: True)
+    with pytest.raises(ConfigError, match="trainer.liger=true replaces SFT's LM head.*objective=sft"):
+        run(make_cfg(tmp_path / "run", *BASE, "trainer.liger=true", "objective=masked_thought"))
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("trainer.activation_offload=true", "trainer.activation_offload=true moves saved activations.*=false"),
+    ("trainer.liger=true", "trainer.liger=true runs Liger's Triton kernel, which needs CUDA and the liger-kernel"),
+])
+def test_cuda_only_options_are_refused_on_cpu_before_the_model_loads(tmp_path, monkeypatch, option, message):
     import ftune.models.loading as loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(ConfigError, match="trainer.activation_offload=true moves saved activations.*=false"):
-        run(make_cfg(tmp_path / "run", *BASE, "trainer.activation_offload=true"))
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(tmp_path / "run", *BASE, option))
 
 
-@pytest.mark.parametrize("key", ["compile", "activation_offload"])
+@pytest.mark.parametrize("key", ["compile", "liger", "activation_offload"])
 def test_options_are_booleans(tmp_path, key):
     with pytest.raises(ConfigCompositionException, match=f"trainer.{key}=maybe"):  # Hydra's schema check
         make_cfg(tmp_path, f"trainer.{key}=maybe")

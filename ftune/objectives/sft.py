@@ -80,19 +80,29 @@ def _head_matches(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, col
     return _HEAD_MATCHES[key]
 
 
+def _label_pairs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, targets): the positions (row, col) whose next token is a label, and those labels."""
+    labels = batch["labels"]
+    # A label at position 0 starts a packed sequence: the token before it belongs to another one.
+    rows, cols = ((labels[:, 1:] != IGNORE) & (batch["position_ids"][:, 1:] != 0)).nonzero(as_tuple=True)
+    return rows, cols, labels[rows, cols + 1]
+
+
+def _hidden_at(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Last hidden states at (rows, cols), (N, H), from a forward that computes no logits."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                use_cache=False, logits_to_keep=cols[:0], output_hidden_states=True)
+    return out.hidden_states[-1][rows, cols]
+
+
 def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Logits only at the (row, position) pairs that predict a label: (N, V), with targets, rows and the label
     positions, each (N,). A sequence's first token is never a target (nothing before it in its sequence).
     Unlike `causal_lm_forward`, which keeps a position if any row needs it, no LM-head work is spent on another
     row's prompt or padding (the LM head of a 135M model is a fifth of its weights)."""
-    labels = batch["labels"]
-    # A label at position 0 starts a packed sequence: the token before it belongs to another one.
-    rows, cols = ((labels[:, 1:] != IGNORE) & (batch["position_ids"][:, 1:] != 0)).nonzero(as_tuple=True)
-    targets = labels[rows, cols + 1]
+    rows, cols, targets = _label_pairs(batch)
     if _head_matches(model, batch, rows, cols):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
-                    use_cache=False, logits_to_keep=cols[:0], output_hidden_states=True)
-        logits = _unwrap(model).get_output_embeddings()(out.hidden_states[-1][rows, cols])
+        logits = _unwrap(model).get_output_embeddings()(_hidden_at(model, batch, rows, cols))
     else:
         keep = torch.unique(cols)
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
@@ -110,9 +120,15 @@ class SFT:
 
     def __init__(self, chunk_size: int = 1024):
         self.chunk_size = chunk_size
+        self.fused = None  # Liger's fused linear cross-entropy, with trainer.liger=true
 
     def setup(self, trainer) -> None:
-        """Nothing to prepare (objectives with a reference model or sampled data do it here)."""
+        """With trainer.liger=true, Liger's kernel (checked available before the model loaded) replaces the LM head
+        + cross-entropy; otherwise nothing to prepare."""
+        if trainer.cfg.trainer.liger:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            self.fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
 
     def before_step(self, trainer, rows: list[list[dict]]) -> None:
         """Nothing to refresh (online objectives regenerate samples for the step's rows here)."""
@@ -121,5 +137,12 @@ class SFT:
         return label_count(batch)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.fused is not None:
+            rows, cols, targets = _label_pairs(batch)
+            if _head_matches(model, batch, rows, cols):  # else (soft-capped logits) the plain path below
+                # The same sum of cross-entropies, the (N, V) logits never materialised: Liger computes the head and
+                # the loss chunk by chunk and writes the gradients during the forward.
+                head = _unwrap(model).get_output_embeddings()
+                return self.fused(head.weight, _hidden_at(model, batch, rows, cols), targets, head.bias), {}
         logits, targets, _, _ = labelled_logits(model, batch)
         return token_ce_sum(logits, targets, self.chunk_size), {}

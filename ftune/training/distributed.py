@@ -25,8 +25,6 @@ from accelerate.utils import DistributedType
 
 from ftune.config import ConfigError
 
-ENGINES = ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
-
 
 def accelerator_available() -> bool:
     """Whether accelerate would run FSDP / DeepSpeed here (it does not on a CPU; see the module docstring)."""
@@ -36,7 +34,18 @@ def accelerator_available() -> bool:
 def check_device(cfg) -> None:
     """Refuse an engine or a GPU-only option that cannot run here, before the model loads."""
     t, engine = cfg.trainer, cfg.trainer.distributed
-    if t.activation_offload and not torch.cuda.is_available():
+    if t.liger:
+        if cfg.objective.get("_target_") != "ftune.objectives.sft.SFT":
+            raise ConfigError(f"trainer.liger=true replaces SFT's LM head + cross-entropy; objective "
+                              f"{cfg.objective.get('_target_')} computes its own loss. Use objective=sft, or "
+                              f"trainer.liger=false.")
+        missing = [w for w, ok in (("CUDA", accelerator_available()),
+                                   ("the liger-kernel package", importlib.util.find_spec("liger_kernel") is not None))
+                   if not ok]
+        if missing:
+            raise ConfigError(f"trainer.liger=true runs Liger's Triton kernel, which needs {' and '.join(missing)} "
+                              f"(missing here). Install liger-kernel on a CUDA machine, or set trainer.liger=false.")
+    if t.activation_offload and not accelerator_available():
         raise ConfigError("trainer.activation_offload=true moves saved activations from GPU to CPU memory; without "
                           "CUDA they already are in CPU memory, so it would only add copies. Set "
                           "trainer.activation_offload=false.")
