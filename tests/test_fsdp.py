@@ -55,6 +55,14 @@ def test_sharded_engines_are_refused_on_cpu_before_the_model_loads(tmp_path, mon
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize(("var", "name"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_an_accelerate_config_asking_for_sharding_is_refused_on_cpu(tmp_path, monkeypatch, var, name):
+    """What `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets; on a CPU accelerate ignores it."""
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(ConfigError, match=f"asks for {name} \\({var}=true\\).*ftune train --nproc N"):
+        run(make_cfg(tmp_path / "run"))
+
+
 def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
     with pytest.raises(ConfigError, match="sharded by FSDP2"):

@@ -49,6 +49,13 @@ def check_device(cfg) -> None:
         raise ConfigError("trainer.activation_offload=true moves saved activations from GPU to CPU memory; without "
                           "CUDA they already are in CPU memory, so it would only add copies. Set "
                           "trainer.activation_offload=false.")
+    launched = [name for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                if os.environ.get(var, "false").lower() in ("1", "true")]
+    if launched and not accelerator_available():  # `accelerate launch --config_file fsdp2.yaml` on a CPU
+        raise ConfigError(f"the accelerate launch config asks for {launched[0]} (ACCELERATE_USE_"
+                          f"{'FSDP' if launched[0] == 'FSDP' else 'DEEPSPEED'}=true), which accelerate runs only on "
+                          f"CUDA GPUs. On CPUs use `ftune train --nproc N` (DDP over gloo), or "
+                          f"`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m ftune.train`.")
     if engine == "ddp":
         return
     if not accelerator_available():
