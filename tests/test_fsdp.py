@@ -1,6 +1,7 @@
 """trainer.distributed: the choice is checked before the model loads, FSDP2 / DeepSpeed are refused where accelerate
 would not run them (a CPU), and accelerate's FSDP2 engine, switched on over gloo on CPU (tests/_fsdp_worker.py),
-trains 2 processes x batch 4 to the trajectory of 1 process x batch 8, saves a plain PEFT adapter and resumes."""
+trains 2 processes x batch 2 x accumulation 2 to the trajectory of 1 process x batch 8, saves a plain PEFT adapter and
+resumes."""
 
 from __future__ import annotations
 
@@ -77,9 +78,11 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
 
 @pytest.fixture(scope="module")
 def fsdp2_and_one(tmp_path_factory):
-    """2 processes x batch 4 under FSDP2 (checkpoint at step 2) and 1 process x batch 8, 4 steps each."""
+    """2 processes x batch 2 x 2 micro-batches under FSDP2 (the first without gradient sync; checkpoint at step 2) and
+    1 process x batch 8, 4 steps each."""
     root = tmp_path_factory.mktemp("fsdp")
-    fsdp2_run(root / "fsdp2", "trainer.batch_size=4", "trainer.max_steps=4", "trainer.save_every=2")
+    fsdp2_run(root / "fsdp2", "trainer.batch_size=2", "trainer.grad_accum=2", "trainer.max_steps=4",
+              "trainer.save_every=2")
     run(make_cfg(root / "one", *BASE, "trainer.batch_size=8", "trainer.max_steps=4"))
     return root / "fsdp2", root / "one"
 
@@ -92,8 +95,9 @@ def test_fsdp2_two_processes_equal_one_process_with_the_global_batch(fsdp2_and_o
         assert r["world"] == 2 and r["fsdp2"] and r["sharded"] and 2 * r["local_numel"] == r["full_numel"]
     l2, l1 = losses(two), losses(one)
     assert len(l2) == len(l1) == 4 and l2[-1] < l2[0]
-    # Same rows per step (BatchOrder splits the global batch by rank), the loss normalised by the global batch's label
-    # tokens and FSDP2's reduce-scatter averaging over ranks: equal up to float summation order.
+    # Same rows per step (BatchOrder splits the global batch by rank and micro-batch), the loss normalised by the
+    # global batch's label tokens, FSDP2 accumulating unsynced gradients (accelerate's no_sync) and its reduce-scatter
+    # averaging over ranks: equal up to float summation order.
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
     # final/ is a plain PEFT adapter, gathered to full tensors: same keys and shapes as one process writes.
     assert json.loads((two / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -109,7 +113,7 @@ def test_fsdp2_two_processes_equal_one_process_with_the_global_batch(fsdp2_and_o
 def test_fsdp2_resume_continues_the_same_trajectory(fsdp2_and_one, tmp_path):
     full, _ = fsdp2_and_one
     cut = tmp_path / "resumed"
-    fsdp2_run(cut, "trainer.batch_size=4", "trainer.max_steps=4",
+    fsdp2_run(cut, "trainer.batch_size=2", "trainer.grad_accum=2", "trainer.max_steps=4",
               f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}")
     # The full optimizer state (keyed by name) and the gathered adapter go back into the shards.
     torch.testing.assert_close(torch.tensor(losses(cut)), torch.tensor(losses(full)[2:]), rtol=0, atol=1e-6)
