@@ -294,7 +294,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and t.progress),
                    desc="train", dynamic_ncols=True)
         # What the optimizer holds (a method may change which of them train during the run, e.g. HFT per epoch).
-        trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        trainable = dist.clipped_parameters(acc, self.model, self.optimizer)
         tokens_seen, train_time, bad_in_a_row, last_loss = 0.0, 0.0, 0, float("nan")
         self.model.train()
         # Saved activations wait for backward in pinned CPU memory instead of GPU memory (CUDA only: check_device).

@@ -30,12 +30,12 @@ BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3
 WORKER = Path(__file__).parent / "_fsdp_worker.py"
 
 
-def fsdp2_run(out: Path, *overrides: str) -> None:
+def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out), *BASE, *overrides]
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out), *base, *overrides]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -68,6 +68,8 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
     with pytest.raises(ConfigError, match="sharded by FSDP2"):
         dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), fsdp)
+    with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside"):
+        dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), fsdp)
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.grad_accum=2"), fsdp)  # FSDP2 allows these
     ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED)
     for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3", "trainer.save_every=2", "trainer.resume=auto"):
@@ -120,3 +122,19 @@ def test_fsdp2_resume_continues_the_same_trajectory(fsdp2_and_one, tmp_path):
     a, b = (load_file(run / "final" / "adapter_model.safetensors") for run in (cut, full))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_fine_tuning_equals_one_process(tmp_path):
+    """Every weight trained and sharded (the LM head too, so it must be applied inside the sharded forward); final/ is
+    a plain HF model directory with the full weights."""
+    base = [a for a in BASE if not a.startswith("peft.")] + ["peft=none", "trainer.lr=1e-3", "trainer.max_steps=3"]
+    fsdp2_run(tmp_path / "fsdp2", "trainer.batch_size=4", base=base)
+    run(make_cfg(tmp_path / "one", *base, "trainer.batch_size=8"))
+    l2, l1 = losses(tmp_path / "fsdp2"), losses(tmp_path / "one")
+    assert len(l2) == 3 and l2[-1] < l2[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+    w2, w1 = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("fsdp2", "one"))
+    assert w2.keys() == w1.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)

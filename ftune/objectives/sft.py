@@ -62,7 +62,13 @@ def _unwrap(model):
 
 
 def _head_matches(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
     key = _unwrap(model)
+    if isinstance(key, FSDPModule):
+        # FSDP2 (trainer.distributed=fsdp2) gathers the head's weight only inside the model's forward and reduces its
+        # gradient when that forward's backward ends: applying the head afterwards would miss both.
+        return False
     if key not in _HEAD_MATCHES:
         was_training = model.training
         model.eval()  # no dropout, so both paths see the same activations

@@ -76,6 +76,9 @@ def check_state(cfg, acc) -> None:
         raise ConfigError("eval.at_start/at_end generate on rank 0 alone, which a model sharded by FSDP2 cannot do "
                           "(every rank must join each forward). Set eval.at_start=false eval.at_end=false and run "
                           "`ftune eval run_dir=OUTPUT_DIR` after training.")
+    if acc.is_fsdp2 and t.liger:
+        raise ConfigError("trainer.liger=true applies the LM head outside the model's forward, where FSDP2 has not "
+                          "gathered its weight (nor will reduce its gradient). Use trainer.liger=false with FSDP2.")
     if acc.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine steps inside `backward` and keeps its optimizer state partitioned per rank, so ftune's
         # skipping of a bad step, its manual accumulation (which DeepSpeed rescales by its own count) and its
@@ -115,6 +118,17 @@ def make_accelerator(cfg):
     acc = Accelerator(mixed_precision=cfg.trainer.mixed_precision, **plugins(cfg.trainer))
     check_state(cfg, acc)
     return acc
+
+
+def clipped_parameters(acc, model: torch.nn.Module, optimizer) -> list[torch.nn.Parameter]:
+    """What the optimizer holds, for gradient clipping. Under FSDP, accelerate's `clip_grad_norm_` compares this list
+    with the model's parameters by `==`, which only works (instead of raising on a tensor comparison) when the lengths
+    differ or the entries are the same objects in the same order; so under FSDP they come in the model's order."""
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    if acc.distributed_type != DistributedType.FSDP:
+        return held
+    ids = {id(p) for p in held}
+    return [p for p in model.parameters() if id(p) in ids]
 
 
 def is_sharded(acc) -> bool:
