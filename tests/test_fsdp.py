@@ -71,6 +71,9 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside"):
         dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), fsdp)
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.grad_accum=2"), fsdp)  # FSDP2 allows these
+    fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
+        dist.check_state(make_cfg(tmp_path), fsdp1)
     ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED)
     for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3", "trainer.save_every=2", "trainer.resume=auto"):
         with pytest.raises(ConfigError, match="DeepSpeed steps the optimizer inside its backward"):

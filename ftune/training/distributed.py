@@ -72,6 +72,10 @@ def check_state(cfg, acc) -> None:
     """Combinations the engine accelerate actually runs (from ftune's config or `accelerate launch --config_file`)
     cannot support; still before the model loads."""
     t = cfg.trainer
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:  # an accelerate config without fsdp_version
+        raise ConfigError("accelerate runs FSDP version 1 here (the accelerate config has no `fsdp_version: 2`); ftune "
+                          "saves and resumes FSDP2 only. Set `fsdp_version: 2` in its fsdp_config (see "
+                          "configs/accelerate/fsdp2.yaml), or use trainer.distributed=fsdp2.")
     if acc.is_fsdp2 and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
         raise ConfigError("eval.at_start/at_end generate on rank 0 alone, which a model sharded by FSDP2 cannot do "
                           "(every rank must join each forward). Set eval.at_start=false eval.at_end=false and run "
