@@ -64,6 +64,23 @@ def test_an_accelerate_config_asking_for_sharding_is_refused_on_cpu(tmp_path, mo
         run(make_cfg(tmp_path / "run"))
 
 
+def test_the_engines_are_accelerates_plugins(tmp_path):
+    """What `Accelerator(...)` receives: nothing for DDP, accelerate's FSDP2 plugin, DeepSpeed's ZeRO config with
+    ftune's clipping and no accumulation of its own (the plugins are built here without GPUs or deepspeed)."""
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    assert dist.plugins(make_cfg(tmp_path).trainer) == {}
+    fsdp = dist.plugins(make_cfg(tmp_path, "trainer.distributed=fsdp2").trainer)["fsdp_plugin"]
+    assert isinstance(fsdp, FullyShardedDataParallelPlugin) and fsdp.fsdp_version == 2 and fsdp.reshard_after_forward
+    for stage in (2, 3):
+        ds = dist.plugins(make_cfg(tmp_path, f"trainer.distributed=deepspeed_zero{stage}",
+                                   "trainer.max_grad_norm=0.5").trainer)["deepspeed_plugin"]
+        assert isinstance(ds, DeepSpeedPlugin) and ds.zero_stage == stage
+        config = ds.deepspeed_config
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 1
+
+
 def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
     with pytest.raises(ConfigError, match="sharded by FSDP2"):
