@@ -298,7 +298,8 @@ class Trainer:
         tokens_seen, train_time, bad_in_a_row, last_loss = 0.0, 0.0, 0, float("nan")
         self.model.train()
         # Saved activations wait for backward in pinned CPU memory instead of GPU memory (CUDA only: check_device).
-        offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)) if t.activation_offload else nullcontext
+        pin = torch.cuda.is_available()
+        offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin)) if t.activation_offload else nullcontext
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]

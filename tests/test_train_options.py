@@ -101,3 +101,25 @@ def test_cuda_only_options_are_refused_on_cpu_before_the_model_loads(tmp_path, m
 def test_options_are_booleans(tmp_path, key):
     with pytest.raises(ConfigCompositionException, match=f"trainer.{key}=maybe"):  # Hydra's schema check
         make_cfg(tmp_path, f"trainer.{key}=maybe")
+
+
+def test_activation_offload_wraps_every_training_forward_and_keeps_the_trajectory(tmp_path, monkeypatch):
+    """On CPU the saved activations already are in CPU memory, so offloading copies them and nothing else changes:
+    the same losses; and torch's save_on_cpu hooks were in place for each training micro-batch."""
+    from ftune.training import distributed as dist
+
+    entered = []
+    real = torch.autograd.graph.save_on_cpu
+
+    def counting(pin_memory=False, device_type="cuda"):
+        entered.append(pin_memory)
+        return real(pin_memory=pin_memory, device_type=device_type)
+
+    monkeypatch.setattr(dist, "accelerator_available", lambda: True)  # the check only; the run stays on CPU
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", counting)
+    run(make_cfg(tmp_path / "plain", *BASE))
+    assert entered == []
+    run(make_cfg(tmp_path / "offload", *BASE, "trainer.activation_offload=true"))
+    assert entered == [False] * 3  # 3 steps x 1 micro-batch, no pinning without CUDA
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "offload")), torch.tensor(losses(tmp_path / "plain")),
+                               rtol=0, atol=0)
