@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,3 +46,25 @@ def test_accelerate_launch_equals_ftune_nproc(tmp_path):
     # check refuses processes that accelerate did not join): the same tokens.
     summary = json.loads((launched / "summary.json").read_text())
     assert summary["train_tokens"] == json.loads((nproc / "summary.json").read_text())["train_tokens"]
+
+
+ACCELERATE_CONFIGS = {"ddp_multinode": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                      "deepspeed_zero3": "DEEPSPEED"}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_configs_load_with_accelerates_loader(name):
+    """configs/accelerate/*.yaml, as `accelerate launch --config_file` reads them."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from ftune.paths import configs_dir
+
+    assert sorted(p.stem for p in (configs_dir() / "accelerate").glob("*.yaml")) == sorted(ACCELERATE_CONFIGS)
+    config = ClusterConfig.from_yaml_file(configs_dir() / "accelerate" / f"{name}.yaml")
+    assert config.distributed_type.value == ACCELERATE_CONFIGS[name]
+    assert config.mixed_precision == "no" and not config.use_cpu  # ftune's trainer.mixed_precision decides
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2  # version 1 is refused
+    if name.startswith("deepspeed"):
+        ds = config.deepspeed_config
+        assert ds["zero_stage"] == int(name[-1]) and ds["gradient_accumulation_steps"] == 1  # as ftune requires
