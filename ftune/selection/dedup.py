@@ -5,6 +5,11 @@ examples' embeddings (`ftune.selection.embed`, the training model's mean-pooled 
 encoder) at or above `threshold`. Greedy in source order: an example is dropped when it duplicates one already kept,
 so the first of each group survives (the usual SemDeDup-style rule, without its clustering step: the comparison is
 exhaustive, in blocks).
+
+Centering (`center: true`, the default): a causal LM's mean-pooled hidden states share a large common direction, so
+unrelated examples look alike (SmolLM2-135M on 64 GSM8K problems: mean pairwise cosine 0.90, 4.5% of pairs of
+distinct problems >= 0.95). Subtracting the pool's mean embedding before the cosine removes it (same 64: mean -0.01,
+max 0.74) while true near-duplicates stay near 1. The mean needs a pool: below CENTER_MIN examples it is skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from ftune.selection.common import Selection, kept, normalized_text
 from ftune.selection.embed import Embedder
 
 BLOCK = 1024
+CENTER_MIN = 32  # examples needed for a usable mean embedding
 
 
 def near_duplicates(x: torch.Tensor, threshold: float) -> tuple[list[int], torch.Tensor]:
@@ -42,11 +48,11 @@ class Dedup:
     """selection=dedup. Args are the keys of configs/selection/dedup.yaml."""
 
     def __init__(self, threshold: float | None = 0.95, encoder: str = "tiny_random", max_length: int = 512,
-                 batch_size: int = 16, progress: bool = True):
+                 batch_size: int = 16, progress: bool = True, center: bool = True):
         if threshold is not None and not -1 < threshold <= 1:
             raise ConfigError(f"selection.threshold={threshold} must be in (-1, 1] (cosine similarity), or null for "
                               f"exact duplicates only.")
-        self.threshold = threshold
+        self.threshold, self.center = threshold, center
         self.embedder = Embedder(encoder, max_length, batch_size, progress)
 
     def __call__(self, records: list[dict], seed: int) -> tuple[list[dict], dict]:
@@ -63,7 +69,10 @@ class Dedup:
         report = {"method": "dedup", "pool": len(records), "exact_duplicates": len(records) - len(unique)}
         scores = None
         if self.threshold is not None and len(unique) > 1:
-            x = torch.nn.functional.normalize(self.embedder([records[i] for i in unique]).emb.float(), dim=1)
+            x = self.embedder([records[i] for i in unique]).emb.float()
+            centered = self.center and len(x) >= CENTER_MIN
+            x = torch.nn.functional.normalize(x - x.mean(0) if centered else x, dim=1)
+            report["centered"] = centered
             if torch.cuda.is_available():
                 x = x.cuda()
             keep, best = near_duplicates(x, self.threshold)

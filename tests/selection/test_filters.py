@@ -52,7 +52,8 @@ def test_dedup_removes_exact_and_planted_near_duplicates():
     sel.embedder = FakeEmbedder(vectors)
     kept, report = sel(recs, 0)
     assert [r["id"] for r in kept] == [f"q{i}" for i in range(10)]
-    assert report == {"method": "dedup", "pool": 12, "exact_duplicates": 1, "near_duplicates": 1, "selected": 10}
+    assert report == {"method": "dedup", "pool": 12, "exact_duplicates": 1, "near_duplicates": 1, "selected": 10,
+                      "centered": False}  # 11 embedded: too few for a mean
     exact_only = Dedup(threshold=None)
     exact_only.embedder = FakeEmbedder({})
     assert len(exact_only(recs, 0)[0]) == 11 and exact_only.embedder.calls == 0
@@ -86,3 +87,25 @@ def test_length_bad_config(kw, pattern):
 def test_dedup_bad_threshold():
     with pytest.raises(ConfigError, match=r"selection\.threshold=1\.5"):
         Dedup(threshold=1.5)
+
+
+def test_dedup_centers_a_shared_direction_away():
+    """40 distinct examples whose embeddings share a large common component (as LM hidden states do) and one
+    near-duplicate: uncentered, most distinct examples look like duplicates; centered, only the planted one goes."""
+    recs = records(40)
+    g = torch.Generator().manual_seed(0)
+    own = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=1)
+    common = torch.zeros(16)
+    common[0] = 6.0
+    vectors = {r["id"]: (common + own[i]).tolist() for i, r in enumerate(recs)}
+    recs.append({"id": "near", "messages": [{"role": "user", "content": "q question 7, again"},
+                                           {"role": "assistant", "content": "answer 7"}]})
+    vectors["near"] = (common + own[7] + 0.02 * own[8]).tolist()
+    plain = Dedup(threshold=0.95, center=False)
+    plain.embedder = FakeEmbedder(vectors)
+    assert plain.select(recs, 0).report["near_duplicates"] > 20
+    centered = Dedup(threshold=0.95)
+    centered.embedder = FakeEmbedder(vectors)
+    sel = centered.select(recs, 0)
+    assert sel.report["centered"] is True and sel.report["near_duplicates"] == 1
+    assert sel.indices == list(range(40))
