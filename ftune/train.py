@@ -106,6 +106,7 @@ class Trainer:
         from ftune.data.pipeline import prepare
         from ftune.eval.tasks import task_inputs
         from ftune.models.loading import fingerprint, load_model, load_tokenizer, resolve_model_dir
+        from ftune.peft.base import preflight_targets
 
         self.cfg, t = cfg, cfg.trainer
         targets = validate_train(cfg)
@@ -133,6 +134,7 @@ class Trainer:
         # Rank 0 first converts or builds the model and fills the tokenization cache; the other ranks then read them.
         with self.acc.main_process_first():
             model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
+            preflight_targets(self.peft, model_dir, cfg.model.trust_remote_code)
             self.tokenizer = load_tokenizer(model_dir)
             tok_key = fingerprint(model_dir) + str(model_dir)
             self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector,

@@ -72,6 +72,30 @@ def selected_linears(model: torch.nn.Module, targets: str | list) -> dict[str, t
     return layers
 
 
+def model_skeleton(model_dir: Path, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The model's modules on the meta device (no weights, no memory), to check module names before anything loads;
+    None when the architecture cannot be built from its config that way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an unusual architecture: the same check runs on the loaded model instead
+        return None
+
+
+def preflight_targets(peft, model_dir: Path, trust_remote_code: bool = False) -> None:
+    """A PEFT method's `target_modules` checked against the model's module names before the data is tokenized and
+    the weights load (a typo then costs seconds, not a model load)."""
+    targets = getattr(peft, "target_modules", None)
+    if targets is None:
+        return
+    skeleton = model_skeleton(model_dir, trust_remote_code)
+    if skeleton is not None:
+        selected_linears(skeleton, targets)
+
+
 def save_adapter(model: torch.nn.Module, directory: Path) -> None:
     """A `peft` adapter directory (adapter_config.json + adapter_model.safetensors)."""
     model.save_pretrained(directory, safe_serialization=True)
