@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check ftune tests scripts
 
 bench: setup
-	$(VENV)/bin/python scripts/bench_train.py
+	$(VENV)/bin/python -m scripts.bench --suite all --wait-idle 180 --out bench-out
 
 clean:
 	rm -rf build dist *.egg-info outputs multirun
