@@ -200,9 +200,10 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         rows = rows[: cfg.limit]
     check_unique_ids(rows, origin)
     rename = dict(cfg.fields or {})
-    reserved = sorted(set(cfg.keep_fields) & {"id", "messages", "answer", "tests"})
+    keep = list(getattr(cfg, "keep_fields", None) or [])  # a plain namespace config (the API) may not have it
+    reserved = sorted(set(keep) & {"id", "messages", "answer", "tests"})
     if reserved:
-        raise DataError(f"data.keep_fields={list(cfg.keep_fields)}: {reserved} are the example's own fields (always "
+        raise DataError(f"data.keep_fields={keep}: {reserved} are the example's own fields (always "
                         f"kept as built); keep_fields names other raw columns only, e.g. data.keep_fields=[source].")
     examples, skipped_empty = [], 0
     fmt = None
@@ -219,7 +220,7 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         ex["id"] = row.get("id", f"{split}-{i}")
         if "tests" in row:  # kept for judges that run the example's tests (objective=s3ft, judge=unit_tests)
             ex["tests"] = row["tests"]
-        for name in cfg.keep_fields:  # e.g. a source/domain column for selection.domain_field
+        for name in keep:  # e.g. a source/domain column for selection.domain_field
             if name in row:
                 ex[name] = row[name]
         examples.append(ex)

@@ -100,7 +100,8 @@ def tokenize_examples(examples: list[dict], tokenizer, cfg, tokenizer_key: str, 
     map_fn = map_fn or _tokenize_batch
     records = [dict(e, id=str(e["id"])) for e in examples]
     # answer, tests and data.keep_fields columns ride along with the example; they are not tokenized.
-    fields = sorted(k for k in records[0] if k not in ("answer", "tests", *cfg.keep_fields))
+    riding = ("answer", "tests", *(getattr(cfg, "keep_fields", None) or ()))
+    fields = sorted(k for k in records[0] if k not in riding)
     payload = json.dumps([[r[k] for k in fields] for r in records], sort_keys=True).encode()
     key = hashlib.sha256(payload + f"|{map_fn.__module__}.{map_fn.__name__}|{tokenizer_key}|{cfg.max_length}|"
                                    f"{cfg.truncation}|{CACHE_VERSION}".encode())
