@@ -379,7 +379,9 @@ class Trainer:
                    "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),
                    "task": self.cfg.eval.task, "task_start": start_metrics, "task_end": end_metrics,
                    # what the objective made of the training data, if it rebuilt it (e.g. s3ft's own/paraphrase/gold)
-                   "composition": self.data.stats.get("composition")}
+                   "composition": self.data.stats.get("composition"),
+                   # what selection=... kept and why (clusters, budgets, rounds), if a method picked the examples
+                   "selection": self.data.stats.get("selection")}
         if self.is_main:
             from ftune.eval.tasks import _write_json_atomic
 

@@ -120,6 +120,7 @@ def test_numeric_match_reward_and_inline_training(tmp_path, ftune_home):
     assert r1["cluster_weights"] == [0.5, 0.5]
     summary = trainer.run()
     assert summary["steps"] == 2 and (tmp_path / "run" / "final").exists()
+    assert summary["selection"]["round_reports"] == rep["round_reports"]  # the run's summary says what was kept
 
 
 def test_bad_settings_refused():
