@@ -42,3 +42,18 @@ def response_text(record: dict) -> str:
 def normalized_text(record: dict) -> str:
     """Lower-cased, whitespace-collapsed text of every turn with its role: equal for exact duplicates."""
     return "\n".join(m["role"] + ": " + _SPACE.sub(" ", m["content"]).strip().lower() for m in record["messages"])
+
+
+def import_function(key: str, name: str, choices: tuple[str, ...], takes: str):
+    """A user's `module.function` named by config key `key` (used when `name` is not one of the built-in `choices`);
+    `takes` says what the function receives and returns, for the error."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        if module:
+            return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        pass
+    raise ConfigError(f"{key}={name!r} must be one of {', '.join(choices)}, or an importable `module.function` "
+                      f"{takes}.")

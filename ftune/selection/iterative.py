@@ -30,7 +30,6 @@ Adaptations:
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -41,22 +40,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.config import ConfigError
-from ftune.selection.common import Selection, check_budget, kept
+from ftune.selection.common import Selection, check_budget, import_function, kept
 from ftune.selection.kmq import KMQ, cluster_budgets
 
 log = logging.getLogger(__name__)
 REWARDS = ("numeric_match", "perplexity")
-
-
-def _import_reward(name: str):
-    module, _, attr = name.rpartition(".")
-    try:
-        if module:
-            return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        pass
-    raise ConfigError(f"selection.reward={name!r} must be one of {', '.join(REWARDS)}, or an importable "
-                      f"`module.function` taking items (prompt, gold, answer) and returning one S_i per item.")
 
 
 def round_budgets(budget: int, rounds: int) -> list[int]:
@@ -119,7 +107,8 @@ class IterativeKMQ:
             raise ConfigError(f"selection.round_steps={round_steps} must be >= 1 (optimizer steps per round).")
         if max_new_tokens < 1 or gen_batch_size < 1:
             raise ConfigError("selection.max_new_tokens and selection.gen_batch_size must be >= 1.")
-        self.reward_fn = _import_reward(reward) if reward not in REWARDS else None
+        takes = "taking items (prompt, gold, answer) and returning one S_i per item"
+        self.reward_fn = import_function("selection.reward", reward, REWARDS, takes) if reward not in REWARDS else None
         self.budget, self.rounds, self.round_steps, self.reward = budget, rounds, round_steps, reward
         self.max_new_tokens, self.gen_batch_size, self.progress = max_new_tokens, gen_batch_size, progress
         self.kmq = KMQ(budget=budget, k=k, k_candidates=k_candidates, quality=quality, temperature=temperature,

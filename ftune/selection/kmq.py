@@ -29,26 +29,12 @@ import torch
 
 from ftune.config import ConfigError
 from ftune.selection.cluster import kmeans, silhouette
-from ftune.selection.common import Selection, check_budget, kept
+from ftune.selection.common import Selection, check_budget, import_function, kept
 from ftune.selection.embed import Embedder
 
 log = logging.getLogger(__name__)
 QUALITIES = ("perplexity", "length", "none")
 SILHOUETTE_SAMPLE = 2000
-
-
-def _import_quality(name: str):
-    """A user's scorer `module.function(records) -> one float per record` (higher = better), e.g. a reward model."""
-    import importlib
-
-    module, _, attr = name.rpartition(".")
-    try:
-        if module:
-            return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        pass
-    raise ConfigError(f"selection.quality={name!r} must be one of {', '.join(QUALITIES)}, or an importable "
-                      f"`module.function` taking the records and returning one score per record.")
 
 
 def cluster_budgets(sizes: list[int], budget: int) -> list[int]:
@@ -103,7 +89,9 @@ class KMQ:
         if k is None and not k_candidates:
             raise ConfigError("selection.k is null, so k is chosen by silhouette among selection.k_candidates, "
                               "which is empty. Set selection.k=N or selection.k_candidates=[8,16,32].")
-        self.quality_fn = _import_quality(quality) if quality not in QUALITIES else None
+        self.quality_fn = (import_function("selection.quality", quality, QUALITIES, "taking the records and returning "
+                                           "one score per record (higher = better)")
+                           if quality not in QUALITIES else None)
         if temperature <= 0:
             raise ConfigError(f"selection.temperature={temperature} must be > 0.")
         self.budget, self.k, self.k_candidates = budget, k, k_candidates
