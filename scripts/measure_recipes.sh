@@ -9,7 +9,7 @@ recipes=("$@")
 [ ${#recipes[@]} -gt 0 ] || recipes=(quickstart lora_hh_dpo lora_gsm8k_pso)
 # Shortened runs (their headers say so): a whole epoch takes hours on a 2-core CPU.
 declare -A extra=([lora_gsm8k]="trainer.max_steps=20 trainer.save_every=0 trainer.eval_every=0 eval.limit=50"
-                  [manyicl_gsm8k]="trainer.max_steps=6 trainer.save_every=0 eval.limit=16")
+                  [manyicl_gsm8k]="trainer.max_steps=4 trainer.save_every=0 eval.limit=8 eval.shots=[0,many]")
 for r in "${recipes[@]}"; do
   rm -rf "$out/$r"
   start=$(date +%s)
