@@ -30,7 +30,7 @@ def evaluate(cfg: DictConfig) -> dict:
     key = f"{tokenizer.name_or_path}|{len(tokenizer)}"
     metrics = run_task(model, tokenizer, task_inputs(cfg.data, cfg.eval, tokenizer, cfg.seed, key), cfg.eval,
                        Path(cfg.output_dir))
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy"))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("accuracy", "answer_format")))
     print(f"{cfg.eval.task}: {shown} (n={metrics['n']}); predictions in {Path(cfg.output_dir) / 'predictions.jsonl'}")
     return metrics
 

@@ -399,6 +399,7 @@ def _summary_text(s: dict, out: Path) -> str:
     if s["task_end"]:
         start, end = s["task_start"] or {}, s["task_end"]
         keys = [k for k in end if k.endswith("_accuracy")] or ["accuracy"]  # `accuracy` repeats one of them
+        keys += ["answer_format"] if "answer_format" in end else []  # answers ending in `#### N`
         shown = [f"{k} {start[k]:.3f} -> {end[k]:.3f}" if k in start else f"{k} {end[k]:.3f}" for k in keys]
         lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
     if s.get("composition"):

@@ -36,6 +36,11 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def has_marker(text: str) -> bool:
+    """Whether `text` ends its solution the GSM8K way, with `#### N` (the format SFT on GSM8K teaches)."""
+    return re.search(r"####\s*" + _NUMBER, text) is not None
+
+
 def gold_answer(solution: str) -> str | None:
     """The reference answer of a GSM8K solution (the number after ####)."""
     return extract_answer(solution)

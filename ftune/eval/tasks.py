@@ -27,19 +27,24 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Pa
     prompts = [ex["messages"][:-1] for ex in examples]
     outputs = generate(model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    correct = 0
+    correct = marked = 0
     tmp = out_dir / "predictions.jsonl.tmp"
     with open(tmp, "w") as f:
         for ex, out in zip(examples, outputs):
             gold = gsm8k.gold_answer(ex["messages"][-1]["content"])
             pred = gsm8k.extract_answer(out)
             ok = gold is not None and pred == gold
+            marker = gsm8k.has_marker(out)
             correct += ok
+            marked += marker
             f.write(json.dumps({"id": ex["id"], "question": ex["messages"][-2]["content"], "output": out,
-                                "prediction": pred, "gold": gold, "correct": ok}) + "\n")
+                                "prediction": pred, "gold": gold, "correct": ok, "marker": marker}) + "\n")
     os.replace(tmp, out_dir / "predictions.jsonl")
-    metrics = {"task": "gsm8k", "n": len(examples), "correct": correct,
-               "accuracy": correct / len(examples) if examples else 0.0}
+    n = len(examples)
+    # answer_format: the share of answers ending in `#### N`, which shows a short run learning the format even
+    # where a small model's accuracy stays at zero
+    metrics = {"task": "gsm8k", "n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+               "answer_format": marked / n if n else 0.0}
     _write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
 

@@ -54,3 +54,22 @@ def test_score(prediction, correct):
 
 def test_score_without_gold_number_is_false():
     assert score("42", "no number in this solution") is False
+
+
+def test_evaluate_counts_accuracy_and_answer_format(tmp_path, monkeypatch):
+    """accuracy counts the right final numbers; answer_format the answers that end in `#### N`, right or wrong."""
+    import json
+    from types import SimpleNamespace
+
+    from ftune.eval import tasks
+
+    outputs = ["48 + 24 = 72\n#### 72", "The answer is 72.", "#### 70", "no idea"]
+    monkeypatch.setattr(tasks, "generate", lambda model, tok, prompts, *a, **k: outputs[: len(prompts)])
+    examples = [{"id": i, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": SOLUTION}]}
+                for i in range(4)]
+    cfg = SimpleNamespace(limit=None, max_new_tokens=8, batch_size=4)
+    metrics = tasks.evaluate_gsm8k(None, None, examples, cfg, tmp_path, progress=False)
+    assert (metrics["correct"], metrics["accuracy"], metrics["answer_format"]) == (2, 0.5, 0.5)
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["marker"] for r in rows] == [True, False, True, False]
+    assert [r["correct"] for r in rows] == [True, True, False, False]
