@@ -77,6 +77,8 @@ class TrainerConfig:
     compile: bool = False
     liger: bool = False
     activation_offload: bool = False
+    profile_steps: int = 0
+    profile_from: int = 3
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -325,6 +327,11 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
                 "trainer.eval_every", "trainer.save_every"):
         _positive(cfg, key, allow_zero=True)
     _positive(cfg, "trainer.keep_last")
+    _positive(cfg, "trainer.profile_steps", allow_zero=True)
+    _positive(cfg, "trainer.profile_from")
+    if t.profile_steps and t.max_steps > 0 and t.profile_from + t.profile_steps - 1 > t.max_steps:
+        raise ConfigError(f"trainer.profile_from={t.profile_from} with trainer.profile_steps={t.profile_steps} would "
+                          f"record past trainer.max_steps={t.max_steps}: lower profile_from or profile_steps.")
     if t.max_steps == 0 or t.max_steps < -1:
         raise ConfigError(f"trainer.max_steps={t.max_steps}: use a positive number of steps, or -1 to train for "
                           f"trainer.epochs epochs.")

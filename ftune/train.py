@@ -24,6 +24,7 @@ from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import distributed as dist
 from ftune.training.metrics import MetricsLog, plot_loss
+from ftune.training.profiling import step_profiler
 from ftune.training.watchdog import SpikeGuard
 
 log = logging.getLogger("ftune")
@@ -302,6 +303,8 @@ class Trainer:
         # Saved activations wait for backward in pinned CPU memory instead of GPU memory (CUDA only: check_device).
         pin = torch.cuda.is_available()
         offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin)) if t.activation_offload else nullcontext
+        profiler = step_profiler(t, self.out, acc.process_index)  # trainer.profile_steps > 0; else a no-op
+        profiler.start()
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
@@ -345,6 +348,7 @@ class Trainer:
             # Useful tokens: real (non-padding) tokens of the step's rows, over all processes.
             tokens_seen += _reduce_sum(acc, sum(row_tokens(r) for rs in rows for r in rs))
             train_time += time.perf_counter() - tic
+            profiler.step()
             last_loss = step_loss
             record = {"loss": step_loss, **{k: _reduce_sum(acc, v) / max(n_global, 1) for k, v in sums.items()},
                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
@@ -366,6 +370,7 @@ class Trainer:
                 print(f"ftune: stopped by {name} after step {self.step}; checkpoint saved to {path}. Continue with "
                       f"`ftune train ... output_dir={self.out} trainer.resume=auto`.", file=sys.stderr)
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        profiler.stop()
         bar.close()
         final_eval = self.eval_loss()
         if final_eval:
