@@ -33,5 +33,5 @@ def test_profile_records_the_chosen_steps(tmp_path):
 
 def test_profile_window_past_the_last_step_is_refused(tmp_path):
     cfg = make_cfg(tmp_path / "r", "trainer.max_steps=4", "trainer.profile_steps=3", "trainer.profile_from=3")
-    with pytest.raises(ConfigError, match=r"profile_from=3 with trainer.profile_steps=3 would record past trainer.max_steps=4"):
+    with pytest.raises(ConfigError, match=r"profile_steps=3 would record past trainer.max_steps=4"):
         validate_train(cfg)
