@@ -1,0 +1,58 @@
+"""A faster dropout for LoRA inputs on CPU.
+
+torch's CPU dropout draws one Bernoulli sample per element from its Mersenne-Twister generator; profiled with
+`trainer.profile_steps` on SmolLM2-135M (LoRA r 16 on all linear layers, dropout 0.05, 4 x 512 tokens, bf16
+autocast) those draws took 23% of the step. `FastDropout` keeps nn.Dropout's definition (each element kept
+independently with probability 1 - p, kept elements scaled by 1 / (1 - p)) but cuts each 64-bit random integer into
+four 16-bit uniforms, a quarter of the generator calls: about 3x faster per call here. The one difference: p is
+rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the scale uses the rounded p, so the output's expectation is
+still exactly the input. Off the CPU it is plain F.dropout (CUDA's Philox generator is not the bottleneck). torch and
+peft offer no cheaper CPU dropout, hence this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_LEVELS = 1 << 16
+
+
+class FastDropout(torch.nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout p={p} must be in [0, 1)")
+        self.p = p
+        self.dropped = round(p * _LEVELS)  # of the 65,536 levels of a 16-bit uniform, how many drop the element
+        self.threshold = -(_LEVELS // 2) + self.dropped  # int16 values below it drop
+        self.scale = _LEVELS / (_LEVELS - self.dropped)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel()
+        # random_(min int64, None) draws all 64 bits (plain random_() leaves the sign bit 0, biasing one slice)
+        bits = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-(1 << 63), None)
+        return bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropped == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        return x * self.keep_mask(x).to(x.dtype).mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Replace the nn.Dropout of every peft LoRA layer by FastDropout (same p); returns how many were replaced."""
+    replaced = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, d in dropouts.items():
+                if type(d) is torch.nn.Dropout:
+                    dropouts[name] = FastDropout(d.p)
+                    replaced += 1
+    return replaced

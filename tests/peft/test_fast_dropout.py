@@ -1,0 +1,63 @@
+"""FastDropout (LoRA input dropout on CPU): nn.Dropout's maths with a quarter of the random draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftune.peft.dropout import FastDropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_drop_rate_scale_and_expectation(p):
+    torch.manual_seed(0)
+    d = FastDropout(p).train()
+    x = torch.rand(400_003) + 1  # odd size: the last 64-bit draw is only partly used; values > 0 so zeros are drops
+    y = d(x)
+    dropped = y == 0
+    p_eff = d.dropped / 65536
+    assert abs(p_eff - p) <= 0.5 / 65536
+    sigma = (p_eff * (1 - p_eff) / x.numel()) ** 0.5
+    assert abs(dropped.float().mean().item() - p_eff) < 5 * sigma
+    # each of the four 16-bit slices of a 64-bit draw drops at the same rate (a sign bit left 0 would bias one)
+    per_slice = dropped[: 400_000].view(-1, 4).float().mean(0)
+    assert (per_slice - p_eff).abs().max().item() < 5 * (p_eff * (1 - p_eff) / 100_000) ** 0.5
+    torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p_eff))
+    assert abs(y.mean().item() - x.mean().item()) < 0.01
+
+
+def test_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(1)
+    d = FastDropout(0.2).train()
+    x = torch.randn(8, 33, requires_grad=True)
+    y = d(x)
+    y.sum().backward()
+    kept = y.detach() != 0
+    torch.testing.assert_close(x.grad, kept.float() * d.scale)
+
+
+def test_eval_mode_seed_and_dtype():
+    d = FastDropout(0.3)
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    assert d.eval()(x) is x
+    d.train()
+    torch.manual_seed(3)
+    a = d(x)
+    torch.manual_seed(3)
+    b = d(x)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    assert FastDropout(0.0).train()(x) is x
+
+
+def test_lora_layers_get_fast_dropout():
+    from transformers import AutoModelForCausalLM
+
+    from ftune.models.loading import resolve_model_dir
+    from ftune.peft.lora import LoRA
+
+    model = LoRA(r=4, dropout=0.1).apply(AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny_random")))
+    layers = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)]
+    assert len(layers) == 14  # 7 linear layers x 2 blocks
+    assert all(isinstance(m.lora_dropout["default"], FastDropout) and m.lora_dropout["default"].p == 0.1
+               for m in layers)
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
