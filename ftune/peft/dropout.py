@@ -45,14 +45,11 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_fast_dropout(model: torch.nn.Module) -> int:
-    """Replace the nn.Dropout of every peft LoRA layer by FastDropout (same p); returns how many were replaced."""
-    replaced = 0
+def use_fast_dropout(model: torch.nn.Module) -> None:
+    """Replace the nn.Dropout of every peft LoRA layer by FastDropout (same p)."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, d in dropouts.items():
                 if type(d) is torch.nn.Dropout:
                     dropouts[name] = FastDropout(d.p)
-                    replaced += 1
-    return replaced
