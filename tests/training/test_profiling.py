@@ -22,6 +22,7 @@ def test_profile_records_the_chosen_steps(tmp_path):
     steps = sorted(e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#"))
     # profiler.step() is called after each optimizer step, so step k (1-based) is ProfilerStep#(k-1): steps 3 and 4
     assert steps == ["ProfilerStep#2", "ProfilerStep#3"]
+    assert sorted(f.name for f in (tmp_path / "p" / "profile").iterdir()) == ["ops_rank0.txt", "trace_rank0.json"]
     table = (tmp_path / "p" / "profile" / "ops_rank0.txt").read_text()
     assert "2 step(s) from step 3" in table and ("aten::mm" in table or "aten::addmm" in table)
     # the profiled run trains as the plain one does
@@ -35,3 +36,19 @@ def test_profile_window_past_the_last_step_is_refused(tmp_path):
     cfg = make_cfg(tmp_path / "r", "trainer.max_steps=4", "trainer.profile_steps=3", "trainer.profile_from=3")
     with pytest.raises(ConfigError, match=r"profile_steps=3 would record past trainer.max_steps=4"):
         validate_train(cfg)
+
+
+def test_a_window_the_process_never_reaches_warns(tmp_path, caplog):
+    """A resumed run counts steps from its resume: if it ends before profile_from, say so instead of nothing."""
+    from types import SimpleNamespace
+
+    from ftune.training.profiling import step_profiler
+
+    prof = step_profiler(SimpleNamespace(profile_steps=1, profile_from=5), tmp_path, rank=0)
+    prof.start()
+    for _ in range(2):
+        prof.step()
+    with caplog.at_level("WARNING", logger="ftune"):
+        prof.stop()
+    assert "no profile was written; lower trainer.profile_from" in caplog.text
+    assert not (tmp_path / "profile").exists()
