@@ -19,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError, build, register_configs, validate_train
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
@@ -388,9 +389,7 @@ class Trainer:
                    # what selection=... kept and why (clusters, budgets, rounds), if a method picked the examples
                    "selection": self.data.stats.get("selection")}
         if self.is_main:
-            from ftune.eval.tasks import _write_json_atomic
-
-            _write_json_atomic(self.out / "summary.json", summary)
+            write_json_atomic(self.out / "summary.json", summary, indent=2)
             plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
             acc.print(_summary_text(summary, self.out))
         return summary

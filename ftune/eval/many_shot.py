@@ -20,6 +20,7 @@ import os
 import random
 from pathlib import Path
 
+from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError
 from ftune.data.many_shot import (
     answer_start,
@@ -133,7 +134,6 @@ def many_shot_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: st
 def evaluate_many_shot(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
     """Greedy answers to every prompt; accuracy per shot setting (and per task). Writes predictions.jsonl and
     metrics.json under `out_dir`. `accuracy` is the accuracy of the last setting of `eval.shots`."""
-    from ftune.eval.tasks import _write_json_atomic
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = generate_ids(model, [x["prompt"] for x in inputs], eval_cfg.max_new_tokens, eval_cfg.batch_size, pad,
@@ -161,5 +161,5 @@ def evaluate_many_shot(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: 
         metrics[f"shots_{s}_mean_k"] = k / n
     metrics["accuracy"] = metrics[f"shots_{settings[-1]}_accuracy"]
     metrics["per_task"] = {t: {f"shots_{s}": c / n for s, (c, n, _) in d.items()} for t, d in per_task.items()}
-    _write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "metrics.json", metrics, indent=2)
     return metrics

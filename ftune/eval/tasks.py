@@ -8,15 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ftune.atomic import write_json_atomic
 from ftune.eval import gsm8k
 from ftune.eval.generation import generate
 from ftune.eval.many_shot import evaluate_many_shot, many_shot_inputs
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
@@ -45,7 +40,7 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Pa
     # where a small model's accuracy stays at zero
     metrics = {"task": "gsm8k", "n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
                "answer_format": marked / n if n else 0.0}
-    _write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "metrics.json", metrics, indent=2)
     return metrics
 
 
@@ -93,7 +88,7 @@ def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: P
     if has_ref:
         metrics["reward_accuracy"] = sum(r["reward_correct"] for r in records) / n
     metrics["accuracy"] = metrics.get("reward_accuracy", metrics["logp_accuracy"])
-    _write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json_atomic(out_dir / "metrics.json", metrics, indent=2)
     return metrics
 
 

@@ -22,11 +22,12 @@ import logging
 
 import torch
 
+from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError
 from ftune.data.tokenize import IGNORE
 from ftune.eval import gsm8k
 from ftune.objectives.dpo import DPO, collate_pairs
-from ftune.objectives.sampling import cache_key, generate_from, write_json_atomic
+from ftune.objectives.sampling import cache_key, generate_from
 from ftune.paths import ftune_home
 
 log = logging.getLogger(__name__)

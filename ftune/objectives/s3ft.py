@@ -25,12 +25,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError
 from ftune.data.batching import collate, pack
 from ftune.data.sources import DataError, load_conversations
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
 from ftune.eval import judges
-from ftune.objectives.sampling import cache_key, generate_from, write_json_atomic
+from ftune.objectives.sampling import cache_key, generate_from
 from ftune.objectives.sft import SFT
 from ftune.paths import ftune_home
 

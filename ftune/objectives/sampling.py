@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 
 from ftune.eval.generation import generate_ids
 
@@ -26,9 +24,3 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:24]
 
 
-def write_json_atomic(path: Path, obj, indent: int | None = None) -> None:
-    """Write JSON so that a reader never sees a half-written file (temp file per process, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    os.replace(tmp, path)

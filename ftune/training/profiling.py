@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ftune.atomic import write_text_atomic
+
 log = logging.getLogger("ftune")
 
 
@@ -40,30 +42,29 @@ def step_profiler(t, out: Path, rank: int):
         trace, table = folder / f"trace_rank{rank}.json", folder / f"ops_rank{rank}.txt"
         prof.export_chrome_trace(str(trace.with_suffix(".json.tmp")))  # whole files only, as for checkpoints
         os.replace(trace.with_suffix(".json.tmp"), trace)
-        table.with_suffix(".txt.tmp").write_text(
-            f"torch.profiler, {t.profile_steps} step(s) from step {t.profile_from} of this process, sorted by {sort}"
-            f"\n\n" + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
-        os.replace(table.with_suffix(".txt.tmp"), table)
+        write_text_atomic(table, f"torch.profiler, {t.profile_steps} step(s) from step {t.profile_from} of this "
+                                 f"process, sorted by {sort}\n\n"
+                                 + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
         prof.written = True
         log.info("profile of %d step(s): %s (open in https://ui.perfetto.dev or chrome://tracing) and %s",
                  t.profile_steps, trace, table)
 
     return _Profile(activities=activities, schedule=schedule, on_trace_ready=write, record_shapes=True,
-                    profile_memory=True, window=(t.profile_from, t.profile_steps))
+                    profile_memory=True, profile_from=t.profile_from)
 
 
 class _Profile(torch.profiler.profile):
     """torch's profiler that says so when the run ended before the recorded window began."""
 
-    def __init__(self, *args, window: tuple[int, int], **kwargs):
+    def __init__(self, *args, profile_from: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.window, self.written = window, False
+        self.profile_from, self.written = profile_from, False
 
     def stop(self) -> None:
         super().stop()
         if not self.written:
             log.warning("trainer.profile_from=%d: this process ran fewer steps than that (a resumed run counts from "
-                        "its resume), so no profile was written; lower trainer.profile_from.", self.window[0])
+                        "its resume), so no profile was written; lower trainer.profile_from.", self.profile_from)
 
 
 class _Off:
