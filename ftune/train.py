@@ -117,8 +117,6 @@ class Trainer:
         self.selector = build(cfg.selection) if targets["selection"] else None
         if hasattr(self.selector, "bind_config"):  # a selector that trains between rounds (iterative) needs the run
             self.selector.bind_config(cfg)
-        self.out = Path(cfg.output_dir)
-        self.ckpt_root = self.out / "checkpoints"
         # A second job in the same process (a `-m` sweep, the tests) may ask for another precision; accelerate keeps
         # its state in a process-wide singleton, so reset it (the process group, if any, is kept).
         from accelerate.state import AcceleratorState
@@ -127,14 +125,19 @@ class Trainer:
         self.acc = dist.make_accelerator(cfg)  # DDP, FSDP2 or DeepSpeed: accelerate's own engines (trainer.distributed)
         _check_world_size(self.acc.num_processes)
         self.is_main = self.acc.is_main_process
-        if self.is_main:
-            _check_fresh(self.out, t.resume)
-            _check_writable(self.out)
+        # One directory for every rank (rank 0's), fresh or resumable, writable, and seen from every machine.
+        self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir),
+                                          lambda out: (_check_fresh(out, t.resume), _check_writable(out)))
+        if not self.is_main:
+            cfg.output_dir = str(self.out)
+        self.ckpt_root = self.out / "checkpoints"
         self.resume_from = _resume_point(cfg, self.ckpt_root)
         set_seed(cfg.seed)
 
-        # Rank 0 first converts or builds the model and fills the tokenization cache; the other ranks then read them.
-        with self.acc.main_process_first():
+        # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
+        # rank of each other machine, which finds them there if FTUNE_HOME is shared and builds its own if not; then
+        # the remaining ranks read them. (Two nested barriers: on one machine the middle phase is empty.)
+        with self.acc.main_process_first(), self.acc.local_main_process_first():
             model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
             preflight_targets(self.peft, model_dir, cfg.model.trust_remote_code)
             self.tokenizer = load_tokenizer(model_dir)

@@ -71,6 +71,28 @@ def _atomic_build(target: Path, build) -> Path:
     return target
 
 
+def _save_model(model, directory: Path) -> None:
+    """What `model.save_pretrained` writes (config, generation config, model.safetensors), on any rank.
+
+    transformers 5 writes the weights only on global rank 0 once a process group exists, and silently skips them on
+    the other ranks; but the first rank of every other machine builds its own cache when FTUNE_HOME is not shared
+    (train.py). So the weights go through safetensors directly, each tied tensor once under its first name (the
+    input embedding, which is what save_pretrained keeps and from_pretrained re-ties the LM head to).
+    """
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        tensors[name] = t.detach().contiguous()
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
 def embedded_tokenizer_dir() -> Path:
     """The SmolLM2 tokenizer (from the GGUF file, or the hub), saved once as a plain HF tokenizer directory."""
     from transformers import AutoTokenizer
@@ -99,7 +121,7 @@ def _convert_embedded(gguf: Path) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_model(model, tmp)
         AutoTokenizer.from_pretrained(embedded_tokenizer_dir()).save_pretrained(tmp)
 
     return _atomic_build(ftune_home() / "models" / "smollm2-135m-instruct", build)
@@ -120,7 +142,7 @@ def _tiny_random() -> Path:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_model(model, tmp)
         tok.save_pretrained(tmp)
 
     return _atomic_build(ftune_home() / "models" / "tiny_random", build)

@@ -18,7 +18,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Iterator
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
@@ -122,6 +126,54 @@ def make_accelerator(cfg):
     acc = Accelerator(mixed_precision=cfg.trainer.mixed_precision, **plugins(cfg.trainer))
     check_state(cfg, acc)
     return acc
+
+
+def shared_output_dir(acc, out: Path, checks: Callable[[Path], None], wait_s: float = 10.0) -> Path:
+    """The one run directory of a multi-process run, checked, before any long work starts.
+
+    Each launcher's Hydra resolves the default `outputs/<date>/<time>` itself, so ranks started by torchrun,
+    `accelerate launch` or on other machines disagree by microseconds (and a relative path by the launch directory):
+    every rank takes rank 0's absolute path, and removes the empty directory its own Hydra made for its own choice.
+    Rank 0 runs `checks` (a fresh or resumable, writable directory) and writes a probe file there; every rank must see
+    it, since all of them write their RNG state into each checkpoint and read checkpoints back on resume. A directory
+    on one machine's local disk is refused, on every rank with the same message, naming the ranks that cannot see it.
+    """
+    if acc.num_processes == 1:
+        checks(out)
+        return out
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    mine = out.absolute()
+    problem, probe = None, None
+    if acc.is_main_process:
+        try:
+            checks(mine)
+            probe = f".ftune-probe-{secrets.token_hex(8)}"
+            (mine / probe).write_text("rank 0 was here")
+        except (ConfigError, OSError) as e:
+            problem = str(e)
+    chosen, problem, probe = broadcast_object_list([str(mine), problem, probe], from_process=0)
+    chosen = Path(chosen)
+    if chosen != mine:
+        with contextlib.suppress(OSError):  # an empty directory only: never one that holds anything
+            mine.rmdir()
+    if problem:
+        raise ConfigError(problem)
+    deadline = time.monotonic() + wait_s  # network file systems may show a new file to other clients a little late
+    while not (seen := (chosen / probe).is_file()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = gather_object([(acc.process_index, socket.gethostname(), seen)])
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with contextlib.suppress(OSError):
+            (chosen / probe).unlink()
+    blind = [f"rank {rank} on {host}" for rank, host, ok in views if not ok]
+    if blind:
+        raise ConfigError(f"output_dir={chosen} is not shared: {', '.join(blind)} cannot see the file rank 0 wrote "
+                          f"there. Every process writes into each checkpoint and reads it back on resume, so the "
+                          f"run directory must be on storage every machine mounts at the same path (NFS, Lustre, a "
+                          f"cloud file system). Pass output_dir=/shared/path/NAME on every machine.")
+    return chosen
 
 
 def clipped_parameters(acc, model: torch.nn.Module, optimizer) -> list[torch.nn.Parameter]:
