@@ -96,7 +96,7 @@ def test_two_machines_train_one_run_like_one_process_with_the_global_batch(tmp_p
     l2, l1 = losses(run), losses(one)
     assert len(l2) == len(l1) == 3 and l2[-1] < l2[0]
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
-    w2, w1 = load_file(run / "final" / "adapter_model.safetensors"), load_file(one / "final" / "adapter_model.safetensors")
+    w2, w1 = (load_file(r / "final" / "adapter_model.safetensors") for r in (run, one))
     assert w2.keys() == w1.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)
@@ -114,7 +114,8 @@ def test_a_run_directory_the_other_machine_cannot_see_is_refused(tmp_path):
                          node1_prefix=["unshare", "--mount", "sh", "-c", script, "sh"])
     for k, (rc, _, err) in enumerate(nodes):
         assert rc != 0, f"node {k} trained"
-        assert f"output_dir={shared / 'run'} is not shared: rank 1 on {socket.gethostname()} cannot see" in err, err[-3000:]
+        said = f"output_dir={shared / 'run'} is not shared: rank 1 on {socket.gethostname()} cannot see"
+        assert said in err, err[-3000:]
         assert "storage every machine mounts" in err
     # Refused before training: no run (Hydra's own .hydra/ and train.log only), and rank 0 removed its probe file.
     assert sorted(p.name for p in (shared / "run").iterdir()) == [".hydra", "train.log"]
