@@ -7,7 +7,7 @@ PIP = $(VENV)/bin/pip
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench device-pack clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,5 +37,30 @@ lint: setup
 bench: setup
 	$(VENV)/bin/python -m scripts.bench --suite all --wait-idle 180 --out bench-out
 
+# What `bash scripts/gpu_check.sh` needs on a CUDA machine without internet, in .device/ and .device-qlora/ (both
+# ignored by git, rebuilt each time): wheels of the packages a CUDA PyTorch image may lack, at this venv's versions
+# and for that machine's Python (DEVICE_PY), the tokenizer cache, and the data from FTUNE_DATA_DIR (default
+# ../shared/data). hydra's parser (antlr4 4.9.3) exists only as an sdist, so its wheel is built here.
+DEVICE_PY ?= 3.12
+FTUNE_DATA_DIR ?= $(abspath ../shared/data)
+DEVICE_PLATFORMS = $(foreach n,28_x86_64 27_x86_64 24_x86_64 17_x86_64,--platform manylinux_2_$(n)) \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+DEVICE_DOWNLOAD = $(PIP) download -q --no-deps --only-binary=:all: --python-version $(DEVICE_PY) --implementation cp \
+	$(DEVICE_PLATFORMS)
+pinned = $(shell $(VENV)/bin/python -c "import importlib.metadata as m, sys; \
+	print(' '.join(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $(1))
+
+device-pack: setup
+	rm -rf .device .device-qlora
+	mkdir -p .device/whl .device/whl-bench .device/data .device/home .device-qlora
+	$(DEVICE_DOWNLOAD) -d .device/whl $(call pinned,transformers peft datasets dill multiprocess hydra-core omegaconf)
+	$(PIP) wheel -q --no-deps -w .device/whl antlr4-python3-runtime==4.9.3
+	$(DEVICE_DOWNLOAD) -d .device/whl-bench $(call pinned,trl) liger-kernel
+	$(DEVICE_DOWNLOAD) -d .device-qlora $(call pinned,bitsandbytes)
+	FTUNE_HOME=$(CURDIR)/.device/home $(VENV)/bin/python -c \
+		"from ftune.models.loading import embedded_tokenizer_dir as t; print('tokenizer:', t())"
+	cp -r $(FTUNE_DATA_DIR)/gsm8k $(FTUNE_DATA_DIR)/hh-rlhf-harmless .device/data/
+	du -sh .device .device-qlora
+
 clean:
-	rm -rf build dist *.egg-info outputs multirun
+	rm -rf build dist *.egg-info outputs multirun .device .device-qlora

@@ -75,3 +75,29 @@ def test_suite_table_verdict():
     f, _ = suite_rows("sft-lora", gpu)  # GPU: 1.4x >= 1.3x and 46% >= 45%; memory is not part of the GPU target
     assert f["target_met"] is True
     assert "no (speed, memory, MFU)" in table(suite_rows("full-ft", slow), markdown=True)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
+    """scripts/gpu_check.sh with GPU_CHECK_DEVICE=cpu: every step runs (tiny models), the short runs' losses fall, and
+    OUT holds only the few files a results-limited transfer brings back."""
+    import ast
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "PY": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    for part in ("core", "qlora"):
+        r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), part], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    statuses = [line.split()[1] for line in summary.splitlines() if line.strip().startswith("exit ")]
+    assert len(statuses) == 6 and set(statuses) == {"0"}, summary
+    losses = {line.split()[0]: ast.literal_eval(line.split(" losses ")[1])
+              for line in summary.splitlines() if " losses " in line}
+    assert set(losses) >= {"bf16", "compile", "ckpt", "qlora", "qlora-big"}
+    for name in ("bf16", "compile", "ckpt", "qlora"):
+        assert len(losses[name]) == 6 and losses[name][-1] < losses[name][0], (name, losses[name])
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "env.txt", "logs.tar.gz", "summary.txt"]
+    assert "| sft-lora | ftune packed |" in (out / "bench.md").read_text()
