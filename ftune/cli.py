@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         check_overrides(command, rest)
+        if command == "train":  # before Hydra writes .hydra/ into an earlier run's directory
+            from ftune.train import refuse_existing_run
+
+            refuse_existing_run(rest)
     except ConfigError as e:
         print(f"ftune: config error: {e}", file=sys.stderr)
         sys.exit(2)

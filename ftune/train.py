@@ -71,6 +71,24 @@ def _check_fresh(out: Path, resume) -> None:
                           f"another output_dir. Its checkpoints and outputs were not touched.")
 
 
+def refuse_existing_run(argv: list[str]) -> None:
+    """The fresh-run check for an `output_dir=` given on the command line, before Hydra starts: Hydra writes `.hydra/`
+    (the run's recorded config) into the run directory before the job runs, so a refused rerun would otherwise
+    replace the config of the run it refuses to touch. Sweeps (`-m`, which write into output_dir/K) and the printing
+    flags (`--cfg`, `--info`, `--help`) are left alone; the Trainer checks again whatever path the config resolves."""
+    if any(a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
+        return
+    out, resume = None, None
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "output_dir":
+            out = value
+        elif key.lstrip("+~") == "trainer.resume":
+            resume = None if value.lower() in ("", "null", "none") else value
+    if out:
+        _check_fresh(Path(out), resume)
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -431,5 +449,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        refuse_existing_run(sys.argv[1:])
+    except ConfigError as e:
+        print(f"ftune: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = ["ftune train", *rank_argv(sys.argv[1:])]
     main()

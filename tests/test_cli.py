@@ -159,3 +159,22 @@ def test_sweep_jobs_get_their_own_output_dirs(tmp_path, tiny_tokenizer):
         lrs.append(yaml.safe_load((run / "final" / "ftune_config.yaml").read_text())["trainer"]["lr"])
         assert (run / ".hydra" / "overrides.yaml").is_file()
     assert lrs == [1e-3, 2e-3]
+
+
+def test_a_refused_rerun_leaves_the_earlier_runs_recorded_config_alone(tmp_path):
+    """Hydra writes .hydra/ before the job starts; the refusal of an output_dir that holds a run comes first, from
+    `ftune train` and from `python -m ftune.train` (what torchrun and accelerate launch run)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    recorded = {name: f"the earlier run's {name}\n" for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
+    for name, text in recorded.items():
+        (run / ".hydra" / name).write_text(text)
+    for cmd in (["train"], [sys.executable, "-m", "ftune.train"]):
+        args = [*TINY, f"output_dir={run}"]
+        r = (ftune(*cmd, *args, cwd=tmp_path) if cmd == ["train"] else
+             subprocess.run([*cmd, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120))
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"output_dir={run} already holds a run. Continue it with trainer.resume=auto" in r.stderr
+        assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == recorded
+        assert sorted(p.name for p in run.iterdir()) == [".hydra", "metrics.jsonl"]  # no train.log added either
