@@ -3,8 +3,11 @@ skips the weights on every rank but global rank 0: what it writes loads back as 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ftune.models.loading import _save_model
@@ -18,9 +21,17 @@ def test_saved_cache_loads_back_the_same_model(tmp_path, tied):
     model = LlamaForCausalLM(config)
     if not tied:  # an untied head that differs from the embedding, so a swapped or shared tensor would show
         torch.nn.init.normal_(model.lm_head.weight)
-    _save_model(model, tmp_path)
-    assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours, theirs = tmp_path / "ours", tmp_path / "save_pretrained"
+    ours.mkdir()
+    _save_model(model, ours)
+    model.save_pretrained(theirs)  # one process, no process group: transformers writes everything itself
+    # The same files, the same config (architectures and dtype included), the same tensors under the same names.
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded = AutoModelForCausalLM.from_pretrained(ours)
     want, got = model.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
     for k in want:

@@ -87,6 +87,8 @@ def _save_model(model, directory: Path) -> None:
             continue
         seen.add(t.data_ptr())
         tensors[name] = t.detach().contiguous()
+    model.config.dtype = str(model.dtype).split(".")[1]  # what save_pretrained records beside the weights
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
