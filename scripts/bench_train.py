@@ -233,6 +233,55 @@ def matmul_peak(n: int = 2048, repeats: int = 5, inner: int = 3, device: str = "
     return out
 
 
+def model_matmul_shapes(model_dir: Path, rows: int, peft: str = "lora") -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of the matrix products one decoder-only forward + backward over `rows` tokens runs: every
+    decoder layer's projections and the LM head, forward (rows x in x out) and activation gradient (rows x out x in),
+    plus the weight gradient (in x rows x out) under full fine-tuning. LoRA's rank-r products and attention scores
+    are left out, as in flops_per_token."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    counts: dict[tuple[int, int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            k, n = m.in_features, m.out_features
+            products = [(rows, k, n), (rows, n, k)] + ([(k, rows, n)] if peft == "full" else [])
+            for shape in products:
+                counts[shape] = counts.get(shape, 0) + 1
+    return [(*shape, c) for shape, c in counts.items()]
+
+
+def shape_matmul_rate(shapes: list[tuple[int, int, int, int]], device: str = "cpu", repeats: int = 5,
+                      dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
+    """GFLOP/s of the model's own products: each distinct (m, k, n) timed alone (best of `repeats`), then their total
+    FLOPs over their total time, each weighted by how often the model runs it. This is the rate a step could reach
+    if everything but these products took no time: the roof for this model's shapes, beside the square peak."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = {}
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        flops = seconds = 0.0
+        for m, k, n, count in shapes:
+            a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
+            torch.matmul(a, b)
+            sync()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.matmul(a, b)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            flops += 2 * m * k * n * count
+            seconds += best * count
+        out[name] = flops / seconds / 1e9
+    return out
+
+
 def param_counts(model_dir: Path) -> dict[str, int]:
     """Base parameters (tied weights counted once) and LoRA parameters for r on every linear layer but the LM head."""
     import torch
@@ -802,8 +851,11 @@ def report(results: list[dict], meta: dict) -> str:
     gpu = meta.get("device") == "cuda"
     for r in results:  # what the ratios compare: GPU memory on a GPU, resident memory on a CPU
         r["peak_memory_mib"] = r.get("peak_gpu_mib") if gpu else r.get("peak_rss_mib")
+    shape_peak = (meta.get("shape_matmul_gflops") or {}).get(meta["precision"])
     for r in ok:
         r["mfu"] = r["tokens_per_s"] * fpt / (peak * 1e9)
+        if shape_peak:
+            r["shape_mfu"] = r["tokens_per_s"] * fpt / (shape_peak * 1e9)
     cols = [f"{r['framework']} {'pack' if r['packing'] else 'no-pack'}"
             + (f" x{r['nproc']}" if r.get("nproc", 1) > 1 else "") for r in results]
     rows = [
@@ -812,6 +864,9 @@ def report(results: list[dict], meta: dict) -> str:
         *([("peak GPU memory (MiB, nvidia-smi)", [fmt(r.get("peak_gpu_mib")) for r in results])] if gpu else []),
         (f"MFU vs {meta['precision']} matmul peak", [fmt(r.get("mfu") and 100 * r["mfu"], ".2f") + "%"
                                                       if r.get("mfu") else "-" for r in results]),
+        *([("MFU vs the model's own matmul shapes", [fmt(r.get("shape_mfu") and 100 * r["shape_mfu"], ".2f") + "%"
+                                                       if r.get("shape_mfu") else "-" for r in results])]
+          if shape_peak else []),
         ("useful tokens per CPU-second", [fmt(r.get("tokens_per_cpu_s"), ",.1f") for r in results]),
         ("timed steps / seconds", [f"{r.get('steps_timed', '-')} / {fmt(r.get('seconds_timed'), '.1f')}"
                                    for r in results]),
@@ -851,6 +906,11 @@ def report(results: list[dict], meta: dict) -> str:
     lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']} at start and at end): "
                  + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
                  + f"; MFU uses the {meta['precision']} figure")
+    if meta.get("shape_matmul_gflops"):
+        lines.append(f"matmul rate at the model's own shapes ({meta['shape_matmul_rows']} rows: each projection "
+                     f"forward and backward, weighted by its FLOPs): "
+                     + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in meta["shape_matmul_gflops"].items())
+                     + "; the roof a step could reach if nothing but these products took time")
     lines.append(f"MFU formula: {meta['flops_formula']}")
     lines.append(f"tokens/s: real (non-padding) tokens of steps {meta['warmup_steps'] + 1}..{meta['steps']} over "
                  f"their wall time; the first {meta['warmup_steps']} step(s) are warm-up and left out. Per CPU-second: "
@@ -897,6 +957,9 @@ def main(argv=None) -> int:
     peak = matmul_peak(matmul_n, device=a.device)
     params = param_counts(model_dir)
     fpt, formula = flops_per_token(params, a.objective, a.peft)
+    rows = a.seq_len * a.batch_size
+    print(f"[bench] measuring the matmul rate at the model's own shapes ({rows} rows) ...", flush=True)
+    shape_rate = shape_matmul_rate(model_matmul_shapes(model_dir, rows, a.peft), a.device, dtypes=(precision,))
     packings = {"off": [False], "on": [True], "both": [False, True]}[a.packing]
     frameworks = {"ftune": ["ftune"], "trl": ["trl"], "both": ["ftune", "trl"]}[a.only]
     work = Path(tempfile.mkdtemp(prefix="bench_train."))
@@ -953,6 +1016,7 @@ def main(argv=None) -> int:
             "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
             "data": str(data_dir / DATA_FILE[a.objective]), "params": params, "flops_per_token": fpt,
             "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": matmul_n,
+            "shape_matmul_gflops": shape_rate, "shape_matmul_rows": rows,
             "matmul_repeats": 5,
             "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "load_avg_before": load_before, "load_avg_after": load_after, "work_dir": str(work) if a.keep else None,

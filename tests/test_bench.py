@@ -55,6 +55,24 @@ def test_flops_per_token():
     assert eng.flops_per_token(params, "dpo", "full")[0] == 8 * 1000
 
 
+@pytest.mark.parametrize("peft,per_param", [("lora", 4), ("full", 6)])
+def test_model_matmul_shapes_add_up_to_the_flops_formula(tmp_path, peft, per_param):
+    """The products timed for the model-shape matmul rate are the ones flops_per_token counts: forward + activation
+    gradient (LoRA: 4 FLOPs per weight and token), plus the weight gradient under full fine-tuning (6)."""
+    from transformers import LlamaConfig
+
+    eng = _engine()
+    LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(tmp_path)
+    rows = 24
+    shapes = eng.model_matmul_shapes(tmp_path, rows, peft)
+    linear = 2 * (3 * 32 * 64 + 32 * 32 * 2 + 32 * 16 * 2) + 32 * 96  # mlp, q/o, k/v per layer; the LM head
+    assert sum(2 * m * k * n * c for m, k, n, c in shapes) == per_param * rows * linear
+    assert (rows, 32, 96, 1) in shapes and (rows, 96, 32, 1) in shapes  # the head, forward and activation gradient
+    rate = eng.shape_matmul_rate(shapes, "cpu", repeats=1, dtypes=("fp32",))
+    assert set(rate) == {"fp32"} and 0 < rate["fp32"] < 1e6  # GFLOP/s, finite
+
+
 def test_suite_table_verdict():
     from scripts.bench.__main__ import suite_rows, table
 

@@ -127,6 +127,7 @@ def suite_rows(name: str, data: dict) -> list[dict]:
         mem = r.get("peak_memory_mib", r.get("peak_rss_mib"))
         row = {"suite": name, "tool": f"{r['framework']} {'packed' if r['packing'] else 'padded'}",
                "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mib": mem, "mfu": r.get("mfu"),
+               "shape_mfu": r.get("shape_mfu"),
                "ratio": None, "memory_ratio": None, "target_met": None, "error": r.get("error") and "failed"}
         ref = trl.get(r["packing"])
         if r["framework"] == "ftune" and r.get("tokens_per_s") and ref:
@@ -153,20 +154,22 @@ def _f(x, spec):
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["suite", "tool", "useful tok/s", "vs TRL", "peak mem MiB", "mem vs TRL", "MFU", "target met"]
+    head = ["suite", "tool", "useful tok/s", "vs TRL", "peak mem MiB", "mem vs TRL", "MFU", "MFU at model shapes",
+            "target met"]
     body = []
     for r in rows:
         if r.get("error") and r.get("tool") == "-":
-            body.append([r["suite"], "-", "failed", "", "", "", "", r["error"]])
+            body.append([r["suite"], "-", "failed", "", "", "", "", "", r["error"]])
             continue
         verdict = "-" if r.get("target_met") is None else "yes" if r["target_met"] else f"no ({', '.join(r['missed'])})"
         body.append([r["suite"], r["tool"], _f(r["tokens_per_s"], ",.1f"), _f(r["ratio"], ".2f") + "x"
                      if r["ratio"] else "-", _f(r["peak_memory_mib"], ",.0f"),
                      _f(r["memory_ratio"], ".2f") + "x" if r["memory_ratio"] else "-",
                      _f(r["mfu"] and 100 * r["mfu"], ".2f") + "%" if r["mfu"] else "-",
+                     _f(100 * r["shape_mfu"], ".2f") + "%" if r.get("shape_mfu") else "-",
                      "failed" if r.get("error") else verdict])
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 5 + ["---"]) + "|"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 6 + ["---"]) + "|"]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
     ws = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     out = ["  ".join(f"{h:<{w}}" if i < 2 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(head, ws)))]
@@ -179,6 +182,9 @@ def hardware(suites: dict) -> str:
     if meta is None:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     peak = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items())
+    if meta.get("shape_matmul_gflops"):  # the suite's first model and shapes; each suite's JSON holds its own
+        peak += " (at the model's own shapes: " + ", ".join(
+            f"{k} {v:,.0f}" for k, v in meta["shape_matmul_gflops"].items()) + ")"
     where = meta.get("gpu") or f"{meta['cpu']}, {os.cpu_count()} cores, {meta['torch_threads']} torch threads"
     v = meta["versions"]
     return (f"{where}; matmul peak {peak}; torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, "
