@@ -119,3 +119,27 @@ def test_a_run_directory_the_other_machine_cannot_see_is_refused(tmp_path):
         assert "storage every machine mounts" in err
     # Refused before training: no run (Hydra's own .hydra/ and train.log only), and rank 0 removed its probe file.
     assert sorted(p.name for p in (shared / "run").iterdir()) == [".hydra", "train.log"]
+
+
+@pytest.mark.slow
+def test_resume_on_two_machines_continues_the_same_trajectory(tmp_path):
+    """Both machines resume from the checkpoint rank 0 wrote into the shared run directory (trainer.resume=auto on
+    each): the resumed steps equal those of an uninterrupted two-machine run, bit for bit."""
+    args = [*(a for a in BASE if not a.startswith("trainer.max_steps=")), "trainer.batch_size=2",
+            "trainer.save_every=2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+
+    def two_machines(*extra):
+        for k, (rc, _, err) in enumerate(launch_nodes(tmp_path, "torchrun", [*args, *extra])):
+            assert rc == 0, f"node {k}:\n{err[-3000:]}"
+
+    two_machines("trainer.max_steps=6", f"output_dir={full}")
+    two_machines("trainer.max_steps=3", f"output_dir={cut}")
+    assert (cut / "checkpoints" / "checkpoint-2").is_dir()
+    two_machines("trainer.max_steps=6", "trainer.resume=auto", f"output_dir={cut}")
+    assert len(losses(full)) == 6 and [r["step"] for r in map(json.loads, (cut / "metrics.jsonl").read_text()
+                                                              .splitlines()) if "loss" in r][-4:] == [3, 4, 5, 6]
+    torch.testing.assert_close(torch.tensor(losses(cut)[-4:]), torch.tensor(losses(full)[-4:]), rtol=0, atol=0)
+    w_full, w_cut = (load_file(r / "final" / "adapter_model.safetensors") for r in (full, cut))
+    for k, v in w_full.items():
+        assert torch.equal(w_cut[k], v), k
