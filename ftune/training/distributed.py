@@ -162,8 +162,7 @@ def shared_output_dir(acc, out: Path, checks: Callable[[Path], None], wait_s: fl
     deadline = time.monotonic() + wait_s  # network file systems may show a new file to other clients a little late
     while not (seen := (chosen / probe).is_file()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    views = gather_object([(acc.process_index, socket.gethostname(), seen)])
-    acc.wait_for_everyone()
+    views = gather_object([(acc.process_index, socket.gethostname(), seen)])  # collective: every rank has looked
     if acc.is_main_process:
         with contextlib.suppress(OSError):
             (chosen / probe).unlink()
