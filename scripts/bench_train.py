@@ -233,17 +233,23 @@ def matmul_peak(n: int = 2048, repeats: int = 5, inner: int = 3, device: str = "
     return out
 
 
+def meta_model(model_dir: Path):
+    """The causal LM of `model_dir`'s config on the meta device: its shapes, without memory or weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
 def model_matmul_shapes(model_dir: Path, rows: int, peft: str = "lora") -> list[tuple[int, int, int, int]]:
     """(m, k, n, count) of the matrix products one decoder-only forward + backward over `rows` tokens runs: every
     decoder layer's projections and the LM head, forward (rows x in x out) and activation gradient (rows x out x in),
     plus the weight gradient (in x rows x out) under full fine-tuning. LoRA's rank-r products and attention scores
     are left out, as in flops_per_token."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(model_dir)
     counts: dict[tuple[int, int, int], int] = {}
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
@@ -285,11 +291,9 @@ def shape_matmul_rate(shapes: list[tuple[int, int, int, int]], device: str = "cp
 def param_counts(model_dir: Path) -> dict[str, int]:
     """Base parameters (tied weights counted once) and LoRA parameters for r on every linear layer but the LM head."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(model_dir)
+    config = model.config
     base = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     out_emb = model.get_output_embeddings()
     lora = sum(LORA["r"] * (m.in_features + m.out_features) for m in model.modules()
