@@ -13,8 +13,8 @@
 # Each step has its own time limit and log; a failing step does not stop the next. OUT receives five files at most:
 # summary.txt (every step's command, exit status, seconds and last lines; the short runs' losses), env.txt (GPU and
 # package versions), bench.md and bench.json (the benchmark's table) and logs.tar.gz (every log); the runs themselves
-# stay in a scratch directory (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the same steps on a CPU with tiny models (a
-# check of this script itself, not of the GPU).
+# stay in a scratch directory (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the same steps
+# on a CPU with tiny models (a check of this script itself, not of the GPU).
 set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT [core|qlora]}
 PART=${2:-core}

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses  # noqa: E402
 from test_cli import ftune  # noqa: E402
 
 # No dropout (each rank draws its own masks) and a constant lr (a shorter run then equals the start of a longer one).
@@ -22,10 +23,6 @@ BASE = ["model=tiny_random", "data.size=64", "data.eval_size=0", "data.max_lengt
         "eval=none", "trainer.progress=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.warmup_ratio=0",
         "trainer.scheduler=constant", "trainer.log_every=1"]
 WORKER = Path(__file__).parent / "_dist_worker.py"
-
-
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:

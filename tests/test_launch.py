@@ -15,15 +15,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses  # noqa: E402
 from test_cli import ftune  # noqa: E402
 
 BASE = ["model=tiny_random", "data.size=64", "data.eval_size=0", "data.packing=false", "eval=none",
         "trainer.progress=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.warmup_ratio=0",
         "trainer.scheduler=constant", "trainer.batch_size=4", "trainer.max_steps=3"]
-
-
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_accelerate_launch_equals_ftune_nproc(tmp_path):

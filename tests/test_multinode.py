@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses  # noqa: E402
 from test_cli import ftune  # noqa: E402
 
 from ftune.paths import configs_dir  # noqa: E402
@@ -34,10 +35,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def launch_nodes(tmp_path: Path, launcher: str, args: list[str], node1_prefix: list[str] = ()) -> list[tuple]:
