@@ -31,7 +31,7 @@ import torch
 from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
-from ftune.objectives.sft import labelled_logits, token_ce_sum
+from ftune.objectives.sft import labelled_ce_sum
 
 log = logging.getLogger(__name__)
 NOISES = ("random", "mask", "pad")
@@ -104,7 +104,7 @@ class MaskedThought:
             id, which is EOS for tokenizers without a pad token, e.g. SmolLM2 and Llama-2).
         warmup_ratio: w, the fraction of the optimizer steps over which the rate ramps up linearly; 0 = constant.
         mask_token: noise=mask: the token to use (null = chosen automatically).
-        chunk_size: positions per float32 chunk of the cross-entropy.
+        chunk_size: positions per chunk of the LM head + cross-entropy (None = auto, as in objective=sft).
     """
 
     can_pack = True
@@ -112,7 +112,7 @@ class MaskedThought:
     collate = staticmethod(collate)
 
     def __init__(self, rate: float = 0.4, noise: str = "random", warmup_ratio: float = 0.66,
-                 mask_token: str | None = None, chunk_size: int = 1024):
+                 mask_token: str | None = None, chunk_size: int | None = None):
         if not 0 <= rate < 1:
             raise ConfigError(f"objective.rate={rate} must be in [0, 1) (the paper uses 0.4 on GSM8K, 0.2 on MATH).")
         if noise not in NOISES:
@@ -172,5 +172,4 @@ class MaskedThought:
                 batch, replaced = dict(batch, input_ids=ids), float(chosen[:, 1:].sum())
             self.micro += 1
             metrics["mask_rate"] = replaced  # a sum: the loop divides it by the label tokens
-        logits, targets, _, _ = labelled_logits(model, batch)
-        return token_ce_sum(logits, targets, self.chunk_size), metrics
+        return labelled_ce_sum(model, batch, self.chunk_size), metrics

@@ -185,7 +185,7 @@ class S3FT:
     def __init__(self, judge: str = "numeric_match", max_new_tokens: int = 256, gen_batch_size: int = 16,
                  answer_instruction: str | None = None, paraphrase_prompt: str | None = None,
                  judge_prompt: str | None = None, test_timeout: float = 10.0, save_every: int = 128,
-                 chunk_size: int = 1024):
+                 chunk_size: int | None = None):
         judges.check_judge(judge)
         paraphrase_prompt = paraphrase_prompt or PARAPHRASE_PROMPT
         judge_prompt = judge_prompt or judges.JUDGE_PROMPT

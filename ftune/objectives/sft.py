@@ -14,18 +14,21 @@ import torch.nn.functional as F
 
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
+from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy_sum
 
 log = logging.getLogger(__name__)
 
 
-def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = 1024) -> torch.Tensor:
     """Sum of cross-entropy over positions whose target is not -100, upcasting to float32 one chunk at a time.
 
     Args:
         logits: (N, V) logits for N positions.
         targets: (N,) token ids, -100 where ignored.
-        chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats).
+        chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats); None = about 2^23
+            logits per chunk (`linear_ce.auto_chunk_rows`).
     """
+    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1])
     total = logits.new_zeros((), dtype=torch.float32)
     for s in range(0, logits.shape[0], chunk_size):
         total = total + F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size],
@@ -117,6 +120,30 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return logits, targets, rows, cols + 1
 
 
+def _plain_head(model) -> torch.nn.Linear | None:
+    """The output embeddings when they are a plain nn.Linear without hooks, so that its weight and bias alone give
+    its output (not so for, e.g., a quantized or adapter-wrapped head); else None."""
+    head = _unwrap(model).get_output_embeddings()
+    plain = type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+    return head if plain else None
+
+
+def labelled_ce_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy at the (row, position) pairs that predict a label (see `labelled_logits`).
+
+    Where the logits are the plain LM head applied to the last hidden states, the head and the loss run fused
+    (`linear_ce.linear_cross_entropy_sum`: no (N, V) logits kept, gradients computed chunk by chunk); otherwise
+    through the logits (`token_ce_sum`). Both give the same loss and gradients up to float rounding.
+    """
+    rows, cols, targets = _label_pairs(batch)
+    head = _plain_head(model)
+    if head is not None and _head_matches(model, batch, rows, cols):
+        return linear_cross_entropy_sum(_hidden_at(model, batch, rows, cols), head.weight, head.bias, targets,
+                                        chunk_size)
+    logits, targets, _, _ = labelled_logits(model, batch)
+    return token_ce_sum(logits, targets, chunk_size)
+
+
 class SFT:
     """`objective=sft`: next-token cross-entropy on response tokens (prompt tokens are labelled -100)."""
 
@@ -124,7 +151,7 @@ class SFT:
     data_kind = "sft"
     collate = staticmethod(collate)
 
-    def __init__(self, chunk_size: int = 1024):
+    def __init__(self, chunk_size: int | None = None):
         self.chunk_size = chunk_size
         self.fused = None  # Liger's fused linear cross-entropy, with trainer.liger=true
 
@@ -145,10 +172,9 @@ class SFT:
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if self.fused is not None:
             rows, cols, targets = _label_pairs(batch)
-            if _head_matches(model, batch, rows, cols):  # else (soft-capped logits) the plain path below
+            head = _plain_head(model)
+            if head is not None and _head_matches(model, batch, rows, cols):  # else the path below
                 # The same sum of cross-entropies, the (N, V) logits never materialised: Liger computes the head and
-                # the loss chunk by chunk and writes the gradients during the forward.
-                head = _unwrap(model).get_output_embeddings()
+                # the loss chunk by chunk in Triton and writes the gradients during the forward.
                 return self.fused(head.weight, _hidden_at(model, batch, rows, cols), targets, head.bias), {}
-        logits, targets, _, _ = labelled_logits(model, batch)
-        return token_ce_sum(logits, targets, self.chunk_size), {}
+        return labelled_ce_sum(model, batch, self.chunk_size), {}

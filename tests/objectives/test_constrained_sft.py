@@ -169,8 +169,8 @@ def test_policy_equal_reference_gives_the_cross_entropy_gradient(peft):
     assert metrics == {"weight": n, "delta": 0.0, "objective": pytest.approx(metrics["objective"])}
     torch.testing.assert_close(loss, sft_loss, rtol=1e-6, atol=1e-6)
     assert g.keys() == sft_g.keys() and len(g) > 0
-    for name in g:
-        torch.testing.assert_close(g[name], sft_g[name], rtol=1e-5, atol=1e-7)
+    for name in g:  # SFT runs the head + loss fused, so float32 rounding differs slightly from the logits path here
+        torch.testing.assert_close(g[name], sft_g[name], rtol=1e-5, atol=1e-6)
 
 
 def test_moved_policy_gets_the_weighted_cross_entropy_gradient_by_hand():
