@@ -13,32 +13,29 @@ import logging
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from ftune.config import ConfigError
 from ftune.data.batching import collate_packed
 from ftune.objectives.preference import LOSSES, REFERENCE_FREE, preference_loss
-from ftune.objectives.sft import labelled_logits
+from ftune.objectives.sft import labelled_token_ce
 
 log = logging.getLogger(__name__)
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of the labelled tokens of each sequence and the number of those tokens: (S,), (S,).
 
-    Sequences are the batch's `seq_ids` (several packed in a row, see `collate_pairs`), or else its rows.
+    Sequences are the batch's `seq_ids` (several packed in a row, see `collate_pairs`), or else its rows. The head and
+    the float32 log-softmax run `chunk_size` positions at a time (None = about 2^23 logits per chunk).
     """
-    logits, targets, rows, cols = labelled_logits(model, batch)
+    ce, rows, cols = labelled_token_ce(model, batch, chunk_size)
     seq_ids = batch.get("seq_ids")
     if seq_ids is None:
-        seq_ids = torch.arange(batch["labels"].shape[0], device=targets.device)[:, None].expand_as(batch["labels"])
+        seq_ids = torch.arange(batch["labels"].shape[0], device=ce.device)[:, None].expand_as(batch["labels"])
     seq = seq_ids[rows, cols]
     n_seq = int(seq_ids.max()) + 1
-    # Float32 one chunk of positions at a time (caps the upcast at chunk_size x vocab floats).
-    token_logps = torch.cat([-F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size],
-                                              reduction="none") for s in range(0, len(targets), chunk_size)]
-                            or [logits.new_zeros(0, dtype=torch.float32)])
-    logps = token_logps.new_zeros(n_seq).index_add(0, seq, token_logps)
+    logps = ce.new_zeros(n_seq).index_add(0, seq, -ce)
     return logps, torch.bincount(seq, minlength=n_seq)
 
 

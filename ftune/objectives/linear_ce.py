@@ -12,8 +12,9 @@ LM head + loss of SmolLM2-135M at 915 labelled positions (vocabulary 49,152, bf1
 backward instead of 390-405 ms, where the two matmuls alone take 220 ms, and no (N, V) tensor is kept.
 
 Our own code: Liger's fused linear cross-entropy (`trainer.liger=true`) does the same in Triton, and Apple's
-cut-cross-entropy also needs Triton; neither runs on a CPU. Only the summed loss is supported: the gradients are
-computed in the forward pass, which needs the incoming gradient to be one scalar.
+cut-cross-entropy also needs Triton; neither runs on a CPU. The gradients are
+computed in the forward pass, so the head's own gradient needs the loss summed (one incoming gradient for all
+positions); `linear_cross_entropy` gives each position's loss where the head does not train (DPO with an adapter).
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ def auto_chunk_rows(vocab: int) -> int:
     return max(16, 1 << (rows.bit_length() - 1))
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
+class _LinearCrossEntropy(torch.autograd.Function):
+    """per_position=False: the summed loss (a scalar); True: each position's loss (N,), for a head that does not
+    train (the weight gradient would need every position's incoming gradient at once)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):  # noqa: D401 - autograd.Function API
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, per_position):  # noqa: D401 - autograd.Function API
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        assert not (per_position and (need_w or need_b)), "per-position losses need a frozen head"
+        losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
@@ -55,7 +60,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             z.sub_(top).exp_()
             total = z.sum(1, keepdim=True)
             lse = (top + total.log()).squeeze(1)
-            loss += torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+            losses[s: s + chunk_rows] = torch.where(valid, lse - picked, torch.zeros_like(lse))
             if not (need_h or need_w or need_b):
                 continue
             # d loss / d logits = softmax - one-hot on labelled positions, 0 on ignored ones; scaled and cast in one op.
@@ -71,14 +76,25 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_w += (g.t() @ h.to(g.dtype)).float()
             if need_b:
                 grad_b += g.sum(0, dtype=torch.float32)
-        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.grads, ctx.per_position = (grad_h, grad_w, grad_b), per_position
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss
+        return losses if per_position else losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.per_position:  # each position's loss depends on its own hidden state only
+            grad_h = ctx.grads[0]
+            return (None if grad_h is None else (grad_h * grad_loss[:, None]).to(ctx.dtypes[0]),
+                    None, None, None, None, None)
         scaled = tuple(None if g is None else (g * grad_loss).to(d) for g, d in zip(ctx.grads, ctx.dtypes))
-        return (*scaled, None, None)
+        return (*scaled, None, None, None)
+
+
+def _no_grad_detached(*tensors):
+    """Detached under torch.no_grad() (evaluation, a reference model), so that no gradient is computed there."""
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(None if t is None else t.detach() for t in tensors)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -93,4 +109,29 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         chunk_rows: positions per chunk; None = `auto_chunk_rows(V)`.
     """
     rows = chunk_rows or auto_chunk_rows(weight.shape[0])
-    return _LinearCrossEntropySum.apply(hidden, weight, bias, targets, rows)
+    return _LinearCrossEntropy.apply(*_no_grad_detached(hidden, weight, bias), targets, rows, False)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """Each position's cross-entropy (N,), float32, 0 where the target is -100; arguments as in
+    `linear_cross_entropy_sum`. Fused when the head does not train (LoRA and the other adapters; a reference model);
+    a head that trains takes the logits path, chunk by chunk."""
+    rows = chunk_rows or auto_chunk_rows(weight.shape[0])
+    head_trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not head_trains:
+        return _LinearCrossEntropy.apply(*_no_grad_detached(hidden, weight, bias), targets, rows, True)
+    return torch.cat([_tracked_losses(hidden[s: s + rows], weight, bias, targets[s: s + rows])
+                      for s in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])
+
+
+def _tracked_losses(h, weight, bias, t):
+    """One chunk's per-position losses through ordinary autograd ops, computed exactly as the fused forward computes
+    them (so that, e.g., DPO's trained policy and its frozen reference agree bit for bit on the same weights)."""
+    z = F.linear(h, weight, bias).float()
+    valid = t != IGNORE
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    picked = z.gather(1, safe_t[:, None]).squeeze(1)
+    top = z.detach().amax(1, keepdim=True)
+    lse = (top + (z - top).exp().sum(1, keepdim=True).log()).squeeze(1)
+    return torch.where(valid, lse - picked, torch.zeros_like(lse))

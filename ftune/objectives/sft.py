@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
-from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy_sum
+from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy, linear_cross_entropy_sum
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,22 @@ def labelled_ce_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | Non
                                         chunk_size)
     logits, targets, _, _ = labelled_logits(model, batch)
     return token_ce_sum(logits, targets, chunk_size)
+
+
+def labelled_token_ce(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each label's cross-entropy (N,), float32, with its row and position (as `labelled_logits` returns them): fused
+    through the head where it is plain and does not train (`linear_ce.linear_cross_entropy`), else from the logits."""
+    rows, cols, targets = _label_pairs(batch)
+    head = _plain_head(model)
+    if head is not None and _head_matches(model, batch, rows, cols):
+        return (linear_cross_entropy(_hidden_at(model, batch, rows, cols), head.weight, head.bias, targets,
+                                     chunk_size), rows, cols + 1)
+    logits, targets, rows, label_cols = labelled_logits(model, batch)
+    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1])
+    ce = torch.cat([F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size], reduction="none")
+                    for s in range(0, len(targets), chunk_size)] or [logits.new_zeros(0, dtype=torch.float32)])
+    return ce, rows, label_cols
 
 
 class SFT:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ftune.data.batching import collate
-from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy_sum
+from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy, linear_cross_entropy_sum
 from ftune.objectives.sft import SFT, labelled_ce_sum, labelled_logits, token_ce_sum
 
 X = -100
@@ -148,3 +148,80 @@ def test_a_head_with_a_hook_is_not_bypassed():
     torch.testing.assert_close(labelled_ce_sum(model, batch), token_ce_sum(logits, targets))
     hidden_unscaled = F.cross_entropy(logits.float() / 2.0, targets, ignore_index=X, reduction="sum")
     assert not torch.allclose(labelled_ce_sum(model, batch), hidden_unscaled)
+
+
+# ------------------------------------------------------------------------------------------- per position
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_per_position_losses_and_their_gradients_equal_float64(head_trains):
+    """Each position's loss, with a different incoming gradient per position (as DPO's sequence sums give): fused for
+    a frozen head, through the logits when the head trains."""
+    hidden, weight, b, targets = problem()
+    upstream = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(3))
+
+    def run(dtype, fn):
+        h = hidden.detach().to(dtype).requires_grad_()
+        w, bb = weight.to(dtype).requires_grad_(head_trains), b.to(dtype).requires_grad_(head_trains)
+        losses = fn(h, w, bb)
+        (losses * upstream.to(dtype)).sum().backward()
+        return losses.detach(), h.grad, w.grad
+
+    ref_losses, ref_gh, ref_gw = run(torch.float64, lambda h, w, bb: F.cross_entropy(
+        F.linear(h, w, bb), targets, ignore_index=X, reduction="none"))
+    losses, gh, gw = run(torch.float32, lambda h, w, bb: linear_cross_entropy(h, w, bb, targets, chunk_rows=7))
+    assert losses.shape == targets.shape and losses.dtype == torch.float32
+    torch.testing.assert_close(losses.double(), ref_losses, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh.double(), ref_gh, rtol=1e-5, atol=1e-6)
+    if head_trains:
+        torch.testing.assert_close(gw.double(), ref_gw, rtol=1e-5, atol=1e-6)
+    else:
+        assert gw is None
+
+
+def test_no_gradient_work_under_no_grad():
+    hidden, weight, b, targets = problem()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.no_grad():
+        total = linear_cross_entropy_sum(h, w, b, targets)
+        each = linear_cross_entropy(h, w, b, targets)
+    assert total.grad_fn is None and each.grad_fn is None
+    torch.testing.assert_close(each.sum(), total)
+    torch.testing.assert_close(total, plain(hidden, weight, b, targets))
+
+
+def test_dpo_sequence_logps_equal_the_logits_path_with_an_adapter():
+    """DPO with LoRA: the fused per-position path gives the same sequence log-probs and adapter gradients as the
+    model's own logits."""
+    from ftune.objectives.dpo import sequence_logps
+    from ftune.peft.lora import LoRA
+
+    model, batch = LoRA(r=4, dropout=0.0).apply(tiny_model(True)), sft_batch()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    logps, n = sequence_logps(model, batch)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    fused = named_grads(model, (logps * weights).sum())
+
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits.float()
+    token = F.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["labels"][:, 1:] != X
+    ref = (token * mask).sum(1)
+    torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-4)
+    assert n.tolist() == mask.sum(1).tolist()
+    unfused = named_grads(model, (ref * weights).sum())
+    assert fused.keys() == unfused.keys() and any("lora_B" in k for k in fused)
+    for name in fused:
+        torch.testing.assert_close(fused[name], unfused[name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_training_head_and_a_frozen_one_give_bitwise_equal_losses():
+    """DPO under full fine-tuning: the policy's head trains (logits path), the frozen reference's does not (fused);
+    at the same weights their log-probs must agree exactly, so the first step's rewards are exactly 0."""
+    hidden, weight, b, targets = problem(n=300, v=500)
+    trained = linear_cross_entropy(hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b, targets,
+                                   chunk_rows=64)
+    assert trained.grad_fn is not None
+    with torch.no_grad():
+        frozen = linear_cross_entropy(hidden, weight, b, targets, chunk_rows=64)
+    assert torch.equal(trained.detach(), frozen)
