@@ -19,7 +19,7 @@ class NoPackObjective:
 
     can_pack = False
 
-    def __init__(self, chunk_size: int = 1024):
+    def __init__(self, chunk_size: int | None = None):
         self.chunk_size = chunk_size
 
 

@@ -104,7 +104,7 @@ CONFIG_CASES = [
     Case("objective-key-typo", [*SFT, "+objective.chunksize=64"], "config",
          r"objective\.chunksize: unknown key.*Did you mean 'chunk_size'\?"),
     Case("objective-wrong-type", [*SFT, "objective.chunk_size=big"], "config",
-         r"objective\.chunk_size='big': expected int, got str.*objective\.chunk_size=\.\.\."),
+         r"objective\.chunk_size='big': expected int \| None, got str.*objective\.chunk_size=\.\.\."),
     Case("dpo-beta-wrong-type", [*DPO, "objective.beta=high"], "config", r"objective\.beta='high': expected float"),
     Case("qlora-with-full-finetuning", [*SFT, "peft=none", "+peft.quantize=4bit"], "config",
          r"peft=none \(full fine-tuning\) with peft\.quantize=4bit.*Use peft=qlora"),
