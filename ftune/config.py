@@ -53,6 +53,7 @@ class DataConfig:
     max_length: int = 512
     truncation: str = "drop"
     packing: bool = False
+    group_by_length: bool = False
     num_proc: int = 1
 
 
@@ -353,6 +354,10 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if cfg.data.packing and not getattr(objective_cls, "can_pack", False):
         raise ConfigError(f"data.packing=true does not work with {cfg.objective._target_} (it needs one example per "
                           f"row). Set data.packing=false.")
+    if cfg.data.packing and cfg.data.get("group_by_length"):
+        raise ConfigError("data.packing=true and data.group_by_length=true: packed rows are already full, so there "
+                          "is no padding to save. Keep one (packing for objectives that pack, group_by_length for "
+                          "the others).")
     kind = getattr(objective_cls, "data_kind", "sft")
     pair_sources, sft_sources = ("hh_rlhf",), ("gsm8k", "gsm_symbolic")
     if kind == "preference" and cfg.data.source in sft_sources:

@@ -179,7 +179,7 @@ class Trainer:
         model = self.peft.apply(model, t.gradient_checkpointing)
         if t.compile:  # in place (nn.Module.compile): parameter names, and so the saved files, stay as they are
             model.compile()
-        from ftune.data.batching import BatchOrder
+        from ftune.data.batching import BatchOrder, row_tokens
         from ftune.training.optim import build_optimizer, build_scheduler
 
         make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
@@ -189,8 +189,9 @@ class Trainer:
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
         self.objective.setup(self)
 
+        lengths = [row_tokens(r) for r in self.data.train] if cfg.data.group_by_length else None
         self.order = BatchOrder(len(self.data.train), t.batch_size, t.grad_accum, self.acc.num_processes,
-                                self.acc.process_index, cfg.seed)
+                                self.acc.process_index, cfg.seed, lengths)
         if self.order.steps_per_epoch == 0:
             raise ConfigError(f"only {len(self.data.train)} training rows, fewer than one optimizer step needs "
                               f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "

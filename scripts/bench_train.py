@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packing", choices=("off", "on", "both"), default=None,
                    help="packing off (padded rows), on (rows packed to --seq-len), or both (default: both for sft,\n"
                         "off for dpo)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="padded runs: ftune's data.group_by_length=true (rows of similar length per batch); TRL gets\n"
+                        "the same batches, as always")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="directory with gsm8k/train.jsonl (default $FTUNE_DATA_DIR, else ../shared/data)")
@@ -473,7 +476,8 @@ def ftune_overrides(a, packing: bool, precision: str, out_dir: Path) -> list[str
     return [
         *model, *data, f"data.limit={a.examples}", "data.eval_size=0",
         f"data.max_length={a.seq_len}", f"data.truncation={a.truncation}",
-        f"data.packing={'true' if packing else 'false'}", *peft,
+        f"data.packing={'true' if packing else 'false'}",
+        f"data.group_by_length={'true' if a.group_by_length and not packing else 'false'}", *peft,
         f"trainer.max_steps={a.steps}", f"trainer.batch_size={a.batch_size}", "trainer.grad_accum=1",
         f"trainer.mixed_precision={'bf16' if precision == 'bf16' else 'no'}", f"trainer.lr={a.lr}",
         f"trainer.weight_decay={WEIGHT_DECAY}", f"trainer.max_grad_norm={MAX_GRAD_NORM}",
@@ -496,7 +500,7 @@ def ftune_step_rows(overrides: list[str], steps: int, world: int = 1) -> list[li
     from hydra.utils import instantiate
 
     import ftune.train  # noqa: F401 - registers ftune's config schema
-    from ftune.data.batching import BatchOrder
+    from ftune.data.batching import BatchOrder, row_tokens
     from ftune.data.pipeline import prepare
     from ftune.models.loading import fingerprint, load_tokenizer, resolve_model_dir
     from ftune.paths import configs_dir
@@ -512,7 +516,9 @@ def ftune_step_rows(overrides: list[str], steps: int, world: int = 1) -> list[li
     data = prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
                    pack_rows=cfg.data.packing, **extra)
     t = cfg.trainer
-    orders = [BatchOrder(len(data.train), t.batch_size, t.grad_accum, world, rank, cfg.seed) for rank in range(world)]
+    lengths = [row_tokens(r) for r in data.train] if cfg.data.get("group_by_length") else None
+    orders = [BatchOrder(len(data.train), t.batch_size, t.grad_accum, world, rank, cfg.seed, lengths)
+              for rank in range(world)]
     return [[data.train[i] for order in orders for idx in order.micro_batches(k) for i in idx] for k in range(steps)]
 
 

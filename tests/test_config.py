@@ -122,6 +122,12 @@ def test_packing_needs_an_objective_that_can_pack(compose):
     validate_train(compose(["data.packing=true"]))  # SFT packs
 
 
+def test_group_by_length_and_packing_exclude_each_other(compose):
+    with pytest.raises(ConfigError, match=r"data\.packing=true and data\.group_by_length=true.*Keep one"):
+        validate_train(compose(["data.packing=true", "data.group_by_length=true"]))
+    validate_train(compose(["data.group_by_length=true"]))
+
+
 @pytest.mark.parametrize("override", ["trainer.max_step=5", "trainer.batch_size=abc", "model.dtyp=float32",
                                       "data.max_length=long"])
 def test_composition_rejects_unknown_keys_and_wrong_types(compose, override):

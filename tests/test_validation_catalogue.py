@@ -121,6 +121,8 @@ CONFIG_CASES = [
     Case("lora-bias-unknown", [*SFT, "peft.bias=some"], "config", r"peft\.bias='some' must be none, all or lora_only"),
     Case("packing-with-dpo", [*DPO, "data.packing=true"], "config",
          r"data\.packing=true does not work with ftune\.objectives\.dpo\.DPO.*Set data\.packing=false"),
+    Case("packing-with-group-by-length", [*SFT, "data.packing=true", "data.group_by_length=true"], "config",
+         r"data\.packing=true and data\.group_by_length=true: packed rows are already full.*Keep one"),
     Case("dpo-on-sft-source", ["objective=dpo", "data=gsm8k"], "config",
          r"trains on preference pairs, but data=gsm8k.*Use data=hh_rlhf, or data=jsonl with \{prompt, chosen"),
     Case("sft-on-pair-source", ["data=hh_rlhf"], "config",

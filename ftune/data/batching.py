@@ -89,16 +89,29 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+# data.group_by_length: global micro-batches per length-sorted pool (HF's LengthGroupedSampler uses 50 batches).
+GROUP_POOL = 64
+
+
 class BatchOrder:
     """Which rows form micro-batch `k` of optimizer step `step`, for this process.
 
     The order is a seeded permutation per epoch, so any step's batches are computed directly from the step number:
     resuming needs no replay of the data. The global micro-batch (batch_size x world_size rows) is split by rank.
+
+    With `lengths` (data.group_by_length=true) each epoch's permutation is cut into pools of GROUP_POOL global
+    micro-batches; each pool is sorted by length and cut into global micro-batches, whose order over the epoch is then
+    shuffled. A micro-batch thus holds rows of similar length (little padding, and balanced ranks), while which lengths
+    come when stays random. Rows an epoch leaves out (fewer than one step's worth) are still chosen at random.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int):
+    def __init__(self, num_rows: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int,
+                 lengths: list[int] | None = None):
         self.num_rows, self.bs, self.accum, self.world, self.rank, self.seed = (
             num_rows, batch_size, grad_accum, world_size, rank, seed)
+        if lengths is not None and len(lengths) != num_rows:
+            raise ValueError(f"{len(lengths)} lengths for {num_rows} rows")
+        self.lengths = lengths
         self.rows_per_step = batch_size * grad_accum * world_size
         self.steps_per_epoch = num_rows // self.rows_per_step
         self._perm_epoch, self._perm = -1, None
@@ -106,8 +119,20 @@ class BatchOrder:
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_rows, generator=g).tolist(), epoch
+            perm = torch.randperm(self.num_rows, generator=g).tolist()
+            self._perm = perm if self.lengths is None else self._grouped(perm, g)
+            self._perm_epoch = epoch
         return self._perm
+
+    def _grouped(self, perm: list[int], g: torch.Generator) -> list[int]:
+        group = self.bs * self.world  # one global micro-batch
+        used = len(perm) - len(perm) % group  # the rest is left out this epoch (it is already a random choice)
+        groups = []
+        for s in range(0, used, group * GROUP_POOL):
+            pool = sorted(perm[s: min(s + group * GROUP_POOL, used)], key=lambda i: -self.lengths[i])
+            groups += [pool[k: k + group] for k in range(0, len(pool), group)]
+        shuffled = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+        return [i for grp in shuffled for i in grp] + perm[used:]
 
     def micro_batches(self, step: int) -> list[list[int]]:
         epoch, offset = divmod(step, self.steps_per_epoch)

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="rows per step (per process) (default 4)")
     p.add_argument("--packing", choices=("off", "on", "both"), default="off",
                    help="packing of the SFT suites (DPO never packs) (default off: both tools see the same batches)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="padded runs: rows of similar length in each batch (ftune's data.group_by_length; TRL is\n"
+                        "given the same batches)")
     p.add_argument("--only", choices=("ftune", "trl", "both"), default="both")
     p.add_argument("--seq-lens", default="128,256,512,1024", help="sequence lengths of the seq curve")
     p.add_argument("--tokens-per-step", type=int, default=2048,
@@ -201,6 +204,8 @@ def main(argv=None) -> int:
                 "--only", a.only]
         if "--packing" not in SUITES[name]:
             args += ["--packing", a.packing]
+        if a.group_by_length:
+            args += ["--group-by-length"]
         suites[name] = run_engine(args, name, a.out)
     curves = {}
     if a.curve_list:
