@@ -188,6 +188,14 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
         self.objective.setup(self)
+        # Under autocast, LoRA layers skip peft's float32 round trip of their inputs in the training step.
+        self.adapter_inputs = nullcontext()
+        with self.acc.autocast():  # whether the step really runs under torch autocast (DeepSpeed casts by itself)
+            autocast_on = torch.is_autocast_enabled(self.acc.device.type)
+        if autocast_on:
+            from ftune.peft.lora import AdapterInputsAsIs
+
+            self.adapter_inputs = AdapterInputsAsIs(self.model)
 
         lengths = [row_tokens(r) for r in self.data.train] if cfg.data.group_by_length else None
         self.order = BatchOrder(len(self.data.train), t.batch_size, t.grad_accum, self.acc.num_processes,
@@ -340,11 +348,12 @@ class Trainer:
             for k, batch in enumerate(micro):
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
                 sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
-                with sync, acc.autocast(), offload():
-                    part, parts = self.objective(self.model, batch)
-                    # DDP averages gradients over processes, hence the world-size factor.
-                    loss = part * acc.num_processes / max(n_global, 1)
-                acc.backward(loss)
+                with self.adapter_inputs:
+                    with sync, acc.autocast(), offload():
+                        part, parts = self.objective(self.model, batch)
+                        # DDP averages gradients over processes, hence the world-size factor.
+                        loss = part * acc.num_processes / max(n_global, 1)
+                    acc.backward(loss)
                 loss_sum += float(part.detach())
                 for name, v in parts.items():
                     sums[name] = sums.get(name, 0.0) + v

@@ -26,7 +26,12 @@ def trainable_snapshot(model):
     ["trainer.mixed_precision=bf16"],
     ["trainer.gradient_checkpointing=true"],
     ["trainer.scheduler=linear", "trainer.warmup_steps=1"],
-], ids=["qlora4", "qlora8", "bf16", "grad_ckpt", "linear_sched"])
+    # Under autocast the adapters take their inputs as they come (AdapterInputsAsIs), also where gradient
+    # checkpointing recomputes the forward in the backward pass, on a 4-bit base, and with DoRA (peft's casting).
+    ["trainer.mixed_precision=bf16", "trainer.gradient_checkpointing=true"],
+    ["peft=qlora", "peft.r=8", "trainer.mixed_precision=bf16"],
+    ["peft=dora", "trainer.mixed_precision=bf16"],
+], ids=["qlora4", "qlora8", "bf16", "grad_ckpt", "linear_sched", "bf16_grad_ckpt", "qlora4_bf16", "dora_bf16"])
 def test_variant_trains(tmp_path, overrides):
     from ftune.train import Trainer
 
