@@ -28,7 +28,7 @@ def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | 
         chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats); None = about 2^23
             logits per chunk (`linear_ce.auto_chunk_rows`).
     """
-    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1])
+    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1], logits.device.type)
     total = logits.new_zeros((), dtype=torch.float32)
     for s in range(0, logits.shape[0], chunk_size):
         total = total + F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size],
@@ -154,7 +154,7 @@ def labelled_token_ce(model, batch: dict[str, torch.Tensor], chunk_size: int | N
         return (linear_cross_entropy(_hidden_at(model, batch, rows, cols), head.weight, head.bias, targets,
                                      chunk_size), rows, cols + 1)
     logits, targets, rows, label_cols = labelled_logits(model, batch)
-    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1])
+    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1], logits.device.type)
     ce = torch.cat([F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size], reduction="none")
                     for s in range(0, len(targets), chunk_size)] or [logits.new_zeros(0, dtype=torch.float32)])
     return ce, rows, label_cols

@@ -96,6 +96,7 @@ def test_auto_chunk_rows():
     assert auto_chunk_rows(49152) == 128  # SmolLM2: the fastest measured
     assert auto_chunk_rows(128256) == 64  # Llama 3
     assert auto_chunk_rows(10**9) == 16
+    assert auto_chunk_rows(128256, "cuda") == 512  # an accelerator takes larger chunks
 
 
 # ------------------------------------------------------------------------------------------- through a model
