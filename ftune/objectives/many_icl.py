@@ -22,7 +22,7 @@ import torch
 from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.many_shot import TARGET_MASKS, ManyShotBuilder, check_tasks, load_task_examples
-from ftune.objectives.sft import causal_lm_forward, token_ce_sum
+from ftune.objectives.sft import labelled_ce_sum
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ManyICL:
         target_mask: all_answers (ManyICL) | last_answer (in-context fine-tuning baseline) | all_tokens.
         single_task: treat the whole data set as this one task (data without a task field, e.g. GSM8K).
         max_shots: at most this many examples per sequence; None = as many as fit data.max_length.
-        chunk_size: positions per float32 chunk of the cross-entropy.
+        chunk_size: positions per chunk of the LM head + cross-entropy (None = auto, as in objective=sft).
     """
 
     can_pack = False
@@ -42,7 +42,7 @@ class ManyICL:
     collate = staticmethod(collate)
 
     def __init__(self, target_mask: str = "all_answers", single_task: str | None = None, max_shots: int | None = None,
-                 chunk_size: int = 1024):
+                 chunk_size: int | None = None):
         if target_mask not in TARGET_MASKS:
             raise ConfigError(f"objective.target_mask={target_mask!r} must be one of {', '.join(TARGET_MASKS)}: "
                               f"all_answers (ManyICL), last_answer (in-context fine-tuning baseline), all_tokens.")
@@ -111,5 +111,4 @@ class ManyICL:
         return label_count(batch)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets = causal_lm_forward(model, batch)
-        return token_ce_sum(logits, targets, self.chunk_size), {}
+        return labelled_ce_sum(model, batch, self.chunk_size), {}

@@ -68,6 +68,8 @@ def _head_matches(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, col
     from torch.distributed.fsdp import FSDPModule
 
     key = _unwrap(model)
+    if getattr(key, "get_output_embeddings", lambda: None)() is None:  # no separate head to apply
+        return False
     if isinstance(key, FSDPModule):
         # FSDP2 (trainer.distributed=fsdp2) gathers the head's weight only inside the model's forward and reduces its
         # gradient when that forward's backward ends: applying the head afterwards would miss both.
@@ -123,7 +125,7 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 def _plain_head(model) -> torch.nn.Linear | None:
     """The output embeddings when they are a plain nn.Linear without hooks, so that its weight and bias alone give
     its output (not so for, e.g., a quantized or adapter-wrapped head); else None."""
-    head = _unwrap(model).get_output_embeddings()
+    head = getattr(_unwrap(model), "get_output_embeddings", lambda: None)()
     plain = type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
     return head if plain else None
 
