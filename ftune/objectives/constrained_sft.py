@@ -33,7 +33,7 @@ from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
 from ftune.objectives.dpo import frozen_copy, reference_model
-from ftune.objectives.sft import causal_lm_forward, labelled_positions
+from ftune.objectives.sft import labelled_token_ce
 
 log = logging.getLogger(__name__)
 MIN_WEIGHT = 1e-3  # the paper's code: clamp(min=1e-3)
@@ -77,13 +77,6 @@ def constrained_token_losses(policy_logp: torch.Tensor, ref_logp: torch.Tensor, 
     return surrogate, weight.detach(), objective.detach()
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(target) per position (0 where the target is -100), upcasting to float32 one chunk at a time."""
-    parts = [-F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size], ignore_index=IGNORE,
-                              reduction="none") for s in range(0, logits.shape[0], chunk_size)]
-    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
-
-
 class ConstrainedSFT:
     """Token-wise constrained SFT against the initial model (see the module docstring for the formula).
 
@@ -92,7 +85,7 @@ class ConstrainedSFT:
         bias_factor: β multiplier on response tokens 2..bias_length (paper: 20).
         first_token_bias_factor: β multiplier on the first response token (paper: 5).
         bias_length: how many leading response tokens get the stronger β (paper: 5; 0 = β everywhere).
-        chunk_size: positions per float32 chunk of the log-softmax.
+        chunk_size: positions per chunk of the LM head + log-softmax (None = auto, as in objective=sft).
     """
 
     can_pack = True
@@ -100,7 +93,7 @@ class ConstrainedSFT:
     collate = staticmethod(collate)
 
     def __init__(self, beta: float = 0.1, bias_factor: float = 20.0, first_token_bias_factor: float = 5.0,
-                 bias_length: int = 5, chunk_size: int = 1024):
+                 bias_length: int = 5, chunk_size: int | None = None):
         if beta <= 0:
             raise ConfigError(f"objective.beta={beta} must be > 0 (small β approaches plain SFT; paper: 0.1).")
         if bias_factor <= 0 or first_token_bias_factor <= 0:
@@ -132,16 +125,13 @@ class ConstrainedSFT:
         return beta_schedule(positions.cpu(), self.beta, self.first_factor, self.bias_factor, self.bias_length)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets = causal_lm_forward(model, batch)
-        policy = token_logps(logits, targets, self.chunk_size)
+        # Each label's log-prob under the policy and the reference, through the fused head where it is frozen.
+        ce, rows, cols = labelled_token_ce(model, batch, self.chunk_size)
+        policy = -ce
         with torch.no_grad(), reference_model(model, self.adapter, self.ref_model) as ref:
-            ref_logits, _ = causal_lm_forward(ref, batch)
-            reference = token_logps(ref_logits, targets, self.chunk_size)
-            del ref_logits
-        keep = labelled_positions(batch["labels"])
-        beta = self.betas(batch)[:, keep.cpu() + 1].reshape(-1).to(policy.device)
-        on = targets != IGNORE
-        loss, weight, objective = constrained_token_losses(policy[on], reference[on], beta[on])
-        metrics = {"weight": float(weight.sum()), "delta": float((policy[on] - reference[on]).detach().sum()),
+            reference = -labelled_token_ce(ref, batch, self.chunk_size)[0]
+        beta = self.betas(batch)[rows.cpu(), cols.cpu()].to(policy.device)
+        loss, weight, objective = constrained_token_losses(policy, reference, beta)
+        metrics = {"weight": float(weight.sum()), "delta": float((policy - reference).detach().sum()),
                    "objective": float(objective.sum())}
         return loss.sum(), metrics
