@@ -36,25 +36,6 @@ def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | 
     return total
 
 
-def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions t (over the batch) whose next token t+1 is labelled: the only logits the loss needs."""
-    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
-
-
-def causal_lm_forward(model, batch: dict[str, torch.Tensor], flatten: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward computing logits only at positions that predict a label in some row.
-
-    Returns (logits, targets): (N, V) and (N,) when `flatten`, else (rows, K, V) and (rows, K).
-    """
-    keep = labelled_positions(batch["labels"])
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
-                use_cache=False, logits_to_keep=keep)
-    targets = batch["labels"][:, keep + 1]
-    if not flatten:
-        return out.logits, targets
-    return out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
-
-
 # Per model: whether applying its output embeddings to the last hidden states reproduces its logits (true for
 # Llama-like models; false for models that scale or soft-cap logits, e.g. Gemma 2, which keep the logits path).
 _HEAD_MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -108,9 +89,8 @@ def _hidden_at(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: 
 
 def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Logits only at the (row, position) pairs that predict a label: (N, V), with targets, rows and the label
-    positions, each (N,). A sequence's first token is never a target (nothing before it in its sequence).
-    Unlike `causal_lm_forward`, which keeps a position if any row needs it, no LM-head work is spent on another
-    row's prompt or padding (the LM head of a 135M model is a fifth of its weights)."""
+    positions, each (N,). A sequence's first token is never a target (nothing before it in its sequence). No LM-head
+    work is spent on another row's prompt or padding (the LM head of a 135M model is a fifth of its weights)."""
     rows, cols, targets = _label_pairs(batch)
     if _head_matches(model, batch, rows, cols):
         logits = _unwrap(model).get_output_embeddings()(_hidden_at(model, batch, rows, cols))
