@@ -198,6 +198,11 @@ class Trainer:
             self.adapter_inputs = AdapterInputsAsIs(self.model)
 
         lengths = [row_tokens(r) for r in self.data.train] if cfg.data.group_by_length else None
+        if lengths is not None and getattr(self.objective, "data_kind", "sft") == "preference":
+            log.warning("data.group_by_length=true with %s: its batches already pack the chosen and rejected "
+                        "sequences into shared rows, and grouping pairs by length was measured slower for DPO "
+                        "(SmolLM2 on a CPU: 293 vs 315 tok/s) with a larger peak memory. Consider "
+                        "data.group_by_length=false.", type(self.objective).__name__)
         self.order = BatchOrder(len(self.data.train), t.batch_size, t.grad_accum, self.acc.num_processes,
                                 self.acc.process_index, cfg.seed, lengths)
         if self.order.steps_per_epoch == 0:

@@ -298,3 +298,16 @@ def test_reference_free_losses_never_touch_a_reference(loss, prefs, tmp_path, mo
     assert first["rewards/chosen"] == pytest.approx(rc, abs=1e-4)
     assert first["rewards/rejected"] == pytest.approx(rr, abs=1e-4)
     assert first["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_group_by_length_with_pairs_warns(prefs, tmp_path, caplog):
+    """Pairs are already packed into shared rows: grouping them by length is allowed but warned about."""
+    import logging
+
+    from ftune.train import Trainer
+
+    with caplog.at_level(logging.WARNING, logger="ftune"):
+        t = Trainer(make_cfg(tmp_path / "g", *COMMON, f"data.path={prefs}", "data.eval_size=0",
+                             "trainer.max_steps=1", "data.group_by_length=true"))
+    assert t.order.lengths is not None
+    assert "data.group_by_length=true with DPO" in caplog.text and "data.group_by_length=false" in caplog.text
