@@ -28,12 +28,17 @@ def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | 
         chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats); None = about 2^23
             logits per chunk (`linear_ce.auto_chunk_rows`).
     """
+    return _chunked_ce(logits, targets, chunk_size, "sum")
+
+
+def _chunked_ce(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None, reduction: str) -> torch.Tensor:
+    """Float32 cross-entropy of (N, V) logits, `chunk_size` positions at a time: summed, or (N,) per position."""
     chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1], logits.device.type)
-    total = logits.new_zeros((), dtype=torch.float32)
-    for s in range(0, logits.shape[0], chunk_size):
-        total = total + F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size],
-                                        ignore_index=IGNORE, reduction="sum")
-    return total
+    parts = [F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size], ignore_index=IGNORE,
+                             reduction=reduction) for s in range(0, logits.shape[0], chunk_size)]
+    if reduction == "sum":
+        return torch.stack(parts).sum() if parts else logits.new_zeros((), dtype=torch.float32)
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
 # Per model: whether applying its output embeddings to the last hidden states reproduces its logits (true for
@@ -110,6 +115,16 @@ def _plain_head(model) -> torch.nn.Linear | None:
     return head if plain else None
 
 
+def _fused_inputs(model, batch: dict[str, torch.Tensor]):
+    """(last hidden states at the labelled pairs, the head, targets, rows, label positions) where the model's logits
+    are its plain head applied to its hidden states, so the head can run outside the model; else None."""
+    rows, cols, targets = _label_pairs(batch)
+    head = _plain_head(model)
+    if head is None or not _head_matches(model, batch, rows, cols):
+        return None
+    return _hidden_at(model, batch, rows, cols), head, targets, rows, cols + 1
+
+
 def labelled_ce_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> torch.Tensor:
     """Summed cross-entropy at the (row, position) pairs that predict a label (see `labelled_logits`).
 
@@ -117,11 +132,10 @@ def labelled_ce_sum(model, batch: dict[str, torch.Tensor], chunk_size: int | Non
     (`linear_ce.linear_cross_entropy_sum`: no (N, V) logits kept, gradients computed chunk by chunk); otherwise
     through the logits (`token_ce_sum`). Both give the same loss and gradients up to float rounding.
     """
-    rows, cols, targets = _label_pairs(batch)
-    head = _plain_head(model)
-    if head is not None and _head_matches(model, batch, rows, cols):
-        return linear_cross_entropy_sum(_hidden_at(model, batch, rows, cols), head.weight, head.bias, targets,
-                                        chunk_size)
+    fused = _fused_inputs(model, batch)
+    if fused is not None:
+        hidden, head, targets, _, _ = fused
+        return linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, chunk_size)
     logits, targets, _, _ = labelled_logits(model, batch)
     return token_ce_sum(logits, targets, chunk_size)
 
@@ -130,16 +144,12 @@ def labelled_token_ce(model, batch: dict[str, torch.Tensor], chunk_size: int | N
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each label's cross-entropy (N,), float32, with its row and position (as `labelled_logits` returns them): fused
     through the head where it is plain and does not train (`linear_ce.linear_cross_entropy`), else from the logits."""
-    rows, cols, targets = _label_pairs(batch)
-    head = _plain_head(model)
-    if head is not None and _head_matches(model, batch, rows, cols):
-        return (linear_cross_entropy(_hidden_at(model, batch, rows, cols), head.weight, head.bias, targets,
-                                     chunk_size), rows, cols + 1)
+    fused = _fused_inputs(model, batch)
+    if fused is not None:
+        hidden, head, targets, rows, label_cols = fused
+        return linear_cross_entropy(hidden, head.weight, head.bias, targets, chunk_size), rows, label_cols
     logits, targets, rows, label_cols = labelled_logits(model, batch)
-    chunk_size = chunk_size or auto_chunk_rows(logits.shape[-1], logits.device.type)
-    ce = torch.cat([F.cross_entropy(logits[s: s + chunk_size].float(), targets[s: s + chunk_size], reduction="none")
-                    for s in range(0, len(targets), chunk_size)] or [logits.new_zeros(0, dtype=torch.float32)])
-    return ce, rows, label_cols
+    return _chunked_ce(logits, targets, chunk_size, "none"), rows, label_cols
 
 
 class SFT:
@@ -168,11 +178,10 @@ class SFT:
         return label_count(batch)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.fused is not None:
-            rows, cols, targets = _label_pairs(batch)
-            head = _plain_head(model)
-            if head is not None and _head_matches(model, batch, rows, cols):  # else the path below
-                # The same sum of cross-entropies, the (N, V) logits never materialised: Liger computes the head and
-                # the loss chunk by chunk in Triton and writes the gradients during the forward.
-                return self.fused(head.weight, _hidden_at(model, batch, rows, cols), targets, head.bias), {}
+        fused = _fused_inputs(model, batch) if self.fused is not None else None
+        if fused is not None:  # else the path below
+            # The same sum of cross-entropies, the (N, V) logits never materialised: Liger computes the head and the
+            # loss chunk by chunk in Triton and writes the gradients during the forward.
+            hidden, head, targets, _, _ = fused
+            return self.fused(head.weight, hidden, targets, head.bias), {}
         return labelled_ce_sum(model, batch, self.chunk_size), {}
