@@ -97,6 +97,7 @@ def test_auto_chunk_rows():
     assert auto_chunk_rows(128256) == 64  # Llama 3
     assert auto_chunk_rows(10**9) == 16
     assert auto_chunk_rows(128256, "cuda") == 512  # an accelerator takes larger chunks
+    assert auto_chunk_rows(49152, "cpu", head_trains=True) == 1024  # full fine-tuning: fewer weight-gradient products
 
 
 # ------------------------------------------------------------------------------------------- through a model
