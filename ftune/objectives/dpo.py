@@ -27,7 +27,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], chunk_size: int | None
     """Summed log-prob of the labelled tokens of each sequence and the number of those tokens: (S,), (S,).
 
     Sequences are the batch's `seq_ids` (several packed in a row, see `collate_pairs`), or else its rows. The head and
-    the float32 log-softmax run `chunk_size` positions at a time (None = about 2^23 logits per chunk).
+    the float32 log-softmax run `chunk_size` positions at a time (None = auto, `linear_ce.auto_chunk_rows`).
     """
     ce, rows, cols = labelled_token_ce(model, batch, chunk_size)
     seq_ids = batch.get("seq_ids")

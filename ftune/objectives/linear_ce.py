@@ -99,6 +99,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*scaled, None, None, None)
 
 
+def _head_trains(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether this pass computes a gradient for the head's weight or bias."""
+    return torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def _no_grad_detached(*tensors):
     """Detached under torch.no_grad() (evaluation, a reference model), so that no gradient is computed there."""
     if torch.is_grad_enabled():
@@ -117,8 +122,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: t
         targets: (N,) token ids, -100 where ignored.
         chunk_rows: positions per chunk; None = `auto_chunk_rows(V, device)`.
     """
-    head_trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    rows = chunk_rows or auto_chunk_rows(weight.shape[0], hidden.device.type, head_trains)
+    rows = chunk_rows or auto_chunk_rows(weight.shape[0], hidden.device.type, _head_trains(weight, bias))
     return _LinearCrossEntropy.apply(*_no_grad_detached(hidden, weight, bias), targets, rows, False)
 
 
@@ -128,8 +132,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     `linear_cross_entropy_sum`. Fused when the head does not train (LoRA and the other adapters; a reference model);
     a head that trains takes the logits path, chunk by chunk."""
     rows = chunk_rows or auto_chunk_rows(weight.shape[0], hidden.device.type)
-    head_trains = torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    if not head_trains:
+    if not _head_trains(weight, bias):
         return _LinearCrossEntropy.apply(*_no_grad_detached(hidden, weight, bias), targets, rows, True)
     return torch.cat([_tracked_losses(hidden[s: s + rows], weight, bias, targets[s: s + rows])
                       for s in range(0, hidden.shape[0], rows)] or [hidden.new_zeros(0, dtype=torch.float32)])

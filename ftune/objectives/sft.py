@@ -19,14 +19,14 @@ from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy, li
 log = logging.getLogger(__name__)
 
 
-def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = 1024) -> torch.Tensor:
+def token_ce_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Sum of cross-entropy over positions whose target is not -100, upcasting to float32 one chunk at a time.
 
     Args:
         logits: (N, V) logits for N positions.
         targets: (N,) token ids, -100 where ignored.
-        chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats); None = about 2^23
-            logits per chunk (`linear_ce.auto_chunk_rows`).
+        chunk_size: positions per float32 chunk (caps the upcast memory at chunk_size x V floats); None = auto
+            (`linear_ce.auto_chunk_rows`).
     """
     return _chunked_ce(logits, targets, chunk_size, "sum")
 
