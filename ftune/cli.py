@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     if nproc > 1:
         sys.exit(launch(nproc, rest))
     module = importlib.import_module(COMMANDS[command][0])
+    if command == "train":
+        rest = module.rank_argv(rest)
     sys.argv = [f"ftune {command}", *rest]
     module.main()
 

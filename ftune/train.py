@@ -78,13 +78,8 @@ def refuse_existing_run(argv: list[str]) -> None:
     flags (`--cfg`, `--info`, `--help`) are left alone; the Trainer checks again whatever path the config resolves."""
     if any(a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
         return
-    out, resume = None, None
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "output_dir":
-            out = value
-        elif key.lstrip("+~") == "trainer.resume":
-            resume = None if value.lower() in ("", "null", "none") else value
+    out, resume = _given(argv, "output_dir"), _given(argv, "trainer.resume")
+    resume = None if resume is None or resume.lower() in ("", "null", "none") else resume
     if out:
         _check_fresh(Path(out), resume)
 
@@ -109,12 +104,29 @@ def _check_world_size(seen: int) -> None:
                           f"`ftune train --nproc {launched} ...`, which sets what is needed.")
 
 
+def _given(argv: list[str], key: str) -> str | None:
+    """The value of `key=` (or `+key=`, `++key=`) on the command line, the last one if repeated."""
+    value = None
+    for arg in argv:
+        k, sep, v = arg.partition("=")
+        if sep and k.lstrip("+~") == key:
+            value = v
+    return value
+
+
 def rank_argv(argv: list[str]) -> list[str]:
-    """Hydra overrides for a process that is not rank 0 of a multi-process run: it writes no `.hydra/` and no log
-    file into the run directory (rank 0 does)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        return argv
-    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    """Hydra overrides for this process. A process that is not rank 0 of a multi-process run writes no `.hydra/` and
+    no log file into the run directory (rank 0 does). A run that continues an earlier one in its output_dir
+    (trainer.resume) records its own config in `.hydra/resume-<UTC time>/`: Hydra would otherwise overwrite the
+    earlier run's `.hydra/config.yaml`, the record of how its first steps were trained."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    out, resume = _given(argv, "output_dir"), _given(argv, "trainer.resume")
+    if (out and resume and resume.lower() not in ("null", "none") and _given(argv, "hydra.output_subdir") is None
+            and (Path(out) / ".hydra" / "config.yaml").is_file()):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        return [*argv, f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    return argv
 
 
 class Trainer:

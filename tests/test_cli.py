@@ -178,3 +178,23 @@ def test_a_refused_rerun_leaves_the_earlier_runs_recorded_config_alone(tmp_path)
         assert f"output_dir={run} already holds a run. Continue it with trainer.resume=auto" in r.stderr
         assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == recorded
         assert sorted(p.name for p in run.iterdir()) == [".hydra", "metrics.jsonl"]  # no train.log added either
+
+
+def test_a_resumed_run_keeps_the_first_runs_recorded_config(tmp_path):
+    """`.hydra/config.yaml` records how the first steps were trained; a resumed run records its own config (here a
+    longer max_steps) in `.hydra/resume-<time>/` instead of overwriting it."""
+    run = tmp_path / "run"
+    first = ftune("train", *TINY, f"output_dir={run}", cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    recorded = (run / ".hydra" / "config.yaml").read_text()
+    assert yaml.safe_load(recorded)["trainer"]["max_steps"] == 2
+    again = ftune("train", *TINY, "trainer.max_steps=3", "trainer.resume=auto", f"output_dir={run}", cwd=tmp_path,
+                  timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / ".hydra" / "config.yaml").read_text() == recorded
+    resumes = sorted((run / ".hydra").glob("resume-*/config.yaml"))
+    assert len(resumes) == 1, sorted(p.name for p in (run / ".hydra").iterdir())
+    assert yaml.safe_load(resumes[0].read_text())["trainer"]["max_steps"] == 3
+    assert "trainer.resume=auto" in (resumes[0].parent / "overrides.yaml").read_text()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
