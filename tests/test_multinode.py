@@ -83,6 +83,7 @@ def test_two_machines_train_one_run_like_one_process_with_the_global_batch(tmp_p
     assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-2").glob("rng_rank*.pt")) == \
         ["rng_rank0.pt", "rng_rank1.pt"]
     assert not [d for d in (tmp_path / "node1").rglob("*") if d.is_file() and "home" not in d.parts]
+    assert not list((tmp_path / "node1" / "outputs").glob("*")), "node 1's own empty <date>/<time> folders are left"
     # Node 1 built its own model cache (FTUNE_HOME is per machine here), weights included.
     assert (tmp_path / "node1" / "home" / "models" / "tiny_random" / "model.safetensors").is_file()
 

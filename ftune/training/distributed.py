@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import secrets
 import socket
 import time
@@ -131,12 +132,13 @@ def make_accelerator(cfg):
 def shared_output_dir(acc, out: Path, checks: Callable[[Path], None], wait_s: float = 10.0) -> Path:
     """The one run directory of a multi-process run, checked, before any long work starts.
 
-    Each launcher's Hydra resolves the default `outputs/<date>/<time>` itself, so ranks started by torchrun,
-    `accelerate launch` or on other machines disagree by microseconds (and a relative path by the launch directory):
-    every rank takes rank 0's absolute path, and removes the empty directory its own Hydra made for its own choice.
-    Rank 0 runs `checks` (a fresh or resumable, writable directory) and writes a probe file there; every rank must see
-    it, since all of them write their RNG state into each checkpoint and read checkpoints back on resume. A directory
-    on one machine's local disk is refused, on every rank with the same message, naming the ranks that cannot see it.
+    Each launcher's Hydra resolves the default `outputs/<date>/<time>` itself, so ranks started by torchrun, `accelerate
+    launch` or on other machines disagree by microseconds (and a relative path by the launch directory): every rank
+    takes rank 0's absolute path, and removes the empty directory its own Hydra made for its own choice (and the date
+    folder above it, if that is left empty). Rank 0 runs `checks` (a fresh or resumable, writable directory) and writes
+    a probe file there; every rank must see it, since all of them write their RNG state into each checkpoint and read
+    checkpoints back on resume. A directory on one machine's local disk is refused, on every rank with the same message,
+    naming the ranks that cannot see it.
     """
     if acc.num_processes == 1:
         checks(out)
@@ -157,6 +159,8 @@ def shared_output_dir(acc, out: Path, checks: Callable[[Path], None], wait_s: fl
     if chosen != mine:
         with contextlib.suppress(OSError):  # an empty directory only: never one that holds anything
             mine.rmdir()
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", mine.parent.name):  # the default's date folder, if now empty
+                mine.parent.rmdir()
     if problem:
         raise ConfigError(problem)
     deadline = time.monotonic() + wait_s  # network file systems may show a new file to other clients a little late
