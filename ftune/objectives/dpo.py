@@ -102,6 +102,10 @@ class DPO:
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
         return (int(batch["seq_ids"].max()) + 1) // 2
 
+    def needs_frozen_copy(self, model) -> bool:
+        """Whether setup() copies the initial model as the reference (no adapter to switch off, none precomputed)."""
+        return self.loss not in REFERENCE_FREE and not self.precompute_ref and not hasattr(model, "disable_adapter")
+
     def setup(self, trainer) -> None:
         """Choose the reference: adapter-disabled model, precomputed log-probs, or a frozen copy."""
         if self.loss in REFERENCE_FREE:
@@ -111,7 +115,7 @@ class DPO:
         if self.precompute_ref:
             for rows, what in ((trainer.data.train, "train"), (trainer.data.eval, "eval")):
                 self._precompute(trainer, rows, what)
-        elif not self.adapter:
+        elif self.needs_frozen_copy(unwrapped):
             log.info("Full fine-tuning with a reference: keeping a frozen copy of the initial model "
                      "(set objective.precompute_ref=true to hold one model only).")
             self.ref_model = frozen_copy(unwrapped)

@@ -94,6 +94,9 @@ class PSO:
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
         return self.dpo.normalizer(batch)
 
+    def needs_frozen_copy(self, model) -> bool:
+        return self.dpo.needs_frozen_copy(model)
+
     def _sample(self, trainer, rows: list[dict], progress: bool) -> list[list[int]]:
         return generate_from(trainer, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
                              self.temperature, progress)

@@ -81,13 +81,15 @@ def check_state(cfg, acc) -> None:
         raise ConfigError("accelerate runs FSDP version 1 here (the accelerate config has no `fsdp_version: 2`); ftune "
                           "saves and resumes FSDP2 only. Set `fsdp_version: 2` in its fsdp_config (see "
                           "configs/accelerate/fsdp2.yaml), or use trainer.distributed=fsdp2.")
-    if acc.is_fsdp2 and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
-        raise ConfigError("eval.at_start/at_end generate on rank 0 alone, which a model sharded by FSDP2 cannot do "
-                          "(every rank must join each forward). Set eval.at_start=false eval.at_end=false and run "
-                          "`ftune eval run_dir=OUTPUT_DIR` after training.")
-    if acc.is_fsdp2 and t.liger:
-        raise ConfigError("trainer.liger=true applies the LM head outside the model's forward, where FSDP2 has not "
-                          "gathered its weight (nor will reduce its gradient). Use trainer.liger=false with FSDP2.")
+    sharded = sharding_engine(acc)
+    if sharded and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
+        raise ConfigError(f"eval.at_start/at_end generate on rank 0 alone, which a model sharded by {sharded} cannot "
+                          f"do (every rank must join each forward). Set eval.at_start=false eval.at_end=false and run "
+                          f"`ftune eval run_dir=OUTPUT_DIR` after training.")
+    if sharded and t.liger:
+        raise ConfigError(f"trainer.liger=true applies the LM head outside the model's forward, where {sharded} has "
+                          f"not gathered its weight (nor will reduce its gradient). Use trainer.liger=false with "
+                          f"{sharded}.")
     if acc.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine steps inside `backward` and keeps its optimizer state partitioned per rank, so ftune's
         # skipping of a bad step, its manual accumulation (which DeepSpeed rescales by its own count) and its
@@ -111,9 +113,12 @@ def plugins(t) -> dict:
     if t.distributed.startswith("deepspeed"):
         from accelerate.utils import DeepSpeedPlugin
 
-        return {"deepspeed_plugin": DeepSpeedPlugin(
-            zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=1,
-            gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)}
+        plugin = DeepSpeedPlugin(zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=1,
+                                 gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)
+        # accelerate reads the micro-batch from a prepared DataLoader; ftune batches itself (BatchOrder) and prepares
+        # the model and optimizer only, so it is given here: trainer.batch_size rows per process and step.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
+        return {"deepspeed_plugin": plugin}
     return {}
 
 
@@ -197,6 +202,43 @@ def is_sharded(acc) -> bool:
 
 def _zero3(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+
+
+def sharding_engine(acc) -> str | None:
+    """The engine's name when each rank holds only part of every weight (FSDP2, ZeRO-3), else None."""
+    return "FSDP2" if acc.is_fsdp2 else "DeepSpeed ZeRO-3" if _zero3(acc) else None
+
+
+def check_reference(acc, objective, model: torch.nn.Module) -> None:
+    """An objective that keeps a frozen copy of the initial model (full fine-tuning with a reference) cannot copy a
+    sharded one: refused before the model is sharded, with the ways around it."""
+    sharded = sharding_engine(acc)
+    if sharded and getattr(objective, "needs_frozen_copy", lambda m: False)(model):
+        raise ConfigError(f"{type(objective).__name__} without an adapter keeps a frozen copy of the initial model as "
+                          f"its reference, and a model sharded by {sharded} cannot be copied. Use a PEFT method "
+                          f"with an adapter (peft=lora: the reference is the model with the adapter switched off), "
+                          f"objective.precompute_ref=true where the objective has it (DPO, PSO: reference "
+                          f"log-probs computed once before training), or trainer.distributed=ddp or "
+                          f"deepspeed_zero2.")
+
+
+@contextlib.contextmanager
+def without_zero3_init(acc) -> Iterator[None]:
+    """Under ZeRO-3, transformers builds every model inside DeepSpeed's `zero.Init`, which partitions each parameter
+    with collectives as it is created; a model that one rank builds alone (the meta-device skeleton of the
+    target-module check, built while the other ranks wait) must not be, or the ranks deadlock. transformers decides
+    from the DeepSpeed config accelerate registers with it, so that is withdrawn meanwhile. (accelerate's
+    `zero3_init_context_manager(enable=False)` re-registers the same config, which leaves zero.Init on.)"""
+    if not _zero3(acc):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        acc.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,119 @@
+"""trainer.distributed=deepspeed_zero2 / deepspeed_zero3 run by DeepSpeed itself (accelerate's engine, switched on over
+gloo on CPU by tests/_deepspeed_worker.py): 2 processes x batch 4 train to the trajectory of 1 process x batch 8, under
+LoRA and full fine-tuning, for SFT and DPO; the final adapter or model is gathered from the shards; what a sharded
+model cannot do is refused. The refusals on a CPU without the switch are in tests/test_fsdp.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses, make_cfg, run  # noqa: E402
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make setup`")
+
+# No dropout and a constant lr, as in test_distributed.py and test_fsdp.py.
+BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
+        "trainer.warmup_ratio=0"]
+FULL = [a for a in BASE if not a.startswith("peft.")] + ["peft=none", "trainer.lr=1e-3"]
+WORKER = Path(__file__).parent / "_deepspeed_worker.py"
+
+
+def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out),
+           f"trainer.distributed=deepspeed_zero{stage}", *overrides]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+    r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    if expect_ok:
+        assert r.returncode == 0, r.stderr[-4000:]
+        for k in (0, 1):
+            seen = json.loads((out / f"deepspeed_rank{k}.json").read_text())
+            assert seen["world"] == 2 and seen["engine"] == "DeepSpeedEngine" and seen["stage"] == stage, seen
+            assert seen["partitioned"] == (stage == 3), seen  # ZeRO-3 really holds a part of each weight per rank
+            assert seen["optimizer"] in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"), seen
+    return r
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in b:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)  # Adam magnifies summation-order noise
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    run(make_cfg(root / "lora", *BASE, "trainer.batch_size=8", "trainer.max_steps=4"))
+    return root
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_zero_lora_two_processes_equal_one_process_with_the_global_batch(one_process, tmp_path, stage):
+    """DeepSpeed averages the ranks' gradients and steps inside its backward; ftune's loss is normalised by the global
+    batch's label tokens, so 2 x 4 rows train like 8 rows in one process (equal up to float summation order)."""
+    out = tmp_path / f"zero{stage}"
+    deepspeed_run(out, stage, *BASE, "trainer.batch_size=4", "trainer.max_steps=4")
+    l2, l1 = losses(out), losses(one_process / "lora")
+    assert len(l2) == len(l1) == 4 and l2[-1] < l2[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    w2, w1 = (load_file(r / "final" / "adapter_model.safetensors") for r in (out, one_process / "lora"))
+    assert_same_weights(w2, w1)
+    assert max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k) > 1e-3  # B starts at zero: it moved
+
+
+def test_zero3_full_fine_tuning_equals_one_process_and_saves_the_full_model(tmp_path):
+    """Every weight partitioned (built under zero.Init, the LM head too); final/ holds the gathered full weights."""
+    deepspeed_run(tmp_path / "zero3", 3, *FULL, "trainer.batch_size=4", "trainer.max_steps=3")
+    run(make_cfg(tmp_path / "one", *FULL, "trainer.batch_size=8", "trainer.max_steps=3"))
+    l2, l1 = losses(tmp_path / "zero3"), losses(tmp_path / "one")
+    assert len(l2) == 3 and l2[-1] < l2[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+    assert_same_weights(*(load_file(tmp_path / r / "final" / "model.safetensors") for r in ("zero3", "one")))
+
+
+def write_prefs(path: Path, n: int = 16) -> Path:
+    rows = [{"prompt": f"Question {i}: is {i} a nice number?", "chosen": "Yes, it is a fine number.",
+             "rejected": "No idea, go away."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_zero3_dpo_with_lora_equals_one_process(tmp_path):
+    """The reference is the partitioned model with its adapter switched off: every rank joins its forward."""
+    dpo = ["objective=dpo", "data=jsonl", f"data.path={write_prefs(tmp_path / 'prefs.jsonl')}", "data.eval_size=4",
+           "peft.dropout=0", "trainer.lr=1e-2", "trainer.scheduler=constant", "trainer.max_steps=3"]
+    deepspeed_run(tmp_path / "zero3", 3, *dpo, "trainer.batch_size=2")
+    run(make_cfg(tmp_path / "one", *dpo, "trainer.batch_size=4"))
+    l2, l1 = losses(tmp_path / "zero3"), losses(tmp_path / "one")
+    assert len(l2) == 3 and l2[-1] < l2[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+
+
+def test_zero3_full_dpo_needs_its_reference_precomputed(tmp_path):
+    """A frozen copy of a partitioned model is refused (DeepSpeed's placeholders would be copied empty), before the
+    model is sharded; with objective.precompute_ref=true the same run trains."""
+    dpo = ["objective=dpo", "data=jsonl", f"data.path={write_prefs(tmp_path / 'prefs.jsonl')}", "data.eval_size=4",
+           "peft=none", "trainer.lr=1e-3", "trainer.scheduler=constant", "trainer.batch_size=2", "trainer.max_steps=2"]
+    r = deepspeed_run(tmp_path / "copy", 3, *dpo, expect_ok=False)
+    assert r.returncode != 0
+    assert ("DPO without an adapter keeps a frozen copy of the initial model as its reference, and a model sharded "
+            "by DeepSpeed ZeRO-3 cannot be copied" in r.stderr and "objective.precompute_ref=true" in r.stderr)
+    assert not (tmp_path / "copy" / "metrics.jsonl").exists()
+    deepspeed_run(tmp_path / "precomputed", 3, *dpo, "objective.precompute_ref=true")
+    assert len(losses(tmp_path / "precomputed")) == 2
