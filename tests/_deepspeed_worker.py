@@ -23,12 +23,15 @@ from _tiny import make_cfg
 def deepspeed_on_cpu(real):
     def make(cfg):
         from accelerate.state import PartialState
-        from accelerate.utils import DistributedType
+        from accelerate.utils import DeepSpeedPlugin, DistributedType
 
         from ftune.training import distributed as dist
 
         acc = real(cfg)  # built with ACCELERATE_USE_CPU=true: gloo, every rank joined
-        plugin = dist.plugins(cfg.trainer)["deepspeed_plugin"]
+        # trainer.distributed=deepspeed_*: ftune's plugin; ddp: the plugin accelerate builds from the environment that
+        # `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` sets (ACCELERATE_DEEPSPEED_*).
+        plugin = (dist.plugins(cfg.trainer)["deepspeed_plugin"] if cfg.trainer.distributed != "ddp"
+                  else DeepSpeedPlugin())
         acc.state.deepspeed_plugins = {"default": plugin}
         plugin.select(_from_accelerator_state=True)  # also registers the ZeRO config with transformers
         acc.state.distributed_type = DistributedType.DEEPSPEED

@@ -28,14 +28,18 @@ FULL = [a for a in BASE if not a.startswith("peft.")] + ["peft=none", "trainer.l
 WORKER = Path(__file__).parent / "_deepspeed_worker.py"
 
 
-def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True,
+                  launch_env: dict | None = None) -> subprocess.CompletedProcess:
+    """trainer.distributed=deepspeed_zero{stage}; or, with `launch_env`, trainer.distributed=ddp and the engine
+    chosen by the environment `accelerate launch --config_file` gives its processes."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    engine = f"deepspeed_zero{stage}" if launch_env is None else "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out),
-           f"trainer.distributed=deepspeed_zero{stage}", *overrides]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+           f"trainer.distributed={engine}", *overrides]
+    env = {**os.environ, **(launch_env or {}), "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     if expect_ok:
         assert r.returncode == 0, r.stderr[-4000:]
@@ -74,6 +78,32 @@ def test_zero_lora_two_processes_equal_one_process_with_the_global_batch(one_pro
     w2, w1 = (load_file(r / "final" / "adapter_model.safetensors") for r in (out, one_process / "lora"))
     assert_same_weights(w2, w1)
     assert max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k) > 1e-3  # B starts at zero: it moved
+
+
+def accelerate_launch_env(config_file: Path) -> dict:
+    """The ACCELERATE_* variables `accelerate launch --config_file FILE` sets for its processes (accelerate's own
+    parsing and `prepare_deepspeed_cmd_env`, as its `launch_command` calls them)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "--num_processes", "2",
+                                               "-m", "ftune.train"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_") and k != "ACCELERATE_USE_CPU"}
+
+
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_the_accelerate_deepspeed_config_files_train_like_one_process(one_process, tmp_path, stage):
+    """configs/accelerate/deepspeed_zero{2,3}.yaml: accelerate builds the plugin from the launcher's environment (its
+    micro-batch left "auto", DeepSpeed clipping at 1.0 like trainer.max_grad_norm)."""
+    env = accelerate_launch_env(Path(__file__).parents[1] / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml")
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
+    out = tmp_path / "launched"
+    deepspeed_run(out, stage, *BASE, "trainer.batch_size=4", "trainer.max_steps=4", launch_env=env)
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one_process / "lora")), rtol=0,
+                               atol=2e-5)
 
 
 def test_zero3_full_fine_tuning_equals_one_process_and_saves_the_full_model(tmp_path):

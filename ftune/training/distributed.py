@@ -113,12 +113,9 @@ def plugins(t) -> dict:
     if t.distributed.startswith("deepspeed"):
         from accelerate.utils import DeepSpeedPlugin
 
-        plugin = DeepSpeedPlugin(zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=1,
-                                 gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)
-        # accelerate reads the micro-batch from a prepared DataLoader; ftune batches itself (BatchOrder) and prepares
-        # the model and optimizer only, so it is given here: trainer.batch_size rows per process and step.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.batch_size
-        return {"deepspeed_plugin": plugin}
+        return {"deepspeed_plugin": DeepSpeedPlugin(
+            zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=1,
+            gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)}
     return {}
 
 
@@ -202,6 +199,18 @@ def is_sharded(acc) -> bool:
 
 def _zero3(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+
+
+def give_deepspeed_the_batch(acc, batch_size: int) -> None:
+    """accelerate reads DeepSpeed's micro-batch from a prepared DataLoader and refuses to prepare without one; ftune
+    batches itself (BatchOrder) and prepares the model and optimizer only, so a config that leaves it "auto" (ftune's
+    own plugin, `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`) is given trainer.batch_size,
+    the rows per process and step."""
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def sharding_engine(acc) -> str | None:
