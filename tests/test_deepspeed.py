@@ -147,3 +147,14 @@ def test_zero3_full_dpo_needs_its_reference_precomputed(tmp_path):
     assert not (tmp_path / "copy" / "metrics.jsonl").exists()
     deepspeed_run(tmp_path / "precomputed", 3, *dpo, "objective.precompute_ref=true")
     assert len(losses(tmp_path / "precomputed")) == 2
+
+
+@pytest.mark.slow
+def test_zero3_bf16_follows_the_float32_trajectory(one_process, tmp_path):
+    """trainer.mixed_precision=bf16 goes to DeepSpeed's own bf16 mode (bf16 weights, float32 master copies in the ZeRO
+    optimizer): the losses stay within bf16 rounding of the float32 run's."""
+    out = tmp_path / "bf16"
+    deepspeed_run(out, 3, *BASE, "trainer.batch_size=4", "trainer.max_steps=4", "trainer.mixed_precision=bf16")
+    l2, l1 = losses(out), losses(one_process / "lora")
+    assert l2 != l1  # really computed in bf16
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=1e-3)
