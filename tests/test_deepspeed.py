@@ -1,5 +1,5 @@
 """trainer.distributed=deepspeed_zero2 / deepspeed_zero3 run by DeepSpeed itself (accelerate's engine, switched on over
-gloo on CPU by tests/_deepspeed_worker.py): 2 processes x batch 4 train to the trajectory of 1 process x batch 8, under
+gloo on CPU by tests/_sharded_worker.py): 2 processes x batch 4 train to the trajectory of 1 process x batch 8, under
 LoRA and full fine-tuning, for SFT and DPO; the final adapter or model is gathered from the shards; what a sharded
 model cannot do is refused. The refusals on a CPU without the switch are in tests/test_fsdp.py."""
 
@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make setup`"
 BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
         "trainer.warmup_ratio=0"]
 FULL = [a for a in BASE if not a.startswith("peft.")] + ["peft=none", "trainer.lr=1e-3"]
-WORKER = Path(__file__).parent / "_deepspeed_worker.py"
+WORKER = Path(__file__).parent / "_sharded_worker.py"
 
 
 def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True,
@@ -37,7 +37,7 @@ def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True
         port = sock.getsockname()[1]
     engine = f"deepspeed_zero{stage}" if launch_env is None else "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out),
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "deepspeed", str(out),
            f"trainer.distributed={engine}", *overrides]
     env = {**os.environ, **(launch_env or {}), "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)

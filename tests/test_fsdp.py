@@ -1,5 +1,5 @@
 """trainer.distributed: the choice is checked before the model loads, FSDP2 / DeepSpeed are refused where accelerate
-would not run them (a CPU), and accelerate's FSDP2 engine, switched on over gloo on CPU (tests/_fsdp_worker.py),
+would not run them (a CPU), and accelerate's FSDP2 engine, switched on over gloo on CPU (tests/_sharded_worker.py),
 trains 2 processes x batch 2 x accumulation 2 to the trajectory of 1 process x batch 8, saves a plain PEFT adapter and
 resumes."""
 
@@ -27,7 +27,7 @@ from _tiny import losses, make_cfg, run  # noqa: E402
 # No dropout and a constant lr, as in test_distributed.py.
 BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
         "trainer.warmup_ratio=0"]
-WORKER = Path(__file__).parent / "_fsdp_worker.py"
+WORKER = Path(__file__).parent / "_sharded_worker.py"
 
 
 def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE) -> None:
@@ -35,7 +35,7 @@ def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), str(out), *base, *overrides]
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "fsdp2", str(out), *base, *overrides]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
