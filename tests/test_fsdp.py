@@ -192,3 +192,19 @@ def test_a_frozen_reference_copy_of_a_sharded_model_is_refused():
         dist.check_reference(acc, DPO(loss="simpo"), full)  # reference-free
     for acc in (zero2, ddp):
         dist.check_reference(acc, DPO(), full)
+
+
+@pytest.mark.slow
+def test_fsdp2_dpo_with_lora_equals_one_process(tmp_path):
+    """DPO's reference is the sharded model with its adapter switched off; chosen and rejected sequences share rows."""
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Question {i}: is {i} a nice number?",
+                                         "chosen": "Yes, it is a fine number.", "rejected": "No idea, go away."})
+                             + "\n" for i in range(16)))
+    dpo = ["objective=dpo", "data=jsonl", f"data.path={prefs}", "data.eval_size=4", "peft.dropout=0",
+           "trainer.lr=1e-2", "trainer.scheduler=constant", "trainer.max_steps=3"]
+    fsdp2_run(tmp_path / "fsdp2", "trainer.batch_size=2", base=dpo)
+    run(make_cfg(tmp_path / "one", *dpo, "trainer.batch_size=4"))
+    l2, l1 = losses(tmp_path / "fsdp2"), losses(tmp_path / "one")
+    assert len(l2) == 3 and l2[-1] < l2[0]
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
