@@ -170,3 +170,13 @@ def test_zero3_pso_samples_with_every_rank_in_each_forward(tmp_path):
                       home=tmp_path / "home")  # an empty sample cache
     assert "reusing" not in r.stderr and list((tmp_path / "home" / "pso_samples").glob("*.json"))
     assert len(losses(tmp_path / "pso")) == 2
+
+
+@pytest.mark.slow
+def test_zero2_evaluates_on_rank_0_before_and_after_training(tmp_path):
+    """ZeRO-2 partitions gradients and optimizer state only: every rank holds the whole model, so eval.at_start /
+    at_end (generation on rank 0 alone, refused under ZeRO-3 and FSDP2) runs."""
+    deepspeed_run(tmp_path / "eval", 2, *BASE, "trainer.batch_size=4", "trainer.max_steps=2", "eval=gsm8k",
+                  "eval.at_start=true", "eval.at_end=true", "eval.limit=4", "eval.max_new_tokens=8")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["task_start"]["n"] == summary["task_end"]["n"] == 4
