@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -320,14 +321,19 @@ class Trainer:
     def eval_task(self, tag: str) -> dict | None:
         from ftune.eval.tasks import run_task
 
+        # Rank 0 evaluates and records. A model partitioned by ZeRO-3 needs every rank in each forward, so there every
+        # rank runs the same task (transformers' generate keeps the ranks' decoding loops in step: synced_gpus) and
+        # the others' results go to a scratch directory. (FSDP2 is refused: dist.check_state.)
         metrics = None
-        if self.is_main and self.task:
-            with self.acc.autocast():
+        if self.task and (self.is_main or dist.is_zero3(self.acc)):
+            with self.acc.autocast(), (nullcontext(self.out / f"eval_{tag}") if self.is_main
+                                       else tempfile.TemporaryDirectory()) as where:
                 metrics = run_task(self.acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
-                                   self.out / f"eval_{tag}", progress=self.cfg.trainer.progress)
-            log.info("%s accuracy (%s): %.3f on %d", self.cfg.eval.task, tag, metrics["accuracy"], metrics["n"])
+                                   Path(where), progress=self.cfg.trainer.progress and self.is_main)
+            if self.is_main:
+                log.info("%s accuracy (%s): %.3f on %d", self.cfg.eval.task, tag, metrics["accuracy"], metrics["n"])
         self.acc.wait_for_everyone()
-        return metrics
+        return metrics if self.is_main else None
 
     # ---------------------------------------------------------------------------------------------------- loop
     def run(self) -> dict:

@@ -172,11 +172,17 @@ def test_zero3_pso_samples_with_every_rank_in_each_forward(tmp_path):
     assert len(losses(tmp_path / "pso")) == 2
 
 
-@pytest.mark.slow
-def test_zero2_evaluates_on_rank_0_before_and_after_training(tmp_path):
-    """ZeRO-2 partitions gradients and optimizer state only: every rank holds the whole model, so eval.at_start /
-    at_end (generation on rank 0 alone, refused under ZeRO-3 and FSDP2) runs."""
-    deepspeed_run(tmp_path / "eval", 2, *BASE, "trainer.batch_size=4", "trainer.max_steps=2", "eval=gsm8k",
-                  "eval.at_start=true", "eval.at_end=true", "eval.limit=4", "eval.max_new_tokens=8")
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_evaluates_before_and_after_training(tmp_path, stage):
+    """eval.at_start / at_end: ZeRO-2 keeps the whole model on every rank and rank 0 generates alone; ZeRO-3's
+    partitioned model needs every rank in each forward, so every rank generates (the decoding loops kept in step by
+    transformers' synced_gpus) and rank 0 records. The answers equal those of one process."""
+    evals = ["trainer.max_steps=2", "eval=gsm8k", "eval.at_start=true", "eval.at_end=true", "eval.limit=4",
+             "eval.max_new_tokens=8"]
+    deepspeed_run(tmp_path / "eval", stage, *BASE, "trainer.batch_size=4", *evals)
+    run(make_cfg(tmp_path / "one", *BASE, "trainer.batch_size=8", *evals))
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["task_start"]["n"] == summary["task_end"]["n"] == 4
+    for tag in ("start", "end"):
+        mine, one = (sorted(p.read_text() for p in (tmp_path / r / f"eval_{tag}").iterdir()) for r in ("eval", "one"))
+        assert mine and mine == one, tag

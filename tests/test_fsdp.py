@@ -83,7 +83,7 @@ def test_the_engines_are_accelerates_plugins(tmp_path):
 
 def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
-    with pytest.raises(ConfigError, match="sharded by FSDP2"):
+    with pytest.raises(ConfigError, match="generate cannot do with a model sharded by FSDP2.*ftune eval run_dir="):
         dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), fsdp)
     with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside"):
         dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), fsdp)
@@ -93,8 +93,7 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
         dist.check_state(make_cfg(tmp_path), fsdp1)
     zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
                             state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    with pytest.raises(ConfigError, match="sharded by DeepSpeed ZeRO-3"):
-        dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_start=true"), zero3)
+    dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_start=true"), zero3)  # every rank evaluates
     with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside.*DeepSpeed ZeRO-3"):
         dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), zero3)
     ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,

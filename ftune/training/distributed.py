@@ -81,11 +81,12 @@ def check_state(cfg, acc) -> None:
         raise ConfigError("accelerate runs FSDP version 1 here (the accelerate config has no `fsdp_version: 2`); ftune "
                           "saves and resumes FSDP2 only. Set `fsdp_version: 2` in its fsdp_config (see "
                           "configs/accelerate/fsdp2.yaml), or use trainer.distributed=fsdp2.")
+    if acc.is_fsdp2 and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
+        raise ConfigError("eval.at_start/at_end generate with the model between training steps, which transformers' "
+                          "generate cannot do with a model sharded by FSDP2 (its parameters are DTensors outside the "
+                          "root module's forward). Set eval.at_start=false eval.at_end=false and run `ftune eval "
+                          "run_dir=OUTPUT_DIR` after training, or use trainer.distributed=deepspeed_zero3 or ddp.")
     sharded = sharding_engine(acc)
-    if sharded and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
-        raise ConfigError(f"eval.at_start/at_end generate on rank 0 alone, which a model sharded by {sharded} cannot "
-                          f"do (every rank must join each forward). Set eval.at_start=false eval.at_end=false and run "
-                          f"`ftune eval run_dir=OUTPUT_DIR` after training.")
     if sharded and t.liger:
         raise ConfigError(f"trainer.liger=true applies the LM head outside the model's forward, where {sharded} has "
                           f"not gathered its weight (nor will reduce its gradient). Use trainer.liger=false with "
@@ -197,7 +198,7 @@ def is_sharded(acc) -> bool:
     return acc.is_fsdp2
 
 
-def _zero3(acc) -> bool:
+def is_zero3(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
 
 
@@ -215,7 +216,7 @@ def give_deepspeed_the_batch(acc, batch_size: int) -> None:
 
 def sharding_engine(acc) -> str | None:
     """The engine's name when each rank holds only part of every weight (FSDP2, ZeRO-3), else None."""
-    return "FSDP2" if acc.is_fsdp2 else "DeepSpeed ZeRO-3" if _zero3(acc) else None
+    return "FSDP2" if acc.is_fsdp2 else "DeepSpeed ZeRO-3" if is_zero3(acc) else None
 
 
 def check_reference(acc, objective, model: torch.nn.Module) -> None:
@@ -238,7 +239,7 @@ def without_zero3_init(acc) -> Iterator[None]:
     target-module check, built while the other ranks wait) must not be, or the ranks deadlock. transformers decides
     from the DeepSpeed config accelerate registers with it, so that is withdrawn meanwhile. (accelerate's
     `zero3_init_context_manager(enable=False)` re-registers the same config, which leaves zero.Init on.)"""
-    if not _zero3(acc):
+    if not is_zero3(acc):
         yield
         return
     from transformers.integrations import unset_hf_deepspeed_config
@@ -259,7 +260,7 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main") -> Iterato
     the shards on exit (loading). Without sharding it yields the unwrapped model unchanged.
     """
     unwrapped = acc.unwrap_model(model)
-    if _zero3(acc):  # DeepSpeed's own gathering; on exit rank 0's values are partitioned back (loading)
+    if is_zero3(acc):  # DeepSpeed's own gathering; on exit rank 0's values are partitioned back (loading)
         import deepspeed
 
         params = list(unwrapped.parameters())
