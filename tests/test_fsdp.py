@@ -207,3 +207,18 @@ def test_fsdp2_dpo_with_lora_equals_one_process(tmp_path):
     l2, l1 = losses(tmp_path / "fsdp2"), losses(tmp_path / "one")
     assert len(l2) == 3 and l2[-1] < l2[0]
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+
+
+def test_objectives_that_generate_with_the_model_are_refused_under_fsdp2():
+    from ftune.objectives.pso import PSO
+    from ftune.objectives.s3ft import S3FT
+    from ftune.objectives.sft import SFT
+
+    fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
+    zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED)
+    for objective in (PSO(), S3FT()):
+        with pytest.raises(ConfigError, match=f"{type(objective).__name__} generates answers with the model it "
+                                              f"trains.*sharded by FSDP2.*deepspeed_zero3"):
+            dist.check_objective(fsdp, objective)
+        dist.check_objective(zero3, objective)  # every rank generates (test_deepspeed.py)
+    dist.check_objective(fsdp, SFT())

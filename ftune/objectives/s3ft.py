@@ -181,6 +181,7 @@ class S3FT:
     can_pack = True
     data_kind = "sft"
     collate = staticmethod(collate)
+    samples_from_model = True  # generates with the model being trained (dist.check_objective)
 
     def __init__(self, judge: str = "numeric_match", max_new_tokens: int = 256, gen_batch_size: int = 16,
                  answer_instruction: str | None = None, paraphrase_prompt: str | None = None,

@@ -219,6 +219,17 @@ def sharding_engine(acc) -> str | None:
     return "FSDP2" if acc.is_fsdp2 else "DeepSpeed ZeRO-3" if is_zero3(acc) else None
 
 
+def check_objective(acc, objective) -> None:
+    """An objective that generates with the model being trained (PSO's samples, S3FT's rewritten answers) cannot run
+    under FSDP2: transformers' generate fails on its sharded model (the same failure as eval.at_start/at_end, in
+    check_state). Refused before the model loads."""
+    if acc.is_fsdp2 and getattr(objective, "samples_from_model", False):
+        raise ConfigError(f"{type(objective).__name__} generates answers with the model it trains, which transformers' "
+                          f"generate cannot do with a model sharded by FSDP2 (its parameters are DTensors outside "
+                          f"the root module's forward). Use trainer.distributed=deepspeed_zero3 (every rank "
+                          f"generates, in step) or ddp.")
+
+
 def check_reference(acc, objective, model: torch.nn.Module) -> None:
     """An objective that keeps a frozen copy of the initial model (full fine-tuning with a reference) cannot copy a
     sharded one: refused before the model is sharded, with the ways around it."""
