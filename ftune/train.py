@@ -79,8 +79,7 @@ def refuse_existing_run(argv: list[str]) -> None:
     flags (`--cfg`, `--info`, `--help`) are left alone; the Trainer checks again whatever path the config resolves."""
     if any(a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
         return
-    out, resume = _given(argv, "output_dir"), _given(argv, "trainer.resume")
-    resume = None if resume is None or resume.lower() in ("", "null", "none") else resume
+    out, resume = _given(argv, "output_dir"), _given_resume(argv)
     if out:
         _check_fresh(Path(out), resume)
 
@@ -115,6 +114,12 @@ def _given(argv: list[str], key: str) -> str | None:
     return value
 
 
+def _given_resume(argv: list[str]) -> str | None:
+    """`trainer.resume=` from the command line; None when absent or null."""
+    resume = _given(argv, "trainer.resume")
+    return None if resume is None or resume.lower() in ("", "null", "none") else resume
+
+
 def rank_argv(argv: list[str]) -> list[str]:
     """Hydra overrides for this process. A process that is not rank 0 of a multi-process run writes no `.hydra/` and
     no log file into the run directory (rank 0 does). A run that continues an earlier one in its output_dir
@@ -122,8 +127,8 @@ def rank_argv(argv: list[str]) -> list[str]:
     earlier run's `.hydra/config.yaml`, the record of how its first steps were trained."""
     if int(os.environ.get("RANK", "0")) != 0:
         return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    out, resume = _given(argv, "output_dir"), _given(argv, "trainer.resume")
-    if (out and resume and resume.lower() not in ("null", "none") and _given(argv, "hydra.output_subdir") is None
+    out = _given(argv, "output_dir")
+    if (out and _given_resume(argv) and _given(argv, "hydra.output_subdir") is None
             and (Path(out) / ".hydra" / "config.yaml").is_file()):
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         return [*argv, f"hydra.output_subdir=.hydra/resume-{stamp}"]
