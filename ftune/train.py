@@ -6,6 +6,7 @@ The objective (`cfg.objective._target_`) is the only seam: the loop never branch
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -169,6 +170,8 @@ class Trainer:
             cfg.output_dir = str(self.out)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_from = _resume_point(cfg, self.ckpt_root)
+        if self.resume_from is not None:
+            dist.check_resume(self.acc, self.resume_from)
         set_seed(cfg.seed)
 
         # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
@@ -255,7 +258,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         final = root / name
         # Collective under FSDP2 / ZeRO-3: every rank gathers, rank 0 writes plain full tensors.
-        optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer)
+        optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer, tmp)
         with dist.full_parameters(self.acc, self.model) as model:
             if self.is_main:
                 self.peft.save(model, tmp)
@@ -263,6 +266,7 @@ class Trainer:
             try:
                 self.tokenizer.save_pretrained(tmp)
                 (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+                (tmp / dist.ENGINE_FILE).write_text(json.dumps(dist.engine_record(self.acc)))
                 torch.save({"step": self.step, "skipped": self.skipped, "optimizer": optimizer_state,
                             "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
                            tmp / ckpt.STATE)
@@ -286,7 +290,7 @@ class Trainer:
         with dist.full_parameters(self.acc, self.model, ranks="all") as model:
             self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
-        dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"])
+        dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
         if "spike_guard" in state:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import losses, make_cfg, run  # noqa: E402
 
+from ftune.training.checkpoint import verify  # noqa: E402
+
 pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make setup`")
 
 # No dropout and a constant lr, as in test_distributed.py and test_fsdp.py.
@@ -115,6 +117,54 @@ def test_zero3_full_fine_tuning_equals_one_process_and_saves_the_full_model(tmp_
     assert len(l2) == 3 and l2[-1] < l2[0]
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
     assert_same_weights(*(load_file(tmp_path / r / "final" / "model.safetensors") for r in ("zero3", "one")))
+
+
+def deepspeed_resumed(tmp_path: Path, stage: int, *overrides: str) -> tuple[Path, Path]:
+    """4 steps with a checkpoint at step 2, and a second run resumed from that checkpoint."""
+    full, cut = tmp_path / "full", tmp_path / "resumed"
+    deepspeed_run(full, stage, *overrides, "trainer.batch_size=4", "trainer.max_steps=4", "trainer.save_every=2")
+    ckpt = full / "checkpoints" / "checkpoint-2"
+    assert verify(ckpt) is None  # in ftune's manifest, written after every rank's files
+    assert json.loads((ckpt / "engine.json").read_text()) == {"engine": "deepspeed", "processes": 2,
+                                                              "zero_stage": stage}
+    # DeepSpeed's own checkpoint: each rank's partition of the optimizer state and of the float32 master weights
+    assert {f"zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in (0, 1)} <= {
+        p.name for p in (ckpt / "deepspeed" / "state").iterdir()}
+    deepspeed_run(cut, stage, *overrides, "trainer.batch_size=4", "trainer.max_steps=4", f"trainer.resume={ckpt}")
+    return full, cut
+
+
+def assert_continues(full: Path, cut: Path, weights: str) -> None:
+    l_full, l_cut = losses(full), losses(cut)
+    assert len(l_cut) == 2
+    torch.testing.assert_close(torch.tensor(l_cut), torch.tensor(l_full[2:]), rtol=0, atol=1e-6)
+    a, b = (load_file(r / "final" / weights) for r in (cut, full))
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
+    """trainer.save_every / trainer.resume under DeepSpeed: the engine's own save_checkpoint / load_checkpoint put
+    back the Adam moments and master weights each rank holds (without them the 4th loss differs by ~0.1), ftune's
+    scheduler (cosine with warmup) and step counter come from its own state file."""
+    full, cut = deepspeed_resumed(tmp_path, stage, *BASE, "trainer.scheduler=cosine", "trainer.warmup_ratio=0.25")
+    assert_continues(full, cut, "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_zero2_bf16_resume_restores_the_float32_master_weights(tmp_path):
+    """Under bf16 the model holds bf16 copies; the float32 masters the optimizer steps come back from DeepSpeed's files,
+    so the resumed run follows the uninterrupted one exactly."""
+    full, cut = deepspeed_resumed(tmp_path, 2, *BASE, "trainer.mixed_precision=bf16")
+    assert_continues(full, cut, "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_zero3_full_fine_tuning_resumes(tmp_path):
+    full, cut = deepspeed_resumed(tmp_path, 3, *FULL)
+    assert_continues(full, cut, "model.safetensors")
 
 
 def write_prefs(path: Path, n: int = 16) -> Path:

@@ -99,10 +99,46 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
     dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), ds)  # ZeRO-2: every rank holds the model
-    for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3", "trainer.save_every=2", "trainer.resume=auto"):
+    for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3"):
         with pytest.raises(ConfigError, match="DeepSpeed steps the optimizer inside its backward"):
             dist.check_state(make_cfg(tmp_path, bad), ds)
-    dist.check_state(make_cfg(tmp_path), ds)
+    dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds)  # its own checkpoints
+
+
+def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_state(tmp_path):
+    """DeepSpeed's partitions go back only into DeepSpeed with the same stage and processes; a full state dict (one
+    process, DDP, FSDP2) goes anywhere else; a checkpoint without engine.json was written by one process or DDP."""
+    def acc(engine, processes=2, stage=None):
+        kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
+        return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    def written_by(a):
+        d = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / dist.ENGINE_FILE).write_text(json.dumps(dist.engine_record(a)))
+        return d
+
+    ds3 = written_by(acc("ds", 2, 3))
+    dist.check_resume(acc("ds", 2, 3), ds3)
+    with pytest.raises(ConfigError, match="written under DeepSpeed and this run uses DDP.*trainer.distributed"):
+        dist.check_resume(acc("ddp", 1), ds3)
+    with pytest.raises(ConfigError, match="written under DeepSpeed and this run uses FSDP2"):
+        dist.check_resume(acc("fsdp2"), ds3)
+    with pytest.raises(ConfigError, match="ZeRO-3 partitions for 2 processes.*ZeRO-3 on 4.*--nproc 2"):
+        dist.check_resume(acc("ds", 4, 3), ds3)
+    with pytest.raises(ConfigError, match="ZeRO-3 partitions for 2 processes.*ZeRO-2 on 2.*deepspeed_zero3"):
+        dist.check_resume(acc("ds", 2, 2), ds3)
+    fsdp = written_by(acc("fsdp2", 4))
+    for a in (acc("ddp", 1), acc("fsdp2", 2), acc("ddp", 3)):
+        dist.check_resume(a, fsdp)
+    with pytest.raises(ConfigError, match="written under FSDP2 and this run uses DeepSpeed"):
+        dist.check_resume(acc("ds", 4, 2), fsdp)
+    old = tmp_path / "no-record"
+    old.mkdir()
+    dist.check_resume(acc("fsdp2"), old)
+    with pytest.raises(ConfigError, match=r"written under DDP \(or one process\) and this run uses DeepSpeed"):
+        dist.check_resume(acc("ds", 2, 2), old)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ between sharded parameters and the plain files a checkpoint holds:
 - the model: the full state dict is gathered onto rank 0 (torch.distributed.checkpoint's get_model_state_dict, as
   accelerate's `get_state_dict` does) and put in place of the sharded parameters while the PEFT method saves, so
   `final/` is the same HF / PEFT directory a single process writes;
-- the optimizer: its full (unsharded) state dict, keyed by parameter name, in `trainer_state.pt`.
+- the optimizer: its full (unsharded) state dict, keyed by parameter name, in `trainer_state.pt`; under DeepSpeed,
+  the engine's own checkpoint instead (`deepspeed/` in the checkpoint: each rank's partition of the optimizer state
+  and fp32 master weights, written by `DeepSpeedEngine.save_checkpoint`), so no rank ever holds the whole of it.
 
 accelerate (1.15) switches to FSDP or DeepSpeed only on an accelerator (CUDA, XPU, NPU, ...): on a CPU it keeps
 plain data parallelism and ignores the plugin, so ftune refuses those engines there instead of silently running DDP.
@@ -92,14 +94,48 @@ def check_state(cfg, acc) -> None:
                           f"not gathered its weight (nor will reduce its gradient). Use trainer.liger=false with "
                           f"{sharded}.")
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed's engine steps inside `backward` and keeps its optimizer state partitioned per rank, so ftune's
-        # skipping of a bad step, its manual accumulation (which DeepSpeed rescales by its own count) and its
-        # single-file optimizer checkpoints cannot apply.
-        if t.grad_accum != 1 or t.spike_factor or t.save_every or t.resume:
-            raise ConfigError(f"DeepSpeed steps the optimizer inside its backward and partitions its state, so "
-                              f"trainer.grad_accum must be 1, trainer.spike_factor 0, trainer.save_every 0 and "
-                              f"trainer.resume null (got {t.grad_accum}, {t.spike_factor}, {t.save_every}, "
-                              f"{t.resume}). Raise trainer.batch_size instead, or use trainer.distributed=fsdp2.")
+        # DeepSpeed's engine steps inside `backward`, so ftune's skipping of a bad step and its manual accumulation
+        # (which DeepSpeed rescales by its own count) cannot apply.
+        if t.grad_accum != 1 or t.spike_factor:
+            raise ConfigError(f"DeepSpeed steps the optimizer inside its backward, so trainer.grad_accum must be 1 and "
+                              f"trainer.spike_factor 0 (got {t.grad_accum} and {t.spike_factor}). Raise "
+                              f"trainer.batch_size instead, or use trainer.distributed=fsdp2.")
+
+
+ENGINE_FILE = "engine.json"  # in every checkpoint: the engine and world size that wrote it
+DS_DIR, DS_TAG = "deepspeed", "state"  # DeepSpeed's own checkpoint inside ftune's: <checkpoint>/deepspeed/state/
+
+
+def engine_record(acc) -> dict:
+    ds = acc.distributed_type == DistributedType.DEEPSPEED
+    return {"engine": "deepspeed" if ds else "fsdp2" if acc.is_fsdp2 else "ddp", "processes": acc.num_processes,
+            "zero_stage": acc.state.deepspeed_plugin.zero_stage if ds else None}
+
+
+def check_resume(acc, path: Path) -> None:
+    """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: a plain or FSDP2 run keeps
+    a full state dict (any engine but DeepSpeed, any number of processes, reads it); DeepSpeed keeps each rank's
+    partition (DeepSpeed reads it back with the same ZeRO stage and number of processes). Checked before the model
+    loads."""
+    import json
+
+    record = path / ENGINE_FILE
+    wrote = json.loads(record.read_text()) if record.exists() else {"engine": "ddp", "processes": None}
+    now = engine_record(acc)
+    if (wrote["engine"] == "deepspeed") != (now["engine"] == "deepspeed"):
+        names = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2", "ddp": "DDP (or one process)"}
+        raise ConfigError(
+            f"trainer.resume: {path} was written under {names[wrote['engine']]} and this run uses "
+            f"{names[now['engine']]}; their optimizer states have different layouts (DeepSpeed's is partitioned per "
+            f"rank). Resume with the engine that wrote it (trainer.distributed), or start a new run from its weights.")
+    if now["engine"] == "deepspeed" and (wrote["processes"], wrote["zero_stage"]) != (now["processes"],
+                                                                                     now["zero_stage"]):
+        raise ConfigError(
+            f"trainer.resume: {path} holds DeepSpeed ZeRO-{wrote['zero_stage']} partitions for {wrote['processes']} "
+            f"processes, and this run has ZeRO-{now['zero_stage']} on {now['processes']}. DeepSpeed reloads its "
+            f"partitions only into the same layout: resume with --nproc {wrote['processes']} and "
+            f"trainer.distributed=deepspeed_zero{wrote['zero_stage']} (or convert it with DeepSpeed's "
+            f"`python -m deepspeed.checkpoint.ds_to_universal`), or start a new run from its weights.")
 
 
 def plugins(t) -> dict:
@@ -314,10 +350,13 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main") -> Iterato
         set_model_state_dict(unwrapped, loaded, options=StateDictOptions(full_state_dict=True))
 
 
-def optimizer_state(acc, model: torch.nn.Module, optimizer) -> dict:
-    """The optimizer's state dict to save (collective under FSDP2: full, keyed by name, on rank 0 only)."""
+def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> dict:
+    """The optimizer's state dict to save (collective under FSDP2: full, keyed by name, on rank 0 only). Under
+    DeepSpeed every rank writes its own partition into `directory`/deepspeed with the engine's `save_checkpoint`
+    (trainable weights only, with their fp32 masters and optimizer state), and nothing is returned."""
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        return {}  # partitioned per rank; DeepSpeed runs save no intermediate checkpoints (check_state)
+        model.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+        return {}
     if not is_sharded(acc):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -326,7 +365,14 @@ def optimizer_state(acc, model: torch.nn.Module, optimizer) -> dict:
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict) -> None:
+def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, directory: Path) -> None:
+    """Put a checkpoint's optimizer state back (check_resume has made sure it fits this engine). Under DeepSpeed the
+    engine's `load_checkpoint` restores each rank's partition and the fp32 master weights, and from them the
+    trainable weights; ftune's own scheduler and step counter are restored by the caller."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        return
     if not is_sharded(acc):
         optimizer.load_state_dict(state)
         return
