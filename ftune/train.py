@@ -208,7 +208,7 @@ class Trainer:
         make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
         optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
         dist.check_reference(self.acc, self.objective, model)
-        dist.give_deepspeed_the_batch(self.acc, t.batch_size)
+        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum)
         # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
@@ -383,13 +383,13 @@ class Trainer:
             loss_sum, sums = 0.0, {}
             for k, batch in enumerate(micro):
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
-                sync = nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
+                last = k == len(micro) - 1
                 with self.adapter_inputs:
-                    with sync, acc.autocast(), offload():
+                    with dist.micro_batch_sync(acc, self.model, last), acc.autocast(), offload():
                         part, parts = self.objective(self.model, batch)
                         # DDP averages gradients over processes, hence the world-size factor.
                         loss = part * acc.num_processes / max(n_global, 1)
-                    acc.backward(loss)
+                    dist.backward(acc, self.model, loss, last)
                 loss_sum += float(part.detach())
                 for name, v in parts.items():
                     sums[name] = sums.get(name, 0.0) + v

@@ -97,6 +97,26 @@ def accelerate_launch_env(config_file: Path) -> dict:
     return {k: v for k, v in env.items() if k.startswith("ACCELERATE_") and k != "ACCELERATE_USE_CPU"}
 
 
+def grad_norms(out: Path) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "grad_norm" in line]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_gradient_accumulation_equals_one_process_with_the_global_batch(one_process, tmp_path, stage):
+    """trainer.grad_accum under DeepSpeed: 2 processes x 2 micro-batches of 2 rows train like 1 process x 8 rows. The
+    engine reduces and steps only at the last micro-batch (a step per micro-batch would double the steps), and the
+    loss, already divided by the global batch's label tokens, is not divided again by DeepSpeed's accumulation count:
+    the gradient norms DeepSpeed reports equal one process's (Adam alone would hide a halved gradient)."""
+    out = tmp_path / f"zero{stage}"
+    deepspeed_run(out, stage, *BASE, "trainer.batch_size=2", "trainer.grad_accum=2", "trainer.max_steps=4")
+    one = one_process / "lora"
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one)), rtol=0, atol=2e-5)
+    g2, g1 = grad_norms(out), grad_norms(one)
+    assert len(g2) == len(g1) == 4
+    torch.testing.assert_close(torch.tensor(g2), torch.tensor(g1), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_the_accelerate_deepspeed_config_files_train_like_one_process(one_process, tmp_path, stage):
     """configs/accelerate/deepspeed_zero{2,3}.yaml: accelerate builds the plugin from the launcher's environment (its

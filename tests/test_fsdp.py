@@ -92,17 +92,24 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
         dist.check_state(make_cfg(tmp_path), fsdp1)
     zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
-                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3, deepspeed_config={})))
     dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_start=true"), zero3)  # every rank evaluates
     with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside.*DeepSpeed ZeRO-3"):
         dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), zero3)
-    ds = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
-                         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
-    dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), ds)  # ZeRO-2: every rank holds the model
-    for bad in ("trainer.grad_accum=2", "trainer.spike_factor=3"):
-        with pytest.raises(ConfigError, match="DeepSpeed steps the optimizer inside its backward"):
-            dist.check_state(make_cfg(tmp_path, bad), ds)
-    dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds)  # its own checkpoints
+    def ds(gas):  # gradient_accumulation_steps as ftune's plugin ("auto" when unset) or a launch config sets it
+        config = {} if gas is None else {"gradient_accumulation_steps": gas}
+        return SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(
+            deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config=config)))
+
+    dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), ds(1))  # ZeRO-2: each rank has the model
+    with pytest.raises(ConfigError, match="DeepSpeed steps the optimizer inside its backward.*spike_factor=0"):
+        dist.check_state(make_cfg(tmp_path, "trainer.spike_factor=3"), ds(1))
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=1 and this run has trainer.grad_accum=4.*"
+                                          "--gradient_accumulation_steps 4"):
+        dist.check_state(make_cfg(tmp_path, "trainer.grad_accum=4"), ds(1))
+    for gas in (4, "auto", None):
+        dist.check_state(make_cfg(tmp_path, "trainer.grad_accum=4"), ds(gas))
+    dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds(1))  # its own checkpoints
 
 
 def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_state(tmp_path):

@@ -94,12 +94,17 @@ def check_state(cfg, acc) -> None:
                           f"not gathered its weight (nor will reduce its gradient). Use trainer.liger=false with "
                           f"{sharded}.")
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed's engine steps inside `backward`, so ftune's skipping of a bad step and its manual accumulation
-        # (which DeepSpeed rescales by its own count) cannot apply.
-        if t.grad_accum != 1 or t.spike_factor:
-            raise ConfigError(f"DeepSpeed steps the optimizer inside its backward, so trainer.grad_accum must be 1 and "
-                              f"trainer.spike_factor 0 (got {t.grad_accum} and {t.spike_factor}). Raise "
-                              f"trainer.batch_size instead, or use trainer.distributed=fsdp2.")
+        # DeepSpeed's engine steps inside `backward` (at the last micro-batch), so ftune cannot skip a bad step there.
+        if t.spike_factor:
+            raise ConfigError(f"DeepSpeed steps the optimizer inside its backward, so ftune cannot skip a spiking "
+                              f"step: set trainer.spike_factor=0 (got {t.spike_factor}), or use "
+                              f"trainer.distributed=fsdp2.")
+        gas = acc.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        if gas != "auto" and int(gas) != t.grad_accum:  # set by `accelerate launch --config_file` / its flag
+            raise ConfigError(f"the accelerate config gives DeepSpeed gradient_accumulation_steps={gas} and this run "
+                              f"has trainer.grad_accum={t.grad_accum}. ftune accumulates trainer.grad_accum "
+                              f"micro-batches per step: set the two equal (gradient_accumulation_steps in the config "
+                              f"file, or `accelerate launch --gradient_accumulation_steps {t.grad_accum}`).")
 
 
 ENGINE_FILE = "engine.json"  # in every checkpoint: the engine and world size that wrote it
@@ -151,7 +156,7 @@ def plugins(t) -> dict:
         from accelerate.utils import DeepSpeedPlugin
 
         return {"deepspeed_plugin": DeepSpeedPlugin(
-            zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=1,
+            zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=t.grad_accum,
             gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)}
     return {}
 
@@ -238,16 +243,43 @@ def is_zero3(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
 
 
-def give_deepspeed_the_batch(acc, batch_size: int) -> None:
+def fit_deepspeed_config(acc, batch_size: int, grad_accum: int) -> None:
     """accelerate reads DeepSpeed's micro-batch from a prepared DataLoader and refuses to prepare without one; ftune
     batches itself (BatchOrder) and prepares the model and optimizer only, so a config that leaves it "auto" (ftune's
     own plugin, `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`) is given trainer.batch_size,
-    the rows per process and step."""
+    the rows per process and micro-batch, and an "auto" accumulation count trainer.grad_accum (check_state refused a
+    number that differs). accelerate's own count is set to match, so it does not warn about the difference."""
     if acc.distributed_type != DistributedType.DEEPSPEED:
         return
     config = acc.state.deepspeed_plugin.deepspeed_config
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = batch_size
+    if config.get("gradient_accumulation_steps", "auto") == "auto":
+        config["gradient_accumulation_steps"] = grad_accum
+    acc.gradient_accumulation_steps = grad_accum
+
+
+def micro_batch_sync(acc, model, last: bool):
+    """The context of one micro-batch's forward and backward: DDP and FSDP2 skip the gradient reduction until the last
+    one (accelerate's no_sync); DeepSpeed reduces by itself at the boundary `backward` declares."""
+    if last or acc.distributed_type == DistributedType.DEEPSPEED:
+        return contextlib.nullcontext()
+    return acc.no_sync(model)
+
+
+def backward(acc, model, loss: torch.Tensor, last: bool) -> None:
+    """Backward for one micro-batch. The loss is already divided by the global batch's normaliser (the micro-batches'
+    losses sum to the step's mean), so DeepSpeed is told not to divide it again by its accumulation count
+    (`scale_wrt_gas=False`), and the accumulation boundary is the last micro-batch, where DeepSpeed's engine reduces,
+    clips and steps (DeepSpeed's public engine API; accelerate's own `backward` would take the boundary from its
+    `accumulate()` bookkeeping, which ftune's loop does not use)."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        model.set_gradient_accumulation_boundary(last)
+        model.backward(loss, scale_wrt_gas=False)
+        if last:
+            model.step()
+    else:
+        acc.backward(loss)
 
 
 def sharding_engine(acc) -> str | None:
