@@ -161,7 +161,6 @@ class Trainer:
         AcceleratorState._reset_state()
         self.acc = dist.make_accelerator(cfg)  # DDP, FSDP2 or DeepSpeed: accelerate's own engines (trainer.distributed)
         _check_world_size(self.acc.num_processes)
-        dist.check_objective(self.acc, self.objective)
         self.is_main = self.acc.is_main_process
         # One directory for every rank (rank 0's), fresh or resumable, writable, and seen from every machine.
         self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir),
@@ -331,13 +330,13 @@ class Trainer:
     def eval_task(self, tag: str) -> dict | None:
         from ftune.eval.tasks import run_task
 
-        # Rank 0 evaluates and records. A model partitioned by ZeRO-3 needs every rank in each forward, so there every
-        # rank runs the same task (transformers' generate keeps the ranks' decoding loops in step: synced_gpus) and
-        # the others' results go to a scratch directory. (FSDP2 is refused: dist.check_state.)
+        # Rank 0 evaluates and records. A model sharded by FSDP2 or ZeRO-3 needs every rank in each forward, so there
+        # every rank runs the same task (generate keeps the ranks' decoding loops in step: synced_gpus) and the
+        # others' results go to a scratch directory.
         metrics = None
-        if self.task and (self.is_main or dist.is_zero3(self.acc)):
-            with self.acc.autocast(), (nullcontext(self.out / f"eval_{tag}") if self.is_main
-                                       else tempfile.TemporaryDirectory()) as where:
+        if self.task and (self.is_main or dist.every_rank_generates(self.acc)):
+            with self.acc.autocast(), dist.ready_to_generate(self.acc, self.model), (
+                    nullcontext(self.out / f"eval_{tag}") if self.is_main else tempfile.TemporaryDirectory()) as where:
                 metrics = run_task(self.acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
                                    Path(where), progress=self.cfg.trainer.progress and self.is_main)
             if self.is_main:

@@ -242,6 +242,21 @@ def test_zero3_pso_samples_with_every_rank_in_each_forward(tmp_path):
     assert len(losses(tmp_path / "pso")) == 2
 
 
+@pytest.mark.slow
+def test_zero3_s3ft_rewrites_the_data_like_one_process(tmp_path, monkeypatch):
+    """Every rank prepares every S3FT chunk in step (3 chunks over 2 ranks would otherwise leave one rank waiting in a
+    partitioned forward), rank 0 writes them; the rewritten data equals one process's."""
+    s3ft = ["objective=s3ft", "data.size=12", "objective.max_new_tokens=4", "objective.save_every=4",
+            "data.packing=false", "peft.dropout=0", "trainer.max_steps=2"]
+    deepspeed_run(tmp_path / "s3ft", 3, *s3ft, "trainer.batch_size=2", home=tmp_path / "home2")
+    monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home1"))
+    run(make_cfg(tmp_path / "one", *s3ft, "trainer.batch_size=4"))
+    chunks2, chunks1 = (sorted(p.read_text() for p in (tmp_path / h / "s3ft").rglob("chunk-*.json"))
+                        for h in ("home2", "home1"))
+    assert len(chunks1) == 3 and chunks2 == chunks1
+    assert len(losses(tmp_path / "s3ft")) == 2
+
+
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_evaluates_before_and_after_training(tmp_path, stage):
     """eval.at_start / at_end: ZeRO-2 keeps the whole model on every rank and rank 0 generates alone; ZeRO-3's

@@ -30,13 +30,14 @@ BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3
 WORKER = Path(__file__).parent / "_sharded_worker.py"
 
 
-def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE) -> None:
+def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE, home: Path | None = None) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "fsdp2", str(out), *base, *overrides]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false",
+           **({"FTUNE_HOME": str(home)} if home else {})}
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -83,8 +84,7 @@ def test_the_engines_are_accelerates_plugins(tmp_path):
 
 def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
-    with pytest.raises(ConfigError, match="generate cannot do with a model sharded by FSDP2.*ftune eval run_dir="):
-        dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), fsdp)
+    dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_end=true"), fsdp)  # every rank evaluates
     with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside"):
         dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), fsdp)
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.grad_accum=2"), fsdp)  # FSDP2 allows these
@@ -113,8 +113,8 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
 
 
 def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_state(tmp_path):
-    """DeepSpeed's partitions go back only into DeepSpeed with the same stage and processes; a full state dict (one
-    process, DDP, FSDP2) goes anywhere else; a checkpoint without engine.json was written by one process or DDP."""
+    """DeepSpeed's partitions go back only into DeepSpeed with the same stage and processes; FSDP2's full state dict
+    into FSDP2 and DDP's into DDP, with any number of processes; a checkpoint without engine.json is not checked."""
     def acc(engine, processes=2, stage=None):
         kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
         return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
@@ -128,24 +128,26 @@ def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_stat
 
     ds3 = written_by(acc("ds", 2, 3))
     dist.check_resume(acc("ds", 2, 3), ds3)
-    with pytest.raises(ConfigError, match="written under DeepSpeed and this run uses DDP.*trainer.distributed"):
+    with pytest.raises(ConfigError, match=r"written under DeepSpeed and this run uses DDP \(or one process\)"):
         dist.check_resume(acc("ddp", 1), ds3)
-    with pytest.raises(ConfigError, match="written under DeepSpeed and this run uses FSDP2"):
+    with pytest.raises(ConfigError, match="written under DeepSpeed and this run uses FSDP2.*trainer.distributed"):
         dist.check_resume(acc("fsdp2"), ds3)
     with pytest.raises(ConfigError, match="ZeRO-3 partitions for 2 processes.*ZeRO-3 on 4.*--nproc 2"):
         dist.check_resume(acc("ds", 4, 3), ds3)
     with pytest.raises(ConfigError, match="ZeRO-3 partitions for 2 processes.*ZeRO-2 on 2.*deepspeed_zero3"):
         dist.check_resume(acc("ds", 2, 2), ds3)
-    fsdp = written_by(acc("fsdp2", 4))
-    for a in (acc("ddp", 1), acc("fsdp2", 2), acc("ddp", 3)):
-        dist.check_resume(a, fsdp)
+    fsdp, ddp = written_by(acc("fsdp2", 4)), written_by(acc("ddp", 1))
+    dist.check_resume(acc("fsdp2", 2), fsdp)
+    dist.check_resume(acc("ddp", 3), ddp)
     with pytest.raises(ConfigError, match="written under FSDP2 and this run uses DeepSpeed"):
         dist.check_resume(acc("ds", 4, 2), fsdp)
+    with pytest.raises(ConfigError, match="written under FSDP2 and this run uses DDP"):
+        dist.check_resume(acc("ddp", 4), fsdp)
+    with pytest.raises(ConfigError, match=r"written under DDP \(or one process\) and this run uses FSDP2"):
+        dist.check_resume(acc("fsdp2", 1), ddp)
     old = tmp_path / "no-record"
     old.mkdir()
-    dist.check_resume(acc("fsdp2"), old)
-    with pytest.raises(ConfigError, match=r"written under DDP \(or one process\) and this run uses DeepSpeed"):
-        dist.check_resume(acc("ds", 2, 2), old)
+    dist.check_resume(acc("ds", 2, 2), old)
 
 
 @pytest.fixture(scope="module")
@@ -252,16 +254,52 @@ def test_fsdp2_dpo_with_lora_equals_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
 
 
-def test_objectives_that_generate_with_the_model_are_refused_under_fsdp2():
-    from ftune.objectives.pso import PSO
-    from ftune.objectives.s3ft import S3FT
-    from ftune.objectives.sft import SFT
+EVALS = ["trainer.max_steps=2", "eval=gsm8k", "eval.at_start=true", "eval.at_end=true", "eval.limit=4",
+         "eval.max_new_tokens=8"]
 
-    fsdp = SimpleNamespace(is_fsdp2=True, distributed_type=DistributedType.FSDP)
-    zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED)
-    for objective in (PSO(), S3FT()):
-        with pytest.raises(ConfigError, match=f"{type(objective).__name__} generates answers with the model it "
-                                              f"trains.*sharded by FSDP2.*deepspeed_zero3"):
-            dist.check_objective(fsdp, objective)
-        dist.check_objective(zero3, objective)  # every rank generates (test_deepspeed.py)
-    dist.check_objective(fsdp, SFT())
+
+def test_fsdp2_evaluates_before_and_after_training(tmp_path):
+    """transformers' generate calls the inner model, never FSDP2's root module: ftune initialises the root and gathers
+    its own weights (embeddings, final norm) around generation, every rank generates in step (synced_gpus; each
+    decoder layer gathers its weights in its forward) and rank 0 records. Before training (the root not yet
+    initialised by a forward) and after it (the root's weights resharded by the backward), the answers equal one
+    process's."""
+    fsdp2_run(tmp_path / "eval", "trainer.batch_size=4", *EVALS)
+    run(make_cfg(tmp_path / "one", *BASE, "trainer.batch_size=8", *EVALS))
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["task_start"]["n"] == summary["task_end"]["n"] == 4
+    for tag in ("start", "end"):
+        mine, one = (sorted(p.read_text() for p in (tmp_path / r / f"eval_{tag}").iterdir()) for r in ("eval", "one"))
+        assert mine and mine == one, tag
+    assert losses(tmp_path / "eval") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_pso_samples_equal_one_process(tmp_path, monkeypatch):
+    """PSO's offline samples, generated by every rank with the sharded model, are those one process generates."""
+    pso = ["objective=pso", "objective.max_new_tokens=8", "data.size=16", "data.packing=false", "peft.dropout=0",
+           "trainer.max_steps=2"]
+    fsdp2_run(tmp_path / "pso", "trainer.batch_size=2", base=pso, home=tmp_path / "home2")
+    monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home1"))
+    run(make_cfg(tmp_path / "one", *pso, "trainer.batch_size=4"))
+    two, one = (sorted((tmp_path / h / "pso_samples").glob("*.json")) for h in ("home2", "home1"))
+    assert len(two) == len(one) == 1 and two[0].name == one[0].name
+    assert json.loads(two[0].read_text()) == json.loads(one[0].read_text())
+    assert len(losses(tmp_path / "pso")) == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_s3ft_rewrites_the_data_like_one_process(tmp_path, monkeypatch):
+    """S3FT's answers and paraphrases under FSDP2: every rank prepares every chunk in step (a rank making fewer
+    generate calls would leave the others waiting in a layer's all-gather), rank 0 writes them."""
+    s3ft = ["objective=s3ft", "data.size=12", "objective.max_new_tokens=4", "objective.save_every=4",
+            "data.packing=false", "peft.dropout=0", "trainer.max_steps=2"]
+    fsdp2_run(tmp_path / "s3ft", "trainer.batch_size=2", base=s3ft, home=tmp_path / "home2")
+    monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home1"))
+    run(make_cfg(tmp_path / "one", *s3ft, "trainer.batch_size=4"))
+    comp2, comp1 = ({k: v for k, v in json.loads((tmp_path / r / "s3ft_composition.json").read_text()).items()
+                     if k != "cache"} for r in ("s3ft", "one"))
+    assert comp2 == comp1 and comp1["examples"] > 0 and comp1["paraphrases_tried"] > 0
+    chunks2, chunks1 = (sorted(p.read_text() for p in (tmp_path / h / "s3ft").rglob("chunk-*.json"))
+                        for h in ("home2", "home1"))
+    assert len(chunks1) == 3 and chunks2 == chunks1

@@ -19,6 +19,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def _fsdp2_sharded(model) -> bool:
+    """Whether `model` is (part of) a model sharded by torch's FSDP2 `fully_shard` over several processes."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int, eos_id: int,
                  temperature: float = 0.0, progress: bool = False) -> list[list[int]]:
     """New token ids for each prompt (up to and including EOS); greedy when temperature == 0."""
@@ -32,6 +42,8 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
     outputs: list[list[int]] = [[] for _ in prompts]
     kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id,
               "eos_token_id": eos_id, "use_cache": True}
+    if _fsdp2_sharded(model):  # transformers keeps the ranks in step by itself under ZeRO-3, not under FSDP2
+        kwargs["synced_gpus"] = True
     kwargs.update({"temperature": temperature} if temperature > 0 else {"temperature": None, "top_p": None,
                                                                        "top_k": None})
     bar = tqdm(total=len(order), desc="Generating", disable=not progress, leave=False)

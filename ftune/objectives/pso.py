@@ -71,7 +71,6 @@ class PSO:
 
     can_pack = False
     data_kind = "sft"
-    samples_from_model = True  # generates with the model being trained (dist.check_objective)
 
     def __init__(self, mode: str = "offline", beta: float = 0.1, resample_every: int = 1, max_new_tokens: int = 256,
                  temperature: float = 0.0, judge: str | None = None, precompute_ref: bool = False,

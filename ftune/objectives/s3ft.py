@@ -34,6 +34,7 @@ from ftune.eval import judges
 from ftune.objectives.sampling import cache_key, generate_from
 from ftune.objectives.sft import SFT
 from ftune.paths import ftune_home
+from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
@@ -86,10 +87,14 @@ def rewrite_chunk(examples: list[dict], answer: Callable[[list[list[dict]]], lis
 
 def rewrite_cached(examples: list[dict], cache_dir: Path, save_every: int,
                    rewrite: Callable[[list[dict]], list[dict]], rank: int = 0, world: int = 1,
-                   barrier: Callable[[], None] = lambda: None) -> list[dict]:
+                   barrier: Callable[[], None] = lambda: None, in_step: bool = False) -> list[dict]:
     """Records for all examples, chunk by chunk: a chunk on disk is reused, a missing one is computed and saved
     atomically (`chunk-K.json`), so a killed run continues at its first missing chunk. Process `rank` of `world`
-    computes chunks K with K % world == rank, then all wait for each other and read every chunk."""
+    computes chunks K with K % world == rank, then all wait for each other and read every chunk.
+
+    With `in_step` (a model sharded over the processes, whose every forward needs all of them), every process
+    computes every missing chunk, with the same prompts in the same order, and process 0 writes them; which chunks are
+    missing is decided by all processes before any is written."""
     chunks = [examples[s: s + save_every] for s in range(0, len(examples), save_every)]
 
     def load(k: int) -> list[dict] | None:
@@ -100,13 +105,16 @@ def rewrite_cached(examples: list[dict], cache_dir: Path, save_every: int,
         ids = [str(ex["id"]) for ex in chunks[k]]
         return records if isinstance(records, list) and [r.get("id") for r in records] == ids else None
 
-    done = sum(load(k) is not None for k in range(len(chunks)))
-    if done:
-        log.info("S3FT: %d of %d chunk(s) already prepared in %s.", done, len(chunks), cache_dir)
-    for k in range(rank, len(chunks), world):
-        if load(k) is None:
-            write_json_atomic(cache_dir / f"chunk-{k:05d}.json", rewrite(chunks[k]))
-            log.info("S3FT: prepared chunk %d of %d (%d examples).", k + 1, len(chunks), len(chunks[k]))
+    missing = [k for k in range(len(chunks)) if load(k) is None]
+    if len(missing) < len(chunks):
+        log.info("S3FT: %d of %d chunk(s) already prepared in %s.", len(chunks) - len(missing), len(chunks), cache_dir)
+    if in_step:
+        barrier()
+    for k in missing if in_step else [k for k in missing if k % world == rank]:
+        records = rewrite(chunks[k])
+        if not in_step or rank == 0:
+            write_json_atomic(cache_dir / f"chunk-{k:05d}.json", records)
+        log.info("S3FT: prepared chunk %d of %d (%d examples).", k + 1, len(chunks), len(chunks[k]))
     barrier()
     records = [load(k) for k in range(len(chunks))]
     if any(r is None for r in records):
@@ -181,7 +189,6 @@ class S3FT:
     can_pack = True
     data_kind = "sft"
     collate = staticmethod(collate)
-    samples_from_model = True  # generates with the model being trained (dist.check_objective)
 
     def __init__(self, judge: str = "numeric_match", max_new_tokens: int = 256, gen_batch_size: int = 16,
                  answer_instruction: str | None = None, paraphrase_prompt: str | None = None,
@@ -224,7 +231,7 @@ class S3FT:
         score = judges.model_scorer(trainer.acc.unwrap_model(trainer.model), trainer.tokenizer, self.gen_batch_size)
 
         def scorer(conversations):
-            with trainer.acc.autocast():
+            with trainer.acc.autocast(), dist.ready_to_generate(trainer.acc, trainer.model):
                 return score(conversations)
 
         return judges.LLMJudge(scorer, self.judge_prompt)
@@ -262,7 +269,8 @@ class S3FT:
             examples, cache, self.save_every,
             lambda chunk: rewrite_chunk(chunk, lambda convs: self._answer(trainer, convs), judge,
                                         self.answer_instruction, self.paraphrase_prompt),
-            trainer.acc.process_index, trainer.acc.num_processes, trainer.acc.wait_for_everyone)
+            trainer.acc.process_index, trainer.acc.num_processes, trainer.acc.wait_for_everyone,
+            in_step=dist.every_rank_generates(trainer.acc))
         new_rows, sources, too_long = rebuild_rows(rows, examples, records, trainer.tokenizer, cfg.data.max_length,
                                                    cfg.data.truncation)
         comp = composition(sources, judge=self.judge, too_long_kept_gold=too_long,

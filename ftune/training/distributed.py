@@ -83,11 +83,6 @@ def check_state(cfg, acc) -> None:
         raise ConfigError("accelerate runs FSDP version 1 here (the accelerate config has no `fsdp_version: 2`); ftune "
                           "saves and resumes FSDP2 only. Set `fsdp_version: 2` in its fsdp_config (see "
                           "configs/accelerate/fsdp2.yaml), or use trainer.distributed=fsdp2.")
-    if acc.is_fsdp2 and cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end):
-        raise ConfigError("eval.at_start/at_end generate with the model between training steps, which transformers' "
-                          "generate cannot do with a model sharded by FSDP2 (its parameters are DTensors outside the "
-                          "root module's forward). Set eval.at_start=false eval.at_end=false and run `ftune eval "
-                          "run_dir=OUTPUT_DIR` after training, or use trainer.distributed=deepspeed_zero3 or ddp.")
     sharded = sharding_engine(acc)
     if sharded and t.liger:
         raise ConfigError(f"trainer.liger=true applies the LM head outside the model's forward, where {sharded} has "
@@ -118,21 +113,22 @@ def engine_record(acc) -> dict:
 
 
 def check_resume(acc, path: Path) -> None:
-    """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: a plain or FSDP2 run keeps
-    a full state dict (any engine but DeepSpeed, any number of processes, reads it); DeepSpeed keeps each rank's
-    partition (DeepSpeed reads it back with the same ZeRO stage and number of processes). Checked before the model
-    loads."""
+    """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: one process or DDP keep
+    torch's own state dict, FSDP2 a full one keyed by parameter name (both read back with any number of processes),
+    DeepSpeed each rank's partition (read back with the same ZeRO stage and number of processes). Checked before the
+    model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
     import json
 
     record = path / ENGINE_FILE
-    wrote = json.loads(record.read_text()) if record.exists() else {"engine": "ddp", "processes": None}
-    now = engine_record(acc)
-    if (wrote["engine"] == "deepspeed") != (now["engine"] == "deepspeed"):
-        names = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2", "ddp": "DDP (or one process)"}
+    if not record.exists():
+        return
+    wrote, now = json.loads(record.read_text()), engine_record(acc)
+    names = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2", "ddp": "DDP (or one process)"}
+    if wrote["engine"] != now["engine"]:
         raise ConfigError(
             f"trainer.resume: {path} was written under {names[wrote['engine']]} and this run uses "
-            f"{names[now['engine']]}; their optimizer states have different layouts (DeepSpeed's is partitioned per "
-            f"rank). Resume with the engine that wrote it (trainer.distributed), or start a new run from its weights.")
+            f"{names[now['engine']]}; their optimizer states have different layouts. Resume with the engine that "
+            f"wrote it (trainer.distributed, or the accelerate config), or start a new run from its weights.")
     if now["engine"] == "deepspeed" and (wrote["processes"], wrote["zero_stage"]) != (now["processes"],
                                                                                      now["zero_stage"]):
         raise ConfigError(
@@ -287,15 +283,26 @@ def sharding_engine(acc) -> str | None:
     return "FSDP2" if acc.is_fsdp2 else "DeepSpeed ZeRO-3" if is_zero3(acc) else None
 
 
-def check_objective(acc, objective) -> None:
-    """An objective that generates with the model being trained (PSO's samples, S3FT's rewritten answers) cannot run
-    under FSDP2: transformers' generate fails on its sharded model (the same failure as eval.at_start/at_end, in
-    check_state). Refused before the model loads."""
-    if acc.is_fsdp2 and getattr(objective, "samples_from_model", False):
-        raise ConfigError(f"{type(objective).__name__} generates answers with the model it trains, which transformers' "
-                          f"generate cannot do with a model sharded by FSDP2 (its parameters are DTensors outside "
-                          f"the root module's forward). Use trainer.distributed=deepspeed_zero3 (every rank "
-                          f"generates, in step) or ddp.")
+def every_rank_generates(acc) -> bool:
+    """Whether generation needs every rank in each forward (each holds only part of the weights: FSDP2, ZeRO-3)."""
+    return sharding_engine(acc) is not None
+
+
+@contextlib.contextmanager
+def ready_to_generate(acc, model: torch.nn.Module) -> Iterator[None]:
+    """FSDP2: the prepared (root) module with its own parameters gathered, for transformers' `generate`, which calls
+    the inner model's forward and never the root's. Each decoder layer still gathers its weights in its own forward
+    (every rank must generate, in step: `synced_gpus`). The root is initialised first (FSDP2 does that in the root's
+    first forward, and a layer reached first would claim to be a root)."""
+    if not acc.is_fsdp2:
+        yield
+        return
+    model._get_fsdp_state()._lazy_init()
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def check_reference(acc, objective, model: torch.nn.Module) -> None:

@@ -207,6 +207,32 @@ def test_processes_prepare_disjoint_chunks_then_read_them_all(tmp_path):
     assert records == rewrite_cached(examples, tmp_path / "one", 3, prepare(0))
 
 
+def test_processes_of_a_sharded_model_prepare_every_chunk_in_step_and_rank_0_writes(tmp_path):
+    """in_step: each process computes every missing chunk (the same prompts, the same generate calls), decided before
+    any is written; only rank 0's records reach the disk."""
+    examples = [gsm_example(i) for i in range(10)]
+    done = {0: [], 1: []}
+
+    def prepare(rank):
+        def rewrite(chunk):
+            done[rank].append(chunk[0]["id"])
+            records = rewrite_chunk(chunk, fake_answer([]), judges.NumericMatch())
+            return records if rank == 0 else [{**r, "written_by": 1} for r in records]
+        return rewrite
+
+    rewrite_cached(examples[3:6], tmp_path / "partial", 3, prepare(0))  # one chunk prepared by an earlier run
+    (tmp_path / "partial" / "chunk-00000.json").rename(tmp_path / "chunk-00001.json")
+    done[0].clear()
+    # process 1 decides what is missing, then (at its first barrier) process 0 runs the whole preparation
+    barriers = iter([lambda: rewrite_cached(examples, tmp_path, 3, prepare(0), rank=0, world=2, in_step=True),
+                     lambda: None])
+    records = rewrite_cached(examples, tmp_path, 3, prepare(1), rank=1, world=2, barrier=lambda: next(barriers)(),
+                             in_step=True)
+    assert done[0] == done[1] == ["train-0", "train-6", "train-9"]  # chunk 1 was on disk
+    assert records == rewrite_cached(examples, tmp_path / "one", 3, prepare(0))
+    assert not any("written_by" in r for r in records)
+
+
 def test_unpack_undoes_pack():
     rows = [{"id": f"r{i}", "input_ids": list(range(10 * i, 10 * i + 3 + i)), "labels": [IGNORE] + [7] * (2 + i)}
             for i in range(5)]
