@@ -30,11 +30,11 @@ BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3
 WORKER = Path(__file__).parent / "_sharded_worker.py"
 
 
-def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE, home: Path | None = None) -> None:
+def fsdp2_run(out: Path, *overrides: str, base: list[str] = BASE, home: Path | None = None, nproc: int = 2) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "fsdp2", str(out), *base, *overrides]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false",
            **({"FTUNE_HOME": str(home)} if home else {})}
@@ -194,6 +194,24 @@ def test_fsdp2_resume_continues_the_same_trajectory(fsdp2_and_one, tmp_path):
     a, b = (load_file(run / "final" / "adapter_model.safetensors") for run in (cut, full))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_fsdp2_checkpoint_resumes_resharded_onto_three_processes(tmp_path):
+    """Each rank writes its own shards of the optimizer state (torch.distributed.checkpoint; nothing is gathered), and
+    a run on 3 processes resumes from 2 processes' checkpoint: dcp.load reshards it. 2 x 6 and 3 x 4 rows are the same
+    12 rows per step, so the resumed losses continue the uninterrupted run's (to 2e-5; without the optimizer state
+    the last differs by ~4e-3)."""
+    full, cut = tmp_path / "two", tmp_path / "three"
+    fsdp2_run(full, "trainer.batch_size=6", "trainer.max_steps=4", "trainer.save_every=2", "data.size=96")
+    ckpt = full / "checkpoints" / "checkpoint-2"
+    shards = ckpt / "optimizer"
+    assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"] == {}  # nothing gathered
+    fsdp2_run(cut, "trainer.batch_size=4", "trainer.max_steps=4", "data.size=96", f"trainer.resume={ckpt}", nproc=3)
+    torch.testing.assert_close(torch.tensor(losses(cut)), torch.tensor(losses(full)[2:]), rtol=0, atol=2e-5)
+    a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (cut, full))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@ between sharded parameters and the plain files a checkpoint holds:
 - the model: the full state dict is gathered onto rank 0 (torch.distributed.checkpoint's get_model_state_dict, as
   accelerate's `get_state_dict` does) and put in place of the sharded parameters while the PEFT method saves, so
   `final/` is the same HF / PEFT directory a single process writes;
-- the optimizer: its full (unsharded) state dict, keyed by parameter name, in `trainer_state.pt`; under DeepSpeed,
-  the engine's own checkpoint instead (`deepspeed/` in the checkpoint: each rank's partition of the optimizer state
-  and fp32 master weights, written by `DeepSpeedEngine.save_checkpoint`), so no rank ever holds the whole of it.
+- the optimizer: never gathered. Under FSDP2, each rank writes its shards of the state (torch.distributed.checkpoint,
+  keyed by parameter name, resharded on load for any number of processes); under DeepSpeed, the engine's own
+  checkpoint (`deepspeed/`: each rank's partition of the optimizer state and float32 master weights, written by
+  `DeepSpeedEngine.save_checkpoint`).
 
 accelerate (1.15) switches to FSDP or DeepSpeed only on an accelerator (CUDA, XPU, NPU, ...): on a CPU it keeps
 plain data parallelism and ignores the plugin, so ftune refuses those engines there instead of silently running DDP.
@@ -104,6 +105,7 @@ def check_state(cfg, acc) -> None:
 
 ENGINE_FILE = "engine.json"  # in every checkpoint: the engine and world size that wrote it
 DS_DIR, DS_TAG = "deepspeed", "state"  # DeepSpeed's own checkpoint inside ftune's: <checkpoint>/deepspeed/state/
+FSDP2_OPTIM_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint's shards of the optimizer state
 
 
 def engine_record(acc) -> dict:
@@ -390,23 +392,30 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main") -> Iterato
 
 
 def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> dict:
-    """The optimizer's state dict to save (collective under FSDP2: full, keyed by name, on rank 0 only). Under
-    DeepSpeed every rank writes its own partition into `directory`/deepspeed with the engine's `save_checkpoint`
-    (trainable weights only, with their fp32 masters and optimizer state), and nothing is returned."""
+    """The optimizer's state to save. One process or DDP: torch's state dict, returned for `training_state.pt`.
+    Sharded engines write it from every rank, so that no rank holds all of it (collective):
+
+    - FSDP2: each rank's shards with torch.distributed.checkpoint (`dcp.save`, keyed by parameter name) into
+      `directory`/optimizer, which `dcp.load` reshards onto any number of processes;
+    - DeepSpeed: each rank's partition with the engine's `save_checkpoint` into `directory`/deepspeed (trainable
+      weights only, with their float32 masters and optimizer state).
+    """
     if acc.distributed_type == DistributedType.DEEPSPEED:
         model.save_checkpoint(str(directory / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
         return {}
     if not is_sharded(acc):
         return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return get_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dcp.save({"optimizer": get_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer)},
+             checkpoint_id=directory / FSDP2_OPTIM_DIR)
+    return {}
 
 
 def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, directory: Path) -> None:
     """Put a checkpoint's optimizer state back (check_resume has made sure it fits this engine). Under DeepSpeed the
-    engine's `load_checkpoint` restores each rank's partition and the fp32 master weights, and from them the
+    engine's `load_checkpoint` restores each rank's partition and the float32 master weights, and from them the
     trainable weights; ftune's own scheduler and step counter are restored by the caller."""
     if acc.distributed_type == DistributedType.DEEPSPEED:
         model.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False,
@@ -415,7 +424,20 @@ def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, di
     if not is_sharded(acc):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    set_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
+    unwrapped = acc.unwrap_model(model)
+    if not (directory / FSDP2_OPTIM_DIR).is_dir():  # written by an earlier ftune: the full state in `state`
+        set_optimizer_state_dict(unwrapped, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    import torch.distributed.checkpoint as dcp
+
+    # The state to load into: this run's shards, which get_optimizer_state_dict initialises (the optimizer has not
+    # stepped yet); dcp.load fills them in place from whichever shards of the saved run hold each part.
+    target = {"optimizer": get_optimizer_state_dict(unwrapped, optimizer.optimizer)}
+    dcp.load(target, checkpoint_id=directory / FSDP2_OPTIM_DIR)
+    set_optimizer_state_dict(unwrapped, optimizer.optimizer, target["optimizer"])
