@@ -207,7 +207,7 @@ class Trainer:
         make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
         optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
         dist.check_reference(self.acc, self.objective, model)
-        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum)
+        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum, max(t.max_grad_norm, 0.0))
         # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.

@@ -67,7 +67,8 @@ def test_an_accelerate_config_asking_for_sharding_is_refused_on_cpu(tmp_path, mo
 
 def test_the_engines_are_accelerates_plugins(tmp_path):
     """What `Accelerator(...)` receives: nothing for DDP, accelerate's FSDP2 plugin, DeepSpeed's ZeRO config with
-    ftune's clipping and no accumulation of its own (the plugins are built here without GPUs or deepspeed)."""
+    ftune's clipping (none for trainer.max_grad_norm=0) and accumulation count (the plugins are built here without
+    GPUs)."""
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
     assert dist.plugins(make_cfg(tmp_path).trainer) == {}
@@ -80,6 +81,11 @@ def test_the_engines_are_accelerates_plugins(tmp_path):
         config = ds.deepspeed_config
         assert config["zero_optimization"]["stage"] == stage
         assert config["gradient_clipping"] == 0.5 and config["gradient_accumulation_steps"] == 1
+        ds = dist.plugins(make_cfg(tmp_path, f"trainer.distributed=deepspeed_zero{stage}", "trainer.max_grad_norm=0",
+                                   "trainer.grad_accum=3").trainer)["deepspeed_plugin"]
+        ds.fill_match("gradient_clipping", must_match=False, gradient_clipping=1.0)  # as accelerate's prepare does
+        assert ds.deepspeed_config.get("gradient_clipping", 0) == 0  # no clipping, as asked
+        assert ds.deepspeed_config["gradient_accumulation_steps"] == 3
 
 
 def test_combinations_the_running_engine_cannot_support(tmp_path):
@@ -91,13 +97,13 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     fsdp1 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.FSDP)
     with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
         dist.check_state(make_cfg(tmp_path), fsdp1)
-    zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED,
-                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3, deepspeed_config={})))
+    zero3 = SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=3, deepspeed_config={"gradient_clipping": 1.0})))
     dist.check_state(make_cfg(tmp_path, "eval=gsm8k", "eval.at_start=true"), zero3)  # every rank evaluates
     with pytest.raises(ConfigError, match="trainer.liger=true applies the LM head outside.*DeepSpeed ZeRO-3"):
         dist.check_state(make_cfg(tmp_path, "trainer.liger=true"), zero3)
     def ds(gas):  # gradient_accumulation_steps as ftune's plugin ("auto" when unset) or a launch config sets it
-        config = {} if gas is None else {"gradient_accumulation_steps": gas}
+        config = {"gradient_clipping": 1.0, **({} if gas is None else {"gradient_accumulation_steps": gas})}
         return SimpleNamespace(is_fsdp2=False, distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(
             deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config=config)))
 
@@ -109,6 +115,9 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
         dist.check_state(make_cfg(tmp_path, "trainer.grad_accum=4"), ds(1))
     for gas in (4, "auto", None):
         dist.check_state(make_cfg(tmp_path, "trainer.grad_accum=4"), ds(gas))
+    dist.check_state(make_cfg(tmp_path, "trainer.max_grad_norm=1.0"), ds(1))  # as the launch config files set it
+    with pytest.raises(ConfigError, match="gradient_clipping=1.0 and this run has trainer.max_grad_norm=0"):
+        dist.check_state(make_cfg(tmp_path, "trainer.max_grad_norm=0"), ds(1))
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds(1))  # its own checkpoints
 
 

@@ -96,6 +96,11 @@ def check_state(cfg, acc) -> None:
                               f"step: set trainer.spike_factor=0 (got {t.spike_factor}), or use "
                               f"trainer.distributed=fsdp2.")
         gas = acc.state.deepspeed_plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        clip = acc.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping", 0.0)
+        if clip != "auto" and float(clip) != max(t.max_grad_norm, 0):  # set by an accelerate config file
+            raise ConfigError(f"the accelerate config gives DeepSpeed gradient_clipping={clip} and this run has "
+                              f"trainer.max_grad_norm={t.max_grad_norm}; DeepSpeed clips inside its step, with its "
+                              f"own value. Set the two equal (gradient_clipping in the config file, 0 for none).")
         if gas != "auto" and int(gas) != t.grad_accum:  # set by `accelerate launch --config_file` / its flag
             raise ConfigError(f"the accelerate config gives DeepSpeed gradient_accumulation_steps={gas} and this run "
                               f"has trainer.grad_accum={t.grad_accum}. ftune accumulates trainer.grad_accum "
@@ -155,7 +160,8 @@ def plugins(t) -> dict:
 
         return {"deepspeed_plugin": DeepSpeedPlugin(
             zero_stage=int(t.distributed[-1]), gradient_accumulation_steps=t.grad_accum,
-            gradient_clipping=t.max_grad_norm if t.max_grad_norm > 0 else None)}
+            # 0 (not None, which accelerate turns into "auto" and then fills with 1.0): DeepSpeed does not clip
+            gradient_clipping=float(max(t.max_grad_norm, 0)))}
     return {}
 
 
@@ -241,12 +247,13 @@ def is_zero3(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
 
 
-def fit_deepspeed_config(acc, batch_size: int, grad_accum: int) -> None:
+def fit_deepspeed_config(acc, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
     """accelerate reads DeepSpeed's micro-batch from a prepared DataLoader and refuses to prepare without one; ftune
     batches itself (BatchOrder) and prepares the model and optimizer only, so a config that leaves it "auto" (ftune's
     own plugin, `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`) is given trainer.batch_size,
-    the rows per process and micro-batch, and an "auto" accumulation count trainer.grad_accum (check_state refused a
-    number that differs). accelerate's own count is set to match, so it does not warn about the difference."""
+    the rows per process and micro-batch, an "auto" accumulation count trainer.grad_accum and an "auto" clipping
+    trainer.max_grad_norm (check_state refused numbers that differ). accelerate's own accumulation count is set to
+    match, so it does not warn about the difference."""
     if acc.distributed_type != DistributedType.DEEPSPEED:
         return
     config = acc.state.deepspeed_plugin.deepspeed_config
@@ -254,6 +261,8 @@ def fit_deepspeed_config(acc, batch_size: int, grad_accum: int) -> None:
         config["train_micro_batch_size_per_gpu"] = batch_size
     if config.get("gradient_accumulation_steps", "auto") == "auto":
         config["gradient_accumulation_steps"] = grad_accum
+    if config.get("gradient_clipping") == "auto":  # accelerate would fill it with 1.0 whatever trainer.max_grad_norm
+        config["gradient_clipping"] = max_grad_norm
     acc.gradient_accumulation_steps = grad_accum
 
 
