@@ -258,7 +258,8 @@ class Trainer:
         final = root / name
         # Collective under FSDP2 / ZeRO-3: every rank gathers, rank 0 writes plain full tensors.
         optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer, tmp)
-        with dist.full_parameters(self.acc, self.model) as model:
+        # An adapter method saves its trainable weights only: only those are gathered from the shards.
+        with dist.full_parameters(self.acc, self.model, whole=not self.peft.adapter) as model:
             if self.is_main:
                 self.peft.save(model, tmp)
         if self.is_main:
@@ -286,7 +287,7 @@ class Trainer:
         return final
 
     def _load(self, path: Path) -> None:
-        with dist.full_parameters(self.acc, self.model, ranks="all") as model:
+        with dist.full_parameters(self.acc, self.model, ranks="all", whole=not self.peft.adapter) as model:
             self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
         dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path)

@@ -71,6 +71,27 @@ def deepspeed_view(trainer) -> dict:
                                for p in engine.module.parameters())}
 
 
+def recording_gathers(real, seen: list):
+    """dist.full_parameters, recording on each entry how many trainable and frozen parameters are held in full
+    (FSDP2: not a DTensor; ZeRO-3: not an empty placeholder) while the PEFT method saves or loads. ZeRO-3 keeps
+    parameters below its persistence threshold gathered all the time (`ds_persist`): frozen ones are not counted."""
+    import contextlib
+
+    from torch.distributed.tensor import DTensor
+
+    @contextlib.contextmanager
+    def wrapped(acc, model, *args, **kwargs):
+        with real(acc, model, *args, **kwargs) as unwrapped:
+            trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+            frozen = [p for p in unwrapped.parameters() if not p.requires_grad and not getattr(p, "ds_persist", False)]
+            seen.append({"trainable": len(trainable), "frozen": len(frozen),
+                         **{f"{k}_full": sum(not isinstance(p, DTensor) and p.numel() > 0 for p in ps)
+                            for k, ps in (("trainable", trainable), ("frozen", frozen))}})
+            yield unwrapped
+
+    return wrapped
+
+
 def main() -> None:
     from ftune.train import Trainer
     from ftune.training import distributed as dist
@@ -78,10 +99,12 @@ def main() -> None:
     engine, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     dist.accelerator_available = lambda: True
     dist.make_accelerator = switched_on_cpu(dist.make_accelerator, engine)
+    gathers: list = []
+    dist.full_parameters = recording_gathers(dist.full_parameters, gathers)
     trainer = Trainer(make_cfg(out, *(["trainer.distributed=fsdp2"] if engine == "fsdp2" else []), *overrides))
     seen = deepspeed_view(trainer) if engine == "deepspeed" else None  # before a forward gathers anything
     trainer.run()
-    seen = seen or fsdp2_view(trainer)
+    seen = {**(seen or fsdp2_view(trainer)), "gathers": gathers}
     name = "fsdp" if engine == "fsdp2" else "deepspeed"
     (out / f"{name}_rank{trainer.acc.process_index}.json").write_text(json.dumps(seen))
 

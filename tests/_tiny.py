@@ -54,3 +54,13 @@ def crash_after_checkpoint(monkeypatch, cfg, checkpoint: str) -> None:
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     monkeypatch.setattr(Trainer, "_save", real_save)
+
+
+def assert_gathered_only_the_adapter(out: Path, engine: str = "deepspeed") -> None:
+    """Each save and load held every trainable weight in full on rank 0, and no frozen one: the base stays
+    partitioned (a LoRA checkpoint of a 70B model must not gather 140 GB onto each rank). Recorded by
+    tests/_sharded_worker.py in OUT/{engine}_rank0.json."""
+    gathers = json.loads((out / f"{engine}_rank0.json").read_text())["gathers"]
+    assert gathers
+    for g in gathers:
+        assert g["frozen"] > 0 and g["frozen_full"] == 0 and g["trainable_full"] == g["trainable"] > 0, g

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import losses, make_cfg, run  # noqa: E402
+from _tiny import assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
 
 from ftune.training.checkpoint import verify  # noqa: E402
 
@@ -171,6 +171,9 @@ def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
     scheduler (cosine with warmup) and step counter come from its own state file."""
     full, cut = deepspeed_resumed(tmp_path, stage, *BASE, "trainer.scheduler=cosine", "trainer.warmup_ratio=0.25")
     assert_continues(full, cut, "adapter_model.safetensors")
+    if stage == 3:
+        for out in (full, cut):  # saves (checkpoint-2, final) and the resume's load
+            assert_gathered_only_the_adapter(out)
 
 
 @pytest.mark.slow
@@ -185,6 +188,8 @@ def test_zero2_bf16_resume_restores_the_float32_master_weights(tmp_path):
 def test_zero3_full_fine_tuning_resumes(tmp_path):
     full, cut = deepspeed_resumed(tmp_path, 3, *FULL)
     assert_continues(full, cut, "model.safetensors")
+    for g in json.loads((full / "deepspeed_rank0.json").read_text())["gathers"]:
+        assert g["trainable_full"] == g["trainable"] > 0, g  # the whole model, saved as model.safetensors
 
 
 def write_prefs(path: Path, n: int = 16) -> Path:

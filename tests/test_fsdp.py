@@ -22,7 +22,7 @@ from ftune.config import ConfigError, validate_train
 from ftune.training import distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import losses, make_cfg, run  # noqa: E402
+from _tiny import assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
 
 # No dropout and a constant lr, as in test_distributed.py.
 BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
@@ -218,6 +218,8 @@ def test_fsdp2_checkpoint_resumes_resharded_onto_three_processes(tmp_path):
     assert torch.load(ckpt / "training_state.pt", weights_only=False)["optimizer"] == {}  # nothing gathered
     fsdp2_run(cut, "trainer.batch_size=4", "trainer.max_steps=4", "data.size=96", f"trainer.resume={ckpt}", nproc=3)
     torch.testing.assert_close(torch.tensor(losses(cut)), torch.tensor(losses(full)[2:]), rtol=0, atol=2e-5)
+    for out in (full, cut):  # saves (checkpoint-2, final) and the resume's load: the frozen base stays sharded
+        assert_gathered_only_the_adapter(out, "fsdp")
     a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (cut, full))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)

@@ -4,8 +4,8 @@ ftune shards nothing itself. It picks accelerate's plugin (FullyShardedDataParal
 DeepSpeedPlugin(zero_stage=...)), refuses combinations that cannot work before the model loads, and moves state
 between sharded parameters and the plain files a checkpoint holds:
 
-- the model: the full state dict is gathered onto rank 0 (torch.distributed.checkpoint's get_model_state_dict, as
-  accelerate's `get_state_dict` does) and put in place of the sharded parameters while the PEFT method saves, so
+- the model: the weights the PEFT method saves (an adapter method's trainable ones; the whole model for full
+  fine-tuning, HFT, LIFT) are gathered onto rank 0 and put in place of the sharded parameters while it saves, so
   `final/` is the same HF / PEFT directory a single process writes;
 - the optimizer: never gathered. Under FSDP2, each rank writes its shards of the state (torch.distributed.checkpoint,
   keyed by parameter name, resharded on load for any number of processes); under DeepSpeed, the engine's own
@@ -349,39 +349,52 @@ def without_zero3_init(acc) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def full_parameters(acc, model: torch.nn.Module, ranks: str = "main") -> Iterator[torch.nn.Module]:
+def full_parameters(acc, model: torch.nn.Module, ranks: str = "main", whole: bool = True
+                    ) -> Iterator[torch.nn.Module]:
     """The unwrapped model with plain, full parameters in place of its shards, for a PEFT method's save/load.
 
     Every process must enter it (gathering is collective). With `ranks="main"` only rank 0 receives the full tensors
     (saving); with `ranks="all"` every process does, and whatever the body writes into them is scattered back into
-    the shards on exit (loading). Without sharding it yields the unwrapped model unchanged.
+    the shards on exit (loading). `whole=False` gathers only the trainable parameters, all that an adapter method
+    saves or loads: the frozen base stays sharded (LoRA on a 70B model must not gather 140 GB onto each rank to
+    write a few MB). Without sharding it yields the unwrapped model unchanged.
     """
     unwrapped = acc.unwrap_model(model)
+    chosen = [(n, p) for n, p in unwrapped.named_parameters(remove_duplicate=False) if whole or p.requires_grad]
     if is_zero3(acc):  # DeepSpeed's own gathering; on exit rank 0's values are partitioned back (loading)
         import deepspeed
 
-        params = list(unwrapped.parameters())
+        params = list({id(p): p for _, p in chosen}.values())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if ranks == "all" else None):
             yield unwrapped
         return
     if not is_sharded(acc):
         yield unwrapped
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     everywhere = ranks == "all"
-    full = get_model_state_dict(unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
-    if not (everywhere or acc.is_main_process):
-        yield unwrapped
-        return
+    receives = everywhere or acc.is_main_process
     sharded, plain = {}, {}  # (module, attribute) -> the sharded parameter, and its full stand-in
-    for name, p in unwrapped.named_parameters(remove_duplicate=False):
+    gathered = set()
+    for name, p in chosen:  # in the same order on every rank: each full_tensor() is an all-gather
+        if id(p) not in gathered:  # once per tensor (a tied embedding and LM head share one)
+            gathered.add(id(p))
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            if not receives:
+                continue
+            full = full.detach().clone() if everywhere else full.detach().cpu()
+            plain[id(p)] = torch.nn.Parameter(full, requires_grad=p.requires_grad)
+        elif not receives:
+            continue
         owner, _, attr = name.rpartition(".")
         module = unwrapped.get_submodule(owner)
-        if id(p) not in plain:
-            plain[id(p)] = torch.nn.Parameter(full[name].detach().clone(), requires_grad=p.requires_grad)
         sharded[(module, attr)] = p
         module._parameters[attr] = plain[id(p)]
+    if not receives:
+        yield unwrapped
+        return
     # FSDP2's load_state_dict hooks re-shard whatever a load writes; the stand-ins are plain tensors, so they are
     # held back while the PEFT method loads into them (the values are scattered into the shards below).
     hooks = {m: (m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks) for m in unwrapped.modules()}
@@ -390,14 +403,14 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main") -> Iterato
             type(m._load_state_dict_post_hooks)()
     try:
         yield unwrapped
-        loaded = {n: p.detach() for n, p in unwrapped.state_dict(keep_vars=True).items()} if everywhere else None
+        loaded = {name: unwrapped.get_parameter(name).detach() for name, _ in chosen} if everywhere else None
     finally:
         for m, (pre, post) in hooks.items():
             m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks = pre, post
         for (module, attr), p in sharded.items():
             module._parameters[attr] = p
     if everywhere:
-        set_model_state_dict(unwrapped, loaded, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(unwrapped, loaded, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> dict:
