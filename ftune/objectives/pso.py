@@ -29,6 +29,7 @@ from ftune.eval import gsm8k
 from ftune.objectives.dpo import DPO, collate_pairs
 from ftune.objectives.sampling import cache_key, generate_from
 from ftune.paths import ftune_home
+from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
 JUDGES = (None, "numeric_match")
@@ -105,7 +106,10 @@ class PSO:
         key = cache_key(trainer.cfg.model.name_or_path, trainer.cfg.seed, self.temperature, self.max_new_tokens,
                         [[r["id"], r["input_ids"]] for r in rows])
         path = ftune_home() / "pso_samples" / f"{key}.json"
-        if path.exists():
+        cached = path.exists()
+        if dist.every_rank_generates(trainer.acc):  # each forward needs every rank: all take the same branch, the
+            cached = dist.agreed(trainer.acc, [cached])[0]  # cache only if every machine's FTUNE_HOME has it
+        if cached:
             log.info("PSO: reusing %d cached %s samples from %s", len(rows), what, path)
             return json.loads(path.read_text())
         # Seeded in a forked RNG, so training draws the same random numbers with or without the cache.

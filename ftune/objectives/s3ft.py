@@ -87,14 +87,16 @@ def rewrite_chunk(examples: list[dict], answer: Callable[[list[list[dict]]], lis
 
 def rewrite_cached(examples: list[dict], cache_dir: Path, save_every: int,
                    rewrite: Callable[[list[dict]], list[dict]], rank: int = 0, world: int = 1,
-                   barrier: Callable[[], None] = lambda: None, in_step: bool = False) -> list[dict]:
+                   barrier: Callable[[], None] = lambda: None, in_step: bool = False,
+                   agree: Callable[[list[bool]], list[bool]] = lambda flags: flags) -> list[dict]:
     """Records for all examples, chunk by chunk: a chunk on disk is reused, a missing one is computed and saved
     atomically (`chunk-K.json`), so a killed run continues at its first missing chunk. Process `rank` of `world`
     computes chunks K with K % world == rank, then all wait for each other and read every chunk.
 
     With `in_step` (a model sharded over the processes, whose every forward needs all of them), every process
     computes every missing chunk, with the same prompts in the same order, and process 0 writes them; which chunks are
-    missing is decided by all processes before any is written."""
+    missing is decided by all processes before any is written (`agree`: a chunk counts as prepared only if every
+    process finds it, as machines with their own cache directory may not)."""
     chunks = [examples[s: s + save_every] for s in range(0, len(examples), save_every)]
 
     def load(k: int) -> list[dict] | None:
@@ -105,18 +107,19 @@ def rewrite_cached(examples: list[dict], cache_dir: Path, save_every: int,
         ids = [str(ex["id"]) for ex in chunks[k]]
         return records if isinstance(records, list) and [r.get("id") for r in records] == ids else None
 
-    missing = [k for k in range(len(chunks)) if load(k) is None]
+    missing = [k for k, here in enumerate(agree([load(k) is not None for k in range(len(chunks))])) if not here]
     if len(missing) < len(chunks):
         log.info("S3FT: %d of %d chunk(s) already prepared in %s.", len(chunks) - len(missing), len(chunks), cache_dir)
     if in_step:
         barrier()
+    computed = {}
     for k in missing if in_step else [k for k in missing if k % world == rank]:
-        records = rewrite(chunks[k])
+        computed[k] = rewrite(chunks[k])
         if not in_step or rank == 0:
-            write_json_atomic(cache_dir / f"chunk-{k:05d}.json", records)
+            write_json_atomic(cache_dir / f"chunk-{k:05d}.json", computed[k])
         log.info("S3FT: prepared chunk %d of %d (%d examples).", k + 1, len(chunks), len(chunks[k]))
     barrier()
-    records = [load(k) for k in range(len(chunks))]
+    records = [computed[k] if k in computed else load(k) for k in range(len(chunks))]
     if any(r is None for r in records):
         raise RuntimeError(f"S3FT: chunks missing in {cache_dir} after preparation; run again to complete them.")
     return [r for chunk in records for r in chunk]
@@ -270,7 +273,7 @@ class S3FT:
             lambda chunk: rewrite_chunk(chunk, lambda convs: self._answer(trainer, convs), judge,
                                         self.answer_instruction, self.paraphrase_prompt),
             trainer.acc.process_index, trainer.acc.num_processes, trainer.acc.wait_for_everyone,
-            in_step=dist.every_rank_generates(trainer.acc))
+            in_step=dist.every_rank_generates(trainer.acc), agree=lambda flags: dist.agreed(trainer.acc, flags))
         new_rows, sources, too_long = rebuild_rows(rows, examples, records, trainer.tokenizer, cfg.data.max_length,
                                                    cfg.data.truncation)
         comp = composition(sources, judge=self.judge, too_long_kept_gold=too_long,

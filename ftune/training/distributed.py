@@ -299,6 +299,17 @@ def every_rank_generates(acc) -> bool:
     return sharding_engine(acc) is not None
 
 
+def agreed(acc, flags: list[bool]) -> list[bool]:
+    """Each flag true on every rank (a collective reduce; the flags unchanged in one process). Used where every rank
+    of a sharded model must take the same branch, e.g. "this cache file is here", which machines with their own
+    FTUNE_HOME can see differently."""
+    if acc.num_processes == 1 or not flags:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=acc.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return [bool(v) for v in t.tolist()]
+
+
 @contextlib.contextmanager
 def ready_to_generate(acc, model: torch.nn.Module) -> Iterator[None]:
     """FSDP2: the prepared (root) module with its own parameters gathered, for transformers' `generate`, which calls

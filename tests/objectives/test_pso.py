@@ -77,6 +77,28 @@ def test_offline_pso_starts_at_log2_and_caches_samples(tmp_path, monkeypatch):
     assert losses(tmp_path / "b") == first  # same cached samples, same seed: same trajectory
 
 
+def test_a_sharded_model_uses_the_sample_cache_only_if_every_rank_has_it(tmp_path, monkeypatch):
+    """Under FSDP2 / ZeRO-3 every rank generates in step, so all must agree to use the cache: with a machine whose
+    FTUNE_HOME lacks it (dist.agreed says so), this process samples again, although its own cache has the file."""
+    import ftune.objectives.sampling as sampling
+    from ftune.training import distributed as dist
+
+    run(make_cfg(tmp_path / "a", *SMALL_PSO, "trainer.max_steps=2"))
+    calls = []
+    real = sampling.generate_ids
+    monkeypatch.setattr(sampling, "generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(dist, "every_rank_generates", lambda acc: True)
+    asked = []
+    monkeypatch.setattr(dist, "agreed", lambda acc, flags: asked.append(list(flags)) or [False] * len(flags))
+    run(make_cfg(tmp_path / "b", *SMALL_PSO, "trainer.max_steps=2"))
+    assert asked and asked[0] == [True] and calls  # this rank had it; another did not: sampled again
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")  # greedy samples: the same pairs
+    calls.clear()
+    monkeypatch.setattr(dist, "agreed", lambda acc, flags: flags)  # every rank has it
+    run(make_cfg(tmp_path / "c", *SMALL_PSO, "trainer.max_steps=2"))
+    assert not calls
+
+
 def test_online_pso_resamples_the_steps_rows(tmp_path, monkeypatch):
     calls = []
 

@@ -229,8 +229,26 @@ def test_processes_of_a_sharded_model_prepare_every_chunk_in_step_and_rank_0_wri
     records = rewrite_cached(examples, tmp_path, 3, prepare(1), rank=1, world=2, barrier=lambda: next(barriers)(),
                              in_step=True)
     assert done[0] == done[1] == ["train-0", "train-6", "train-9"]  # chunk 1 was on disk
-    assert records == rewrite_cached(examples, tmp_path / "one", 3, prepare(0))
-    assert not any("written_by" in r for r in records)
+    one = rewrite_cached(examples, tmp_path / "one", 3, prepare(0))
+    assert [{k: v for k, v in r.items() if k != "written_by"} for r in records] == one  # its own, in memory
+    on_disk = [r for k in range(4) for r in json.loads((tmp_path / f"chunk-{k:05d}.json").read_text())]
+    assert on_disk == one  # written by rank 0 alone
+
+
+def test_a_chunk_counts_as_prepared_only_if_every_process_has_it(tmp_path):
+    """`agree` (dist.agreed under a sharded model): a chunk on this process's disk that another process lacks is
+    prepared again, by every process."""
+    examples = [gsm_example(i) for i in range(6)]
+    done = []
+
+    def prepare(chunk):
+        done.append(chunk[0]["id"])
+        return rewrite_chunk(chunk, fake_answer([]), judges.NumericMatch())
+
+    first = rewrite_cached(examples, tmp_path, 3, prepare)
+    done.clear()
+    again = rewrite_cached(examples, tmp_path, 3, prepare, in_step=True, agree=lambda here: [here[0], False])
+    assert done == ["train-3"] and again == first
 
 
 def test_unpack_undoes_pack():
