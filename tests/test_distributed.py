@@ -66,6 +66,31 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert (two / ".hydra" / "config.yaml").is_file() and len(l2) == 4
 
 
+def test_pso_offline_samples_are_split_over_the_processes(tmp_path, monkeypatch):
+    """Every rank holds the same rows, so under data parallelism each samples every other prompt and the answers are
+    gathered back in order: the cached samples equal one process's (greedy) and each rank generated half of them."""
+    import re
+
+    pso = [*BASE, "objective=pso", "objective.max_new_tokens=8", "data.size=16", "trainer.max_steps=2"]
+    monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home2"))  # an empty sample cache for each run
+    r2 = ftune("train", "--nproc", "2", *pso, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}", cwd=tmp_path,
+               timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    # rank 0's log (train.log): its share of the prompts
+    (k, n), = [tuple(map(int, m)) for m in re.findall(r"Sampling (\d+) of (\d+) prompts on process 0",
+                                                       (tmp_path / "two" / "train.log").read_text())]
+    assert n >= 8 and k == (n + 1) // 2
+    monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home1"))
+    r1 = ftune("train", *pso, "trainer.batch_size=4", f"output_dir={tmp_path / 'one'}", cwd=tmp_path, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    two, one = (sorted((tmp_path / h / "pso_samples").glob("*.json")) for h in ("home2", "home1"))
+    assert len(two) == len(one) == 1 and two[0].name == one[0].name
+    samples = json.loads(one[0].read_text())
+    assert len(samples) == n and json.loads(two[0].read_text()) == samples
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
+                               rtol=0, atol=2e-5)
+
+
 def test_every_rank_holds_the_same_parameters(tmp_path):
     out = tmp_path / "run"
     r = torchrun([str(WORKER), str(out), *BASE, "trainer.batch_size=2", "trainer.max_steps=3"],

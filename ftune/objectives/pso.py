@@ -98,24 +98,23 @@ class PSO:
     def needs_frozen_copy(self, model) -> bool:
         return self.dpo.needs_frozen_copy(model)
 
-    def _sample(self, trainer, rows: list[dict], progress: bool) -> list[list[int]]:
+    def _sample(self, trainer, rows: list[dict], progress: bool, share: bool = False) -> list[list[int]]:
         return generate_from(trainer, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
-                             self.temperature, progress)
+                             self.temperature, progress, share)
 
     def _cached_samples(self, trainer, rows: list[dict], what: str) -> list[list[int]]:
         key = cache_key(trainer.cfg.model.name_or_path, trainer.cfg.seed, self.temperature, self.max_new_tokens,
                         [[r["id"], r["input_ids"]] for r in rows])
         path = ftune_home() / "pso_samples" / f"{key}.json"
-        cached = path.exists()
-        if dist.every_rank_generates(trainer.acc):  # each forward needs every rank: all take the same branch, the
-            cached = dist.agreed(trainer.acc, [cached])[0]  # cache only if every machine's FTUNE_HOME has it
-        if cached:
+        # Every rank takes the same branch (they sample together: in step under FSDP2 / ZeRO-3, a share each under
+        # data parallelism): the cache is used only if every machine's FTUNE_HOME has it.
+        if dist.agreed(trainer.acc, [path.exists()])[0]:
             log.info("PSO: reusing %d cached %s samples from %s", len(rows), what, path)
             return json.loads(path.read_text())
         # Seeded in a forked RNG, so training draws the same random numbers with or without the cache.
         with torch.random.fork_rng():
             torch.manual_seed(trainer.cfg.seed)
-            samples = self._sample(trainer, rows, progress=trainer.cfg.trainer.progress)
+            samples = self._sample(trainer, rows, progress=trainer.cfg.trainer.progress, share=True)
         write_json_atomic(path, samples)
         return samples
 

@@ -77,9 +77,10 @@ def test_offline_pso_starts_at_log2_and_caches_samples(tmp_path, monkeypatch):
     assert losses(tmp_path / "b") == first  # same cached samples, same seed: same trajectory
 
 
-def test_a_sharded_model_uses_the_sample_cache_only_if_every_rank_has_it(tmp_path, monkeypatch):
-    """Under FSDP2 / ZeRO-3 every rank generates in step, so all must agree to use the cache: with a machine whose
-    FTUNE_HOME lacks it (dist.agreed says so), this process samples again, although its own cache has the file."""
+def test_the_sample_cache_is_used_only_if_every_rank_has_it(tmp_path, monkeypatch):
+    """Ranks sample together (in step under FSDP2 / ZeRO-3, a share each under data parallelism), so all must agree
+    to use the cache: with a machine whose FTUNE_HOME lacks it (dist.agreed says so), this process samples again,
+    although its own cache has the file."""
     import ftune.objectives.sampling as sampling
     from ftune.training import distributed as dist
 
@@ -87,7 +88,6 @@ def test_a_sharded_model_uses_the_sample_cache_only_if_every_rank_has_it(tmp_pat
     calls = []
     real = sampling.generate_ids
     monkeypatch.setattr(sampling, "generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(dist, "every_rank_generates", lambda acc: True)
     asked = []
     monkeypatch.setattr(dist, "agreed", lambda acc, flags: asked.append(list(flags)) or [False] * len(flags))
     run(make_cfg(tmp_path / "b", *SMALL_PSO, "trainer.max_steps=2"))
