@@ -6,6 +6,7 @@ The objective (`cfg.objective._target_`) is the only seam: the loop never branch
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -334,12 +335,16 @@ class Trainer:
         # Rank 0 evaluates and records. A model sharded by FSDP2 or ZeRO-3 needs every rank in each forward, so there
         # every rank runs the same task (generate keeps the ranks' decoding loops in step: synced_gpus) and the
         # others' results go to a scratch directory.
-        metrics = None
-        if self.task and (self.is_main or dist.every_rank_generates(self.acc)):
-            with self.acc.autocast(), dist.ready_to_generate(self.acc, self.model), (
+        # Under plain data parallelism GSM8K's answers are spread over the processes (each answers a share).
+        metrics, acc = None, self.acc
+        spread = None
+        if acc.num_processes > 1 and not dist.every_rank_generates(acc) and self.cfg.eval.task == "gsm8k":
+            spread = functools.partial(dist.shared_out, acc)
+        if self.task and (self.is_main or dist.every_rank_generates(acc) or spread):
+            with acc.autocast(), dist.ready_to_generate(acc, self.model), (
                     nullcontext(self.out / f"eval_{tag}") if self.is_main else tempfile.TemporaryDirectory()) as where:
-                metrics = run_task(self.acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
-                                   Path(where), progress=self.cfg.trainer.progress and self.is_main)
+                metrics = run_task(acc.unwrap_model(self.model), self.tokenizer, self.task, self.cfg.eval,
+                                   Path(where), progress=self.cfg.trainer.progress and self.is_main, spread=spread)
             if self.is_main:
                 log.info("%s accuracy (%s): %.3f on %d", self.cfg.eval.task, tag, metrics["accuracy"], metrics["n"])
         self.acc.wait_for_everyone()

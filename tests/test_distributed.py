@@ -77,7 +77,7 @@ def test_pso_offline_samples_are_split_over_the_processes(tmp_path, monkeypatch)
                timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     # rank 0's log (train.log): its share of the prompts
-    (k, n), = [tuple(map(int, m)) for m in re.findall(r"Sampling (\d+) of (\d+) prompts on process 0",
+    (k, n), = [tuple(map(int, m)) for m in re.findall(r"Process 0 of 2 computes (\d+) of (\d+) items",
                                                        (tmp_path / "two" / "train.log").read_text())]
     assert n >= 8 and k == (n + 1) // 2
     monkeypatch.setenv("FTUNE_HOME", str(tmp_path / "home1"))
@@ -89,6 +89,26 @@ def test_pso_offline_samples_are_split_over_the_processes(tmp_path, monkeypatch)
     assert len(samples) == n and json.loads(two[0].read_text()) == samples
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")),
                                rtol=0, atol=2e-5)
+
+
+def test_gsm8k_eval_answers_are_split_over_the_processes(tmp_path):
+    """eval.at_start / at_end under data parallelism: each process answers a share of GSM8K's questions, rank 0
+    records them all, and the predictions equal one process's."""
+    import re
+
+    evals = [*BASE, "trainer.max_steps=2", "eval=gsm8k", "eval.at_start=true", "eval.at_end=true", "eval.limit=5",
+             "eval.max_new_tokens=8"]
+    r2 = ftune("train", "--nproc", "2", *evals, "trainer.batch_size=4", f"output_dir={tmp_path / 'two'}",
+               cwd=tmp_path, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    shares = re.findall(r"Process 0 of 2 computes (\d+) of (\d+) items", (tmp_path / "two" / "train.log").read_text())
+    assert shares == [("3", "5"), ("3", "5")]  # at start and at end
+    r1 = ftune("train", *evals, "trainer.batch_size=8", f"output_dir={tmp_path / 'one'}", cwd=tmp_path, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    for tag in ("start", "end"):
+        two, one = ((tmp_path / r / f"eval_{tag}" / "predictions.jsonl").read_text() for r in ("two", "one"))
+        assert len(two.splitlines()) == 5 and two == one, tag
+    assert not list((tmp_path / "two").glob("eval_*/*.tmp"))
 
 
 def test_every_rank_holds_the_same_parameters(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,13 +15,19 @@ from ftune.eval.generation import generate
 from ftune.eval.many_shot import evaluate_many_shot, many_shot_inputs
 
 
-def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
+def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Path, progress: bool = True,
+                   spread: Callable[[list, Callable[[list], list]], list] | None = None) -> dict:
     """Greedy answers for `examples` (conversations whose last turn is the gold solution); writes
-    predictions.jsonl and metrics.json under `out_dir` and returns the metrics."""
+    predictions.jsonl and metrics.json under `out_dir` and returns the metrics. `spread(prompts, fn)` may compute
+    `fn(prompts)` with several processes (each answers a share; distributed.shared_out)."""
     if eval_cfg.limit is not None:
         examples = examples[: eval_cfg.limit]
     prompts = [ex["messages"][:-1] for ex in examples]
-    outputs = generate(model, tokenizer, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, progress=progress)
+
+    def answer(some: list) -> list[str]:
+        return generate(model, tokenizer, some, eval_cfg.max_new_tokens, eval_cfg.batch_size, progress=progress)
+
+    outputs = spread(prompts, answer) if spread else answer(prompts)
     out_dir.mkdir(parents=True, exist_ok=True)
     correct = marked = 0
     tmp = out_dir / "predictions.jsonl.tmp"
@@ -111,7 +118,11 @@ def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) ->
     return tokenize_examples(held_out, tokenizer, data_cfg, tokenizer_key, "eval", tokenize_pairs_batch)
 
 
-def run_task(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
-    """Dispatch to the task named by `eval.task` and return its metrics (with an `accuracy` key)."""
-    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference, "many_shot": evaluate_many_shot}[eval_cfg.task]
+def run_task(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True,
+             spread: Callable | None = None) -> dict:
+    """Dispatch to the task named by `eval.task` and return its metrics (with an `accuracy` key). `spread`: see
+    evaluate_gsm8k (the other tasks compute everything in this process)."""
+    if eval_cfg.task == "gsm8k":
+        return evaluate_gsm8k(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress, spread=spread)
+    fn = {"preference": evaluate_preference, "many_shot": evaluate_many_shot}[eval_cfg.task]
     return fn(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress)

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 
 from ftune.eval.generation import generate_ids
 from ftune.training import distributed as dist
-
-log = logging.getLogger(__name__)
 
 
 def generate_from(trainer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
@@ -20,24 +17,16 @@ def generate_from(trainer, prompts: list[list[int]], max_new_tokens: int, batch_
     `share`: every rank holds the same prompts (PSO's offline samples). Under plain data parallelism each rank then
     answers every N-th prompt and the answers are gathered, so N processes sample N times faster. A model sharded by
     FSDP2 / ZeRO-3 needs every rank in each forward: there every rank answers every prompt, in step."""
-    acc = trainer.acc
-    split = share and acc.num_processes > 1 and not dist.every_rank_generates(acc)
-    mine = prompts[acc.process_index:: acc.num_processes] if split else prompts
-    if split:
-        log.info("Sampling %d of %d prompts on process %d.", len(mine), len(prompts), acc.process_index)
-    tok = trainer.tokenizer
+    acc, tok = trainer.acc, trainer.tokenizer
     model = acc.unwrap_model(trainer.model)
-    with acc.autocast(), dist.ready_to_generate(acc, trainer.model):
-        answers = generate_ids(model, mine, max_new_tokens, batch_size, tok.pad_token_id, tok.eos_token_id,
-                               temperature, progress)
-    if not split:
-        return answers
-    from accelerate.utils import gather_object
 
-    everyone: list[list[int]] = [[] for _ in prompts]
-    for rank, part in enumerate(gather_object([answers])):  # one list per rank, in rank order
-        everyone[rank:: acc.num_processes] = part
-    return everyone
+    def answer(mine: list[list[int]]) -> list[list[int]]:
+        with acc.autocast(), dist.ready_to_generate(acc, trainer.model):
+            return generate_ids(model, mine, max_new_tokens, batch_size, tok.pad_token_id, tok.eos_token_id,
+                                temperature, progress)
+
+    split = share and acc.num_processes > 1 and not dist.every_rank_generates(acc)
+    return dist.shared_out(acc, prompts, answer) if split else answer(prompts)
 
 
 def cache_key(*parts) -> str:

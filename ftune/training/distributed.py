@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import secrets
@@ -32,6 +33,8 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftune.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def accelerator_available() -> bool:
@@ -297,6 +300,22 @@ def sharding_engine(acc) -> str | None:
 def every_rank_generates(acc) -> bool:
     """Whether generation needs every rank in each forward (each holds only part of the weights: FSDP2, ZeRO-3)."""
     return sharding_engine(acc) is not None
+
+
+def shared_out(acc, items: list, fn: Callable[[list], list]) -> list:
+    """`fn(items)` computed by all processes together under data parallelism (each process holds the whole model):
+    each maps every N-th item and the results are gathered back in order. Every process must call it."""
+    if acc.num_processes == 1:
+        return fn(items)
+    from accelerate.utils import gather_object
+
+    n = acc.num_processes
+    log.info("Process %d of %d computes %d of %d items.", acc.process_index, n, len(items[acc.process_index:: n]),
+             len(items))
+    out: list = [None] * len(items)
+    for rank, part in enumerate(gather_object([fn(items[acc.process_index:: n])])):  # one list per rank, in order
+        out[rank:: n] = part
+    return out
 
 
 def agreed(acc, flags: list[bool]) -> list[bool]:
