@@ -64,3 +64,17 @@ def assert_gathered_only_the_adapter(out: Path, engine: str = "deepspeed") -> No
     assert gathers
     for g in gathers:
         assert g["frozen"] > 0 and g["frozen_full"] == 0 and g["trainable_full"] == g["trainable"] > 0, g
+
+
+# eval.at_start / at_end on a few GSM8K questions, for the engines' tests
+EVALS = ["trainer.max_steps=2", "eval=gsm8k", "eval.at_start=true", "eval.at_end=true", "eval.limit=4",
+         "eval.max_new_tokens=8"]
+
+
+def assert_evaluated_like(run_dir: Path, one: Path) -> None:
+    """`run_dir` evaluated the 4 questions of EVALS before and after training, with the answers of run `one`."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task_start"]["n"] == summary["task_end"]["n"] == 4
+    for tag in ("start", "end"):
+        mine, theirs = (sorted(p.read_text() for p in (r / f"eval_{tag}").iterdir()) for r in (run_dir, one))
+        assert mine and mine == theirs, tag

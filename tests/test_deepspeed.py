@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
+from _tiny import EVALS, assert_evaluated_like, assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
 
 from ftune.training.checkpoint import verify  # noqa: E402
 
@@ -267,12 +267,6 @@ def test_evaluates_before_and_after_training(tmp_path, stage):
     """eval.at_start / at_end: ZeRO-2 keeps the whole model on every rank and rank 0 generates alone; ZeRO-3's
     partitioned model needs every rank in each forward, so every rank generates (the decoding loops kept in step by
     transformers' synced_gpus) and rank 0 records. The answers equal those of one process."""
-    evals = ["trainer.max_steps=2", "eval=gsm8k", "eval.at_start=true", "eval.at_end=true", "eval.limit=4",
-             "eval.max_new_tokens=8"]
-    deepspeed_run(tmp_path / "eval", stage, *BASE, "trainer.batch_size=4", *evals)
-    run(make_cfg(tmp_path / "one", *BASE, "trainer.batch_size=8", *evals))
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["task_start"]["n"] == summary["task_end"]["n"] == 4
-    for tag in ("start", "end"):
-        mine, one = (sorted(p.read_text() for p in (tmp_path / r / f"eval_{tag}").iterdir()) for r in ("eval", "one"))
-        assert mine and mine == one, tag
+    deepspeed_run(tmp_path / "eval", stage, *BASE, "trainer.batch_size=4", *EVALS)
+    run(make_cfg(tmp_path / "one", *BASE, "trainer.batch_size=8", *EVALS))
+    assert_evaluated_like(tmp_path / "eval", tmp_path / "one")

@@ -22,7 +22,7 @@ from ftune.config import ConfigError, validate_train
 from ftune.training import distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
+from _tiny import EVALS, assert_evaluated_like, assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
 
 # No dropout and a constant lr, as in test_distributed.py.
 BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
@@ -283,10 +283,6 @@ def test_fsdp2_dpo_with_lora_equals_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
 
 
-EVALS = ["trainer.max_steps=2", "eval=gsm8k", "eval.at_start=true", "eval.at_end=true", "eval.limit=4",
-         "eval.max_new_tokens=8"]
-
-
 def test_fsdp2_evaluates_before_and_after_training(tmp_path):
     """transformers' generate calls the inner model, never FSDP2's root module: ftune initialises the root and gathers
     its own weights (embeddings, final norm) around generation, every rank generates in step (synced_gpus; each
@@ -295,11 +291,7 @@ def test_fsdp2_evaluates_before_and_after_training(tmp_path):
     process's."""
     fsdp2_run(tmp_path / "eval", "trainer.batch_size=4", *EVALS)
     run(make_cfg(tmp_path / "one", *BASE, "trainer.batch_size=8", *EVALS))
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["task_start"]["n"] == summary["task_end"]["n"] == 4
-    for tag in ("start", "end"):
-        mine, one = (sorted(p.read_text() for p in (tmp_path / r / f"eval_{tag}").iterdir()) for r in ("eval", "one"))
-        assert mine and mine == one, tag
+    assert_evaluated_like(tmp_path / "eval", tmp_path / "one")
     assert losses(tmp_path / "eval") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
 
 
