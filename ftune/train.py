@@ -257,7 +257,8 @@ class Trainer:
         torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.acc.process_index}.pt")
         self.acc.wait_for_everyone()
         final = root / name
-        # Collective under FSDP2 / ZeRO-3: every rank gathers, rank 0 writes plain full tensors.
+        # Collective under FSDP2 / DeepSpeed: every rank writes its optimizer shards into tmp, then the PEFT method's
+        # weights are gathered and rank 0 writes them as plain full tensors.
         optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer, tmp)
         # An adapter method saves its trainable weights only: only those are gathered from the shards.
         with dist.full_parameters(self.acc, self.model, whole=not self.peft.adapter) as model:

@@ -124,8 +124,8 @@ def engine_record(acc) -> dict:
 
 def check_resume(acc, path: Path) -> None:
     """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: one process or DDP keep
-    torch's own state dict, FSDP2 a full one keyed by parameter name (both read back with any number of processes),
-    DeepSpeed each rank's partition (read back with the same ZeRO stage and number of processes). Checked before the
+    torch's own state dict, FSDP2 each rank's shards (torch.distributed.checkpoint; both read back with any number of
+    processes), DeepSpeed each rank's partition (read back with the same ZeRO stage and number of processes). Checked before the
     model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
     import json
 
@@ -310,18 +310,18 @@ def shared_out(acc, items: list, fn: Callable[[list], list]) -> list:
     from accelerate.utils import gather_object
 
     n = acc.num_processes
-    log.info("Process %d of %d computes %d of %d items.", acc.process_index, n, len(items[acc.process_index:: n]),
-             len(items))
+    mine = items[acc.process_index:: n]
+    log.info("Process %d of %d computes %d of %d items.", acc.process_index, n, len(mine), len(items))
     out: list = [None] * len(items)
-    for rank, part in enumerate(gather_object([fn(items[acc.process_index:: n])])):  # one list per rank, in order
+    for rank, part in enumerate(gather_object([fn(mine)])):  # one list per rank, in rank order
         out[rank:: n] = part
     return out
 
 
 def agreed(acc, flags: list[bool]) -> list[bool]:
-    """Each flag true on every rank (a collective reduce; the flags unchanged in one process). Used where every rank
-    of a sharded model must take the same branch, e.g. "this cache file is here", which machines with their own
-    FTUNE_HOME can see differently."""
+    """Each flag true on every rank (a collective reduce; the flags unchanged in one process). Used where the ranks
+    must take the same branch because they generate together, e.g. "this cache file is here", which machines with
+    their own FTUNE_HOME can see differently."""
     if acc.num_processes == 1 or not flags:
         return flags
     t = torch.tensor([float(f) for f in flags], device=acc.device)
