@@ -125,8 +125,9 @@ def engine_record(acc) -> dict:
 def check_resume(acc, path: Path) -> None:
     """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: one process or DDP keep
     torch's own state dict, FSDP2 each rank's shards (torch.distributed.checkpoint; both read back with any number of
-    processes), DeepSpeed each rank's partition (read back with the same ZeRO stage and number of processes). Checked before the
-    model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
+    processes), DeepSpeed each rank's partition (read back with the same ZeRO stage and number of processes).
+    Checked before the model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not
+    checked."""
     import json
 
     record = path / ENGINE_FILE
