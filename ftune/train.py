@@ -336,10 +336,11 @@ class Trainer:
         # Rank 0 evaluates and records. A model sharded by FSDP2 or ZeRO-3 needs every rank in each forward, so there
         # every rank runs the same task (generate keeps the ranks' decoding loops in step: synced_gpus) and the
         # others' results go to a scratch directory.
-        # Under plain data parallelism GSM8K's answers are spread over the processes (each answers a share).
+        # Under plain data parallelism the task's items are spread over the processes (each answers or scores a
+        # share, and rank 0 gathers them in order).
         metrics, acc = None, self.acc
         spread = None
-        if acc.num_processes > 1 and not dist.every_rank_generates(acc) and self.cfg.eval.task == "gsm8k":
+        if acc.num_processes > 1 and not dist.every_rank_generates(acc):
             spread = functools.partial(dist.shared_out, acc)
         if self.task and (self.is_main or dist.every_rank_generates(acc) or spread):
             with acc.autocast(), dist.ready_to_generate(acc, self.model), (

@@ -111,6 +111,48 @@ def test_gsm8k_eval_answers_are_split_over_the_processes(tmp_path):
     assert not list((tmp_path / "two").glob("eval_*/*.tmp"))
 
 
+def _task_data(tmp_path: Path, task: str) -> tuple[list[str], int]:
+    """Overrides for a short run evaluated by `task` at start and end, and how many items the task has."""
+    if task == "preference":  # 4 held-out pairs, each scored by the policy and the adapter-disabled reference
+        path = tmp_path / "prefs.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"Is {i} a nice number?", "chosen": "Yes, a fine one.",
+                                            "rejected": "No idea."}) + "\n" for i in range(12)))
+        return ["objective=dpo", f"data.path={path}", "eval=preference", "eval.batch_size=3"], 4
+    path = tmp_path / "mix.jsonl"  # 3 held-out queries x 2 shot settings, answered greedily
+    path.write_text("".join(json.dumps({"task": t, "input": f"{i}", "output": f"{i}{t[0]}"}) + "\n"
+                            for i in range(10) for t in ("add", "copy")))
+    return ["objective=many_icl", f"data.path={path}", "data.max_length=128", "eval=many_shot", "eval.shots=[0,2]",
+            "eval.limit=3", "eval.max_new_tokens=4", "eval.batch_size=2"], 6
+
+
+@pytest.mark.parametrize("task", ["preference", "many_shot"])
+def test_preference_and_many_shot_evals_are_split_over_the_processes(tmp_path, task):
+    """Like GSM8K's: each process scores or answers a share of the task's items, and rank 0 records them all, equal to
+    one process's records (log-probs up to float noise, since the shares are batched differently)."""
+    import re
+
+    overrides, n = _task_data(tmp_path, task)
+    overrides += ["data=jsonl", "data.eval_size=4", "trainer.max_steps=1", "eval.at_start=true", "eval.at_end=true"]
+    keys = {o.split("=")[0] for o in overrides}
+    evals = [*(a for a in BASE if a.split("=")[0] not in keys), *overrides]  # the task's values replace BASE's
+    r2 = ftune("train", "--nproc", "2", *evals, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}",
+               cwd=tmp_path, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    shares = re.findall(r"Process 0 of 2 computes (\d+) of (\d+) items", (tmp_path / "two" / "train.log").read_text())
+    assert shares == [(str((n + 1) // 2), str(n))] * 2  # at start and at end
+    r1 = ftune("train", *evals, "trainer.batch_size=4", f"output_dir={tmp_path / 'one'}", cwd=tmp_path, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    for tag in ("start", "end"):
+        two, one = ([json.loads(x) for x in (tmp_path / r / f"eval_{tag}" / "predictions.jsonl").open()]
+                    for r in ("two", "one"))
+        assert len(two) == len(one) == n and [p["id"] for p in two] == [p["id"] for p in one], tag
+        for a, b in zip(two, one):
+            floats = [k for k, v in b.items() if isinstance(v, float)]
+            assert {k: a[k] for k in floats} == pytest.approx({k: b[k] for k in floats}, abs=1e-4), tag
+            assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+    assert not list((tmp_path / "two").glob("eval_*/*.tmp"))
+
+
 def test_every_rank_holds_the_same_parameters(tmp_path):
     out = tmp_path / "run"
     r = torchrun([str(WORKER), str(out), *BASE, "trainer.batch_size=2", "trainer.max_steps=3"],

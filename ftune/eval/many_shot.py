@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from ftune.atomic import write_json_atomic
@@ -131,13 +132,19 @@ def many_shot_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: st
     return inputs
 
 
-def evaluate_many_shot(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
+def evaluate_many_shot(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True,
+                       spread: Callable[[list, Callable[[list], list]], list] | None = None) -> dict:
     """Greedy answers to every prompt; accuracy per shot setting (and per task). Writes predictions.jsonl and
-    metrics.json under `out_dir`. `accuracy` is the accuracy of the last setting of `eval.shots`."""
+    metrics.json under `out_dir`. `accuracy` is the accuracy of the last setting of `eval.shots`. `spread(inputs, fn)`
+    may compute `fn(inputs)` with several processes (each answers a share; distributed.shared_out)."""
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs = generate_ids(model, [x["prompt"] for x in inputs], eval_cfg.max_new_tokens, eval_cfg.batch_size, pad,
-                           tokenizer.eos_token_id, progress=progress)
+
+    def answer(some: list[dict]) -> list[list[int]]:
+        return generate_ids(model, [x["prompt"] for x in some], eval_cfg.max_new_tokens, eval_cfg.batch_size, pad,
+                            tokenizer.eos_token_id, progress=progress)
+
+    outputs = spread(inputs, answer) if spread else answer(inputs)
     settings = list(dict.fromkeys(x["shots"] for x in inputs))
     totals = {s: [0, 0, 0] for s in settings}  # correct, n, examples in context
     per_task: dict[str, dict[str, list[int]]] = {}

@@ -52,12 +52,14 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Pa
 
 
 @torch.no_grad()
-def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: Path, progress: bool = True) -> dict:
+def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: Path, progress: bool = True,
+                        spread: Callable[[list, Callable[[list], list]], list] | None = None) -> dict:
     """Held-out preference accuracy: how often the model ranks chosen above rejected.
 
     `logp_accuracy` ranks by the summed response log-prob lp(y|x) (any model); `reward_accuracy` ranks by the DPO
     implicit reward lp(y|x) - lp_ref(y|x), with the reference = the same model with its adapter disabled (only for
-    adapter runs). Ties count as wrong. Writes predictions.jsonl and metrics.json under `out_dir`.
+    adapter runs). Ties count as wrong. Writes predictions.jsonl and metrics.json under `out_dir`. `spread`: see
+    evaluate_gsm8k.
     """
     from tqdm.auto import tqdm
 
@@ -68,24 +70,30 @@ def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: P
     device = next(model.parameters()).device
     has_ref = hasattr(model, "disable_adapter")
     model.eval()
-    records = []
-    for s in tqdm(range(0, len(rows), eval_cfg.batch_size), desc="Scoring pairs", disable=not progress, leave=False):
-        chunk = rows[s: s + eval_cfg.batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
-        logp, _ = sequence_logps(model, batch)
-        ref = None
-        if has_ref:
-            with model.disable_adapter():
-                ref, _ = sequence_logps(model, batch)
-        n = len(chunk)
-        for i, r in enumerate(chunk):
-            rec = {"id": r["id"], "logp_chosen": float(logp[i]), "logp_rejected": float(logp[n + i])}
-            if ref is not None:
-                rec.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]))
-                margin = (rec["logp_chosen"] - rec["ref_chosen"]) - (rec["logp_rejected"] - rec["ref_rejected"])
-                rec["reward_correct"] = margin > 0
-            rec["logp_correct"] = rec["logp_chosen"] > rec["logp_rejected"]
-            records.append(rec)
+
+    def score(some: list[dict]) -> list[dict]:
+        records = []
+        for s in tqdm(range(0, len(some), eval_cfg.batch_size), desc="Scoring pairs", disable=not progress,
+                      leave=False):
+            chunk = some[s: s + eval_cfg.batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
+            logp, _ = sequence_logps(model, batch)
+            ref = None
+            if has_ref:
+                with model.disable_adapter():
+                    ref, _ = sequence_logps(model, batch)
+            n = len(chunk)
+            for i, r in enumerate(chunk):
+                rec = {"id": r["id"], "logp_chosen": float(logp[i]), "logp_rejected": float(logp[n + i])}
+                if ref is not None:
+                    rec.update(ref_chosen=float(ref[i]), ref_rejected=float(ref[n + i]))
+                    margin = (rec["logp_chosen"] - rec["ref_chosen"]) - (rec["logp_rejected"] - rec["ref_rejected"])
+                    rec["reward_correct"] = margin > 0
+                rec["logp_correct"] = rec["logp_chosen"] > rec["logp_rejected"]
+                records.append(rec)
+        return records
+
+    records = spread(rows, score) if spread else score(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "predictions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -121,8 +129,6 @@ def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) ->
 def run_task(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, progress: bool = True,
              spread: Callable | None = None) -> dict:
     """Dispatch to the task named by `eval.task` and return its metrics (with an `accuracy` key). `spread`: see
-    evaluate_gsm8k (the other tasks compute everything in this process)."""
-    if eval_cfg.task == "gsm8k":
-        return evaluate_gsm8k(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress, spread=spread)
-    fn = {"preference": evaluate_preference, "many_shot": evaluate_many_shot}[eval_cfg.task]
-    return fn(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress)
+    evaluate_gsm8k."""
+    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference, "many_shot": evaluate_many_shot}[eval_cfg.task]
+    return fn(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress, spread=spread)

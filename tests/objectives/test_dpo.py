@@ -155,9 +155,11 @@ def prefs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, prefs, ftune_home):
-    """LoRA DPO, reference = the adapter disabled: 8 steps on 12 pairs (3 epochs), 4 held out."""
+    """LoRA DPO, reference = the adapter disabled: 8 steps on 12 pairs (3 epochs), 4 held out, ranked by
+    eval=preference before and after training."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    return run(make_cfg(out, *COMMON, *LORA, f"data.path={prefs}", "trainer.max_steps=8")), out
+    return run(make_cfg(out, *COMMON, *LORA, f"data.path={prefs}", "trainer.max_steps=8", "eval=preference",
+                        "eval.at_start=true", "eval.at_end=true", "eval.batch_size=3")), out
 
 
 def test_lora_dpo_starts_at_log2_and_learns_the_preference(lora_run):
@@ -218,6 +220,33 @@ def test_dpo_loss_and_rewards_by_hand_after_training(lora_run, tiny_tokenizer):
         assert m["rewards/accuracy"] == float(rc > rr)
         assert float(loss) == pytest.approx(math.log1p(math.exp(-(rc - rr))), abs=1e-5)
     model.train()
+
+
+def test_preference_eval_ranks_the_held_out_pairs_by_hand(lora_run, tiny_tokenizer):
+    """eval=preference: each held-out pair's summed log-probs under the policy and the adapter-disabled reference, as
+    sequence_logps gives them one pair at a time, and the accuracies they imply."""
+    t, out = lora_run
+    summary = json.loads((out / "summary.json").read_text())
+    start, end = summary["task_start"], summary["task_end"]
+    assert start["task"] == end["task"] == "preference" and start["n"] == end["n"] == 4
+    # Before training the policy is the reference: every implicit reward margin is 0, and a tie counts as wrong.
+    assert start["reward_accuracy"] == 0.0 and end["reward_accuracy"] == end["accuracy"] == 1.0
+    preds = [json.loads(x) for x in (out / "eval_end" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == [r["id"] for r in t.data.eval]
+    model = t.model
+    model.eval()
+    for p, row in zip(preds, t.data.eval):
+        batch = collate_pairs([row], tiny_tokenizer.pad_token_id)
+        with torch.no_grad():
+            policy, _ = sequence_logps(model, batch)
+            with model.disable_adapter():
+                ref, _ = sequence_logps(model, batch)
+        got = [p["logp_chosen"], p["logp_rejected"], p["ref_chosen"], p["ref_rejected"]]
+        assert got == pytest.approx([float(policy[0]), float(policy[1]), float(ref[0]), float(ref[1])], abs=1e-4)
+        assert p["reward_correct"] == (float((policy[0] - ref[0]) - (policy[1] - ref[1])) > 0)
+        assert p["logp_correct"] == (float(policy[0]) > float(policy[1]))
+    model.train()
+    assert end["logp_accuracy"] == sum(p["logp_correct"] for p in preds) / 4
 
 
 def test_precomputed_reference_matches_adapter_disabled(lora_run, prefs, tmp_path, tiny_tokenizer):
