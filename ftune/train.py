@@ -391,8 +391,10 @@ class Trainer:
             for k, batch in enumerate(micro):
                 batch = {key: v.to(acc.device) for key, v in batch.items()}
                 last = k == len(micro) - 1
-                with self.adapter_inputs:
-                    with dist.micro_batch_sync(acc, self.model, last), acc.autocast(), offload():
+                # The backward stays inside micro_batch_sync: FSDP2 decides whether to reduce-scatter at backward time
+                # (DDP already at the forward).
+                with self.adapter_inputs, dist.micro_batch_sync(acc, self.model, last):
+                    with acc.autocast(), offload():
                         part, parts = self.objective(self.model, batch)
                         # DDP averages gradients over processes, hence the world-size factor.
                         loss = part * acc.num_processes / max(n_global, 1)

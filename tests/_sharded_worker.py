@@ -92,6 +92,27 @@ def recording_gathers(real, seen: list):
     return wrapped
 
 
+def counting_reduces(real, seen: list):
+    """dist.backward, recording for each micro-batch whether it was the step's last and how many times FSDP2 reduced
+    (reduce-scattered) gradients during its backward."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as groups
+
+    calls, reduce = [0], groups.foreach_reduce
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return reduce(*args, **kwargs)
+
+    groups.foreach_reduce = counted
+
+    def backward(acc, model, loss, last):
+        before = calls[0]
+        real(acc, model, loss, last)
+        seen.append({"last": last, "reduces": calls[0] - before})
+
+    return backward
+
+
 def main() -> None:
     from ftune.train import Trainer
     from ftune.training import distributed as dist
@@ -101,10 +122,13 @@ def main() -> None:
     dist.make_accelerator = switched_on_cpu(dist.make_accelerator, engine)
     gathers: list = []
     dist.full_parameters = recording_gathers(dist.full_parameters, gathers)
+    backwards: list = []
+    if engine == "fsdp2":
+        dist.backward = counting_reduces(dist.backward, backwards)
     trainer = Trainer(make_cfg(out, *(["trainer.distributed=fsdp2"] if engine == "fsdp2" else []), *overrides))
     seen = deepspeed_view(trainer) if engine == "deepspeed" else None  # before a forward gathers anything
     trainer.run()
-    seen = {**(seen or fsdp2_view(trainer)), "gathers": gathers}
+    seen = {**(seen or fsdp2_view(trainer)), "gathers": gathers, "backwards": backwards}
     name = "fsdp" if engine == "fsdp2" else "deepspeed"
     (out / f"{name}_rank{trainer.acc.process_index}.json").write_text(json.dumps(seen))
 

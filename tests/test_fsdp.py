@@ -288,11 +288,16 @@ def test_fsdp2_evaluates_before_and_after_training(tmp_path):
     its own weights (embeddings, final norm) around generation, every rank generates in step (synced_gpus; each
     decoder layer gathers its weights in its forward) and rank 0 records. Before training (the root not yet
     initialised by a forward) and after it (the root's weights resharded by the backward), the answers equal one
-    process's."""
-    fsdp2_run(tmp_path / "eval", "trainer.batch_size=4", *EVALS)
+    process's. The training steps accumulate 2 micro-batches: FSDP2 reduce-scatters the gradients only in the last
+    one's backward (the first accumulates them unsharded, accelerate's no_sync)."""
+    fsdp2_run(tmp_path / "eval", "trainer.batch_size=2", "trainer.grad_accum=2", *EVALS)
     run(make_cfg(tmp_path / "one", *BASE, "trainer.batch_size=8", *EVALS))
     assert_evaluated_like(tmp_path / "eval", tmp_path / "one")
     assert losses(tmp_path / "eval") == pytest.approx(losses(tmp_path / "one"), abs=2e-5)
+    for k in (0, 1):
+        backwards = json.loads((tmp_path / "eval" / f"fsdp_rank{k}.json").read_text())["backwards"]
+        assert [b["last"] for b in backwards] == [False, True] * 2
+        assert [b["reduces"] > 0 for b in backwards] == [False, True] * 2, backwards
 
 
 @pytest.mark.slow

@@ -271,8 +271,9 @@ def fit_deepspeed_config(acc, batch_size: int, grad_accum: int, max_grad_norm: f
 
 
 def micro_batch_sync(acc, model, last: bool):
-    """The context of one micro-batch's forward and backward: DDP and FSDP2 skip the gradient reduction until the last
-    one (accelerate's no_sync); DeepSpeed reduces by itself at the boundary `backward` declares."""
+    """The context of one micro-batch's forward and backward (both inside it): DDP and FSDP2 skip the gradient
+    reduction until the last one (accelerate's no_sync; FSDP2 keeps the unsharded gradients until then); DeepSpeed
+    reduces by itself at the boundary `backward` declares."""
     if last or acc.distributed_type == DistributedType.DEEPSPEED:
         return contextlib.nullcontext()
     return acc.no_sync(model)
