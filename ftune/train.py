@@ -170,8 +170,8 @@ class Trainer:
             cfg.output_dir = str(self.out)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_from = _resume_point(cfg, self.ckpt_root)
-        if self.resume_from is not None:
-            dist.check_resume(self.acc, self.resume_from)
+        # Whether DeepSpeed partitions written for another number of processes go through a universal checkpoint.
+        self.universal = self.resume_from is not None and dist.check_resume(self.acc, self.resume_from)
         set_seed(cfg.seed)
 
         # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
@@ -208,7 +208,7 @@ class Trainer:
         make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
         optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
         dist.check_reference(self.acc, self.objective, model)
-        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum, max(t.max_grad_norm, 0.0))
+        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum, max(t.max_grad_norm, 0.0), self.universal)
         # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
@@ -292,7 +292,8 @@ class Trainer:
         with dist.full_parameters(self.acc, self.model, ranks="all", whole=not self.peft.adapter) as model:
             self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
-        dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path)
+        dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path,
+                                  self.out / ".universal-checkpoint" if self.universal else None)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
         if "spike_guard" in state:

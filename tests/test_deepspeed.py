@@ -31,14 +31,14 @@ WORKER = Path(__file__).parent / "_sharded_worker.py"
 
 
 def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True, launch_env: dict | None = None,
-                  home: Path | None = None) -> subprocess.CompletedProcess:
+                  home: Path | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
     """trainer.distributed=deepspeed_zero{stage}; or, with `launch_env`, trainer.distributed=ddp and the engine
     chosen by the environment `accelerate launch --config_file` gives its processes."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     engine = f"deepspeed_zero{stage}" if launch_env is None else "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), "deepspeed", str(out),
            f"trainer.distributed={engine}", *overrides]
     env = {**os.environ, **(launch_env or {}), "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false",
@@ -46,9 +46,9 @@ def deepspeed_run(out: Path, stage: int, *overrides: str, expect_ok: bool = True
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     if expect_ok:
         assert r.returncode == 0, r.stderr[-4000:]
-        for k in (0, 1):
+        for k in range(nproc):
             seen = json.loads((out / f"deepspeed_rank{k}.json").read_text())
-            assert seen["world"] == 2 and seen["engine"] == "DeepSpeedEngine" and seen["stage"] == stage, seen
+            assert seen["world"] == nproc and seen["engine"] == "DeepSpeedEngine" and seen["stage"] == stage, seen
             assert seen["partitioned"] == (stage == 3), seen  # ZeRO-3 really holds a part of each weight per rank
             assert seen["optimizer"] in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"), seen
     return r
@@ -142,7 +142,7 @@ def test_zero3_full_fine_tuning_equals_one_process_and_saves_the_full_model(tmp_
 def deepspeed_resumed(tmp_path: Path, stage: int, *overrides: str) -> tuple[Path, Path]:
     """4 steps with a checkpoint at step 2, and a second run resumed from that checkpoint."""
     full, cut = tmp_path / "full", tmp_path / "resumed"
-    deepspeed_run(full, stage, *overrides, "trainer.batch_size=4", "trainer.max_steps=4", "trainer.save_every=2")
+    deepspeed_run(full, stage, *overrides, "trainer.batch_size=6", "trainer.max_steps=4", "trainer.save_every=2")
     ckpt = full / "checkpoints" / "checkpoint-2"
     assert verify(ckpt) is None  # in ftune's manifest, written after every rank's files
     assert json.loads((ckpt / "engine.json").read_text()) == {"engine": "deepspeed", "processes": 2,
@@ -150,7 +150,7 @@ def deepspeed_resumed(tmp_path: Path, stage: int, *overrides: str) -> tuple[Path
     # DeepSpeed's own checkpoint: each rank's partition of the optimizer state and of the float32 master weights
     assert {f"zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in (0, 1)} <= {
         p.name for p in (ckpt / "deepspeed" / "state").iterdir()}
-    deepspeed_run(cut, stage, *overrides, "trainer.batch_size=4", "trainer.max_steps=4", f"trainer.resume={ckpt}")
+    deepspeed_run(cut, stage, *overrides, "trainer.batch_size=6", "trainer.max_steps=4", f"trainer.resume={ckpt}")
     return full, cut
 
 
@@ -168,12 +168,25 @@ def assert_continues(full: Path, cut: Path, weights: str) -> None:
 def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
     """trainer.save_every / trainer.resume under DeepSpeed: the engine's own save_checkpoint / load_checkpoint put
     back the Adam moments and master weights each rank holds (without them the 4th loss differs by ~0.1), ftune's
-    scheduler (cosine with warmup) and step counter come from its own state file."""
-    full, cut = deepspeed_resumed(tmp_path, stage, *BASE, "trainer.scheduler=cosine", "trainer.warmup_ratio=0.25")
+    scheduler (cosine with warmup) and step counter come from its own state file; onto another number of processes
+    through DeepSpeed's universal checkpoint."""
+    schedule = ["trainer.scheduler=cosine", "trainer.warmup_ratio=0.25"]
+    full, cut = deepspeed_resumed(tmp_path, stage, *BASE, *schedule)
     assert_continues(full, cut, "adapter_model.safetensors")
     if stage == 3:
         for out in (full, cut):  # saves (checkpoint-2, final) and the resume's load
             assert_gathered_only_the_adapter(out)
+    # Onto 3 processes (the same global batch of 12 rows): the partitions for 2 go through DeepSpeed's universal
+    # checkpoint, made in the run's directory and removed after the load. Summation order differs with 3 ranks.
+    three = tmp_path / "three"
+    deepspeed_run(three, stage, *BASE, *schedule, "trainer.batch_size=4", "trainer.max_steps=4",
+                  f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}", nproc=3)
+    torch.testing.assert_close(torch.tensor(losses(three)), torch.tensor(losses(full)[2:]), rtol=0, atol=2e-5)
+    assert not (three / ".universal-checkpoint").exists()
+    a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (three, full))
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow

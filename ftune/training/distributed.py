@@ -122,17 +122,18 @@ def engine_record(acc) -> dict:
             "zero_stage": acc.state.deepspeed_plugin.zero_stage if ds else None}
 
 
-def check_resume(acc, path: Path) -> None:
+def check_resume(acc, path: Path) -> bool:
     """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: one process or DDP keep
     torch's own state dict, FSDP2 each rank's shards (torch.distributed.checkpoint; both read back with any number of
-    processes), DeepSpeed each rank's partition (read back with the same ZeRO stage and number of processes).
-    Checked before the model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not
-    checked."""
+    processes), DeepSpeed each rank's partition. DeepSpeed reads its partitions back directly only into the same ZeRO
+    stage and number of processes; into another number of processes they go through DeepSpeed's universal checkpoint
+    (load_optimizer_state converts them). Returns whether that conversion is needed. Checked before the model loads;
+    a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
     import json
 
     record = path / ENGINE_FILE
     if not record.exists():
-        return
+        return False
     wrote, now = json.loads(record.read_text()), engine_record(acc)
     names = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2", "ddp": "DDP (or one process)"}
     if wrote["engine"] != now["engine"]:
@@ -140,14 +141,18 @@ def check_resume(acc, path: Path) -> None:
             f"trainer.resume: {path} was written under {names[wrote['engine']]} and this run uses "
             f"{names[now['engine']]}; their optimizer states have different layouts. Resume with the engine that "
             f"wrote it (trainer.distributed, or the accelerate config), or start a new run from its weights.")
-    if now["engine"] == "deepspeed" and (wrote["processes"], wrote["zero_stage"]) != (now["processes"],
+    if now["engine"] != "deepspeed" or (wrote["processes"], wrote["zero_stage"]) == (now["processes"],
                                                                                      now["zero_stage"]):
+        return False
+    if wrote["zero_stage"] != now["zero_stage"]:  # DeepSpeed's universal load then looks for the other stage's files
         raise ConfigError(
-            f"trainer.resume: {path} holds DeepSpeed ZeRO-{wrote['zero_stage']} partitions for {wrote['processes']} "
-            f"processes, and this run has ZeRO-{now['zero_stage']} on {now['processes']}. DeepSpeed reloads its "
-            f"partitions only into the same layout: resume with --nproc {wrote['processes']} and "
-            f"trainer.distributed=deepspeed_zero{wrote['zero_stage']} (or convert it with DeepSpeed's "
-            f"`python -m deepspeed.checkpoint.ds_to_universal`), or start a new run from its weights.")
+            f"trainer.resume: {path} holds DeepSpeed ZeRO-{wrote['zero_stage']} partitions and this run has "
+            f"ZeRO-{now['zero_stage']}. Resume with trainer.distributed=deepspeed_zero{wrote['zero_stage']} (any "
+            f"number of processes), or start a new run from its weights.")
+    log.info("trainer.resume: %s holds DeepSpeed partitions for %d processes and this run has %d; they are "
+             "converted to DeepSpeed's universal checkpoint and loaded from it.", path, wrote["processes"],
+             now["processes"])
+    return True
 
 
 def plugins(t) -> dict:
@@ -251,16 +256,19 @@ def is_zero3(acc) -> bool:
     return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
 
 
-def fit_deepspeed_config(acc, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+def fit_deepspeed_config(acc, batch_size: int, grad_accum: int, max_grad_norm: float, universal: bool = False) -> None:
     """accelerate reads DeepSpeed's micro-batch from a prepared DataLoader and refuses to prepare without one; ftune
     batches itself (BatchOrder) and prepares the model and optimizer only, so a config that leaves it "auto" (ftune's
     own plugin, `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml`) is given trainer.batch_size,
     the rows per process and micro-batch, an "auto" accumulation count trainer.grad_accum and an "auto" clipping
     trainer.max_grad_norm (check_state refused numbers that differ). accelerate's own accumulation count is set to
-    match, so it does not warn about the difference."""
+    match, so it does not warn about the difference. `universal`: the run resumes from a universal checkpoint
+    (check_resume)."""
     if acc.distributed_type != DistributedType.DEEPSPEED:
         return
     config = acc.state.deepspeed_plugin.deepspeed_config
+    if universal:
+        config.setdefault("checkpoint", {})["load_universal"] = True
     if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         config["train_micro_batch_size_per_gpu"] = batch_size
     if config.get("gradient_accumulation_steps", "auto") == "auto":
@@ -292,6 +300,27 @@ def backward(acc, model, loss: torch.Tensor, last: bool) -> None:
             model.step()
     else:
         acc.backward(loss)
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's `ds_to_universal` conversion of one checkpoint tag (every rank's ZeRO partitions) into a universal
+    checkpoint at `target`: each parameter's float32 master and optimizer moments in full. DeepSpeed wants a
+    `universal_checkpoint_info` entry that only Megatron-DeepSpeed writes; `inject_missing_state` adds the default
+    one. Its progress prints go to the debug log."""
+    import argparse
+    import io
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    if target.parent.exists():  # left by an interrupted conversion
+        shutil.rmtree(target.parent)
+    out = io.StringIO()
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(out):
+        ds_to_universal.main(args)
+    log.debug("ds_to_universal: %s", out.getvalue())
 
 
 def sharding_engine(acc) -> str | None:
@@ -467,13 +496,28 @@ def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> 
     return {}
 
 
-def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, directory: Path) -> None:
+def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, directory: Path,
+                         universal: Path | None = None) -> None:
     """Put a checkpoint's optimizer state back (check_resume has made sure it fits this engine). Under DeepSpeed the
     engine's `load_checkpoint` restores each rank's partition and the float32 master weights, and from them the
-    trainable weights; ftune's own scheduler and step counter are restored by the caller."""
+    trainable weights; with `universal` (a scratch directory in this run's output, which every rank reads) the
+    partitions are first converted there to DeepSpeed's universal checkpoint, which loads into any number of
+    processes. ftune's own scheduler and step counter are restored by the caller."""
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        model.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False,
+        folder = directory / DS_DIR
+        if universal is not None:
+            folder = universal
+            if acc.is_main_process:
+                to_universal(directory / DS_DIR / DS_TAG, universal / DS_TAG)
+            acc.wait_for_everyone()
+        model.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
+        if universal is not None:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                import shutil
+
+                shutil.rmtree(universal)
         return
     if not is_sharded(acc):
         optimizer.load_state_dict(state)
