@@ -27,10 +27,29 @@ generate: `--cfg job` (print the composed config), `--info defaults`, `--config-
 """
 
 
+def quiet_library_noise(cfg) -> None:
+    """Silence messages the libraries print on every run that ask nothing of the user: DeepSpeed's "unable to detect
+    a GPU" warning when accelerate merely imports it on a machine without an accelerator (the CPU is then named for
+    it), peft's call of a deprecated transformers property, and bitsandbytes' hint about an optional 4-bit CPU kernel
+    package unless the run quantizes."""
+    import warnings
+
+    import torch
+    from omegaconf import OmegaConf
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not OmegaConf.select(cfg, "peft.quantize", default=None):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def run_reporting_errors(fn, cfg):
     """Run fn(cfg); turn the errors a user can fix into one clear paragraph and exit code 2."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    quiet_library_noise(cfg)
 
     from ftune.config import ConfigError
     from ftune.data.sources import DataError

@@ -140,6 +140,9 @@ def test_tiny_training_run(tmp_path, tiny_tokenizer):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0
     assert not (tmp_path / "outputs").exists()
+    # Library messages that ask nothing of the user stay out of a plain CPU run's output (quiet_library_noise).
+    for noise in ("unable to detect", "is_gradient_checkpointing", "pip install kernels"):
+        assert noise not in out.stdout + out.stderr, noise
 
 
 def test_sweep_jobs_get_their_own_output_dirs(tmp_path, tiny_tokenizer):
