@@ -267,20 +267,30 @@ def test_a_frozen_reference_copy_of_a_sharded_model_is_refused():
         dist.check_reference(acc, DPO(), full)
 
 
-@pytest.mark.slow
 def test_fsdp2_dpo_with_lora_equals_one_process(tmp_path):
-    """DPO's reference is the sharded model with its adapter switched off; chosen and rejected sequences share rows."""
+    """DPO's reference is the sharded model with its adapter switched off; chosen and rejected sequences share rows.
+    Step 2 evaluates the held-out loss and then saves a checkpoint: the eval's forward leaves the root module gathered,
+    and the save (rank 0 alone writes) must not leave the ranks in different states (the next forward would all-gather
+    on one rank only: a hang). eval=preference scores the held-out pairs before and after, like one process."""
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": f"Question {i}: is {i} a nice number?",
                                          "chosen": "Yes, it is a fine number.", "rejected": "No idea, go away."})
                              + "\n" for i in range(16)))
     dpo = ["objective=dpo", "data=jsonl", f"data.path={prefs}", "data.eval_size=4", "peft.dropout=0",
-           "trainer.lr=1e-2", "trainer.scheduler=constant", "trainer.max_steps=3"]
+           "trainer.lr=1e-2", "trainer.scheduler=constant", "trainer.max_steps=4", "trainer.eval_every=2",
+           "trainer.save_every=2", "eval=preference", "eval.at_start=true", "eval.at_end=true", "eval.batch_size=3"]
     fsdp2_run(tmp_path / "fsdp2", "trainer.batch_size=2", base=dpo)
     run(make_cfg(tmp_path / "one", *dpo, "trainer.batch_size=4"))
     l2, l1 = losses(tmp_path / "fsdp2"), losses(tmp_path / "one")
-    assert len(l2) == 3 and l2[-1] < l2[0]
+    assert len(l2) == 4 and l2[-1] < l2[0]
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
+    assert (tmp_path / "fsdp2" / "checkpoints" / "checkpoint-2").is_dir()
+    for tag in ("start", "end"):
+        two, one = ([json.loads(x) for x in (tmp_path / r / f"eval_{tag}" / "predictions.jsonl").open()]
+                    for r in ("fsdp2", "one"))
+        assert len(two) == len(one) == 4
+        for a, b in zip(two, one):
+            assert a == pytest.approx(b, abs=1e-4), tag
 
 
 def test_fsdp2_evaluates_before_and_after_training(tmp_path):

@@ -433,8 +433,15 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main", whole: boo
         yield unwrapped
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    # Every rank's modules resharded first (local: it frees the gathered copies). A module left gathered by its last
+    # forward (the root after an eval without backward) would otherwise be resharded on rank 0 alone by the state_dict
+    # hooks of the PEFT method's save, and its next forward would all-gather on rank 0 alone: a hang.
+    for m in unwrapped.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
     everywhere = ranks == "all"
     receives = everywhere or acc.is_main_process
     sharded, plain = {}, {}  # (module, attribute) -> the sharded parameter, and its full stand-in
