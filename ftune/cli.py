@@ -40,7 +40,7 @@ def quiet_library_noise(cfg) -> None:
     if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not OmegaConf.select(cfg, "peft.quantize", default=None):
+    if not (OmegaConf.is_config(cfg) and OmegaConf.select(cfg, "peft.quantize", default=None)):
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
