@@ -121,6 +121,34 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds(1))  # its own checkpoints
 
 
+def test_peft_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can():
+    from ftune.peft.adalink import AdaLink
+    from ftune.peft.hft import HFT
+    from ftune.peft.lift import LIFT
+    from ftune.peft.lora import LoRA
+    from ftune.peft.prompt_tuning import PromptTuning
+
+    def acc(engine, stage=None, processes=2):
+        kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
+        return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    engines = {"ddp": acc("ddp"), "fsdp2": acc("fsdp2"), "zero2": acc("ds", 2), "zero3": acc("ds", 3)}
+    refused = {LIFT: {"fsdp2", "zero2", "zero3"}, HFT: {"fsdp2"}, AdaLink: {"fsdp2"}, PromptTuning: {"fsdp2", "zero3"},
+               LoRA: set()}
+    for cls, bad in refused.items():
+        for engine, a in engines.items():
+            if engine in bad:
+                with pytest.raises(ConfigError, match=rf"peft={cls.name} does not run under .*Use "
+                                                      rf"trainer.distributed=ddp") as e:
+                    dist.check_peft(a, cls.__new__(cls))
+                for other in set(engines) - bad - {"ddp"}:  # the engines that work are named
+                    assert other in str(e.value), (cls, engine, other)
+            else:
+                dist.check_peft(a, cls.__new__(cls))
+        dist.check_peft(acc("fsdp2", processes=1), cls.__new__(cls))  # one process: nothing is sharded
+
+
 def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_state(tmp_path):
     """DeepSpeed's partitions go back only into DeepSpeed with the same stage (into another number of processes
     through a universal checkpoint); FSDP2's shards into FSDP2 and DDP's state into DDP, with any number of processes;

@@ -49,6 +49,10 @@ class AdaLink:
     """
 
     adapter = True
+    name = "adalink"  # its peft= choice
+    # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
+    not_under = {"fsdp2": "adds its adapter to FSDP2's root unit beside frozen weights, whose optimizer state FSDP2 "
+                          "then fails to save"}
     aliases = {"rank": "r", "act": "activation"}
 
     def __init__(self, r: int = 16, activation: str = "none"):
@@ -63,7 +67,7 @@ class AdaLink:
 
     def apply(self, model: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
         emb = model.get_input_embeddings()
-        dim = emb.weight.shape[1]
+        dim = emb.embedding_dim  # not the weight's shape: ZeRO-3 leaves an empty placeholder there
         if self.r > dim:
             raise ConfigError(f"peft.r={self.r} is larger than the embedding width {dim}. Use peft.r<={dim}.")
         model.requires_grad_(False)

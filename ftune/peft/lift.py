@@ -111,6 +111,11 @@ class LIFT:
     """
 
     adapter = False
+    name = "lift"  # its peft= choice
+    # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
+    not_under = {e: "selects its trainable entries from each whole weight matrix inside its own optimizer step, and "
+                    "the optimizer gets shards (FSDP2) or flattened partitions (DeepSpeed) instead"
+                 for e in ("fsdp2", "zero2", "zero3")}
     aliases = {"r": "rank", "r_f": "filter_rank", "lra_rank": "filter_rank", "interval": "update_interval"}
 
     def __init__(self, rank: int = 128, filter_rank: int = 128, update_interval: int = 400,
