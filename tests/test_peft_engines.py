@@ -1,0 +1,60 @@
+"""Every PEFT method under every engine that does not refuse it (ftune/training/distributed.py `check_peft`): 2
+processes x batch 2 train the loss trajectory of 1 process x batch 4 (3 steps). LoRA and full fine-tuning are
+covered in tests/test_distributed.py, test_fsdp.py and test_deepspeed.py; the refusals in test_fsdp.py. Slow: about
+20 s per pair (docs/distributed.md has the table)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import SMALL, losses, make_cfg, run  # noqa: E402
+from test_cli import ftune  # noqa: E402
+from test_deepspeed import deepspeed_run  # noqa: E402
+from test_fsdp import fsdp2_run  # noqa: E402
+
+COMMON = ["data.size=64", "data.packing=false", "trainer.max_steps=3", "trainer.scheduler=constant"]
+RUNS = {"ddp": ["lift", "hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"],
+        "fsdp2": ["dora", "ia3", "ssf"],
+        "zero2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"],
+        "zero3": ["hft", "adalink", "dora", "ia3", "ssf"]}
+
+
+def method(peft: str) -> list[str]:
+    return [f"peft={peft}", *COMMON, *(["peft.dropout=0"] if peft == "dora" else [])]  # no dropout: ranks draw apart
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process run of each method, made once."""
+    root, made = tmp_path_factory.mktemp("one"), {}
+
+    def get(peft: str) -> list[float]:
+        if peft not in made:
+            run(make_cfg(root / peft, *method(peft), "trainer.batch_size=4"))
+            made[peft] = losses(root / peft)
+        return made[peft]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("engine", "peft"), [(e, m) for e, ms in RUNS.items() for m in ms])
+def test_method_under_engine_equals_one_process(tmp_path, one_process, engine, peft):
+    out = tmp_path / "run"
+    if engine == "ddp":
+        small = [a for a in SMALL if not a.startswith("data.size=")]
+        r = ftune("train", "--nproc", "2", *small, *method(peft), "trainer.batch_size=2", f"output_dir={out}",
+                  cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    elif engine == "fsdp2":
+        fsdp2_run(out, *method(peft), "trainer.batch_size=2", base=[])
+    else:
+        deepspeed_run(out, int(engine[-1]), *method(peft), "trainer.batch_size=2")
+    mine, one = losses(out), one_process(peft)
+    assert len(mine) == 3 and mine[-1] != mine[0]
+    torch.testing.assert_close(torch.tensor(mine), torch.tensor(one), rtol=0, atol=2e-5)
