@@ -1,6 +1,7 @@
 """Every PEFT method under every engine that does not refuse it (ftune/training/distributed.py `check_peft`): 2
-processes x batch 2 train the loss trajectory of 1 process x batch 4 (3 steps). LoRA and full fine-tuning are
-covered in tests/test_distributed.py, test_fsdp.py and test_deepspeed.py; the refusals in test_fsdp.py. Slow: about
+processes x batch 2 train the loss trajectory of 1 process x batch 4 (3 steps). LoRA (and full fine-tuning under
+FSDP2 and ZeRO-3) are covered in tests/test_distributed.py, test_fsdp.py and test_deepspeed.py; the refusals in
+test_fsdp.py. Slow: about
 20 s per pair (docs/distributed.md has the table)."""
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from test_deepspeed import deepspeed_run  # noqa: E402
 from test_fsdp import fsdp2_run  # noqa: E402
 
 COMMON = ["data.size=64", "data.packing=false", "trainer.max_steps=3", "trainer.scheduler=constant"]
-RUNS = {"ddp": ["lift", "hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"],
+RUNS = {"ddp": ["lift", "hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf", "none"],
         "fsdp2": ["dora", "ia3", "ssf"],
-        "zero2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"],
+        "zero2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf", "none"],
         "zero3": ["hft", "adalink", "dora", "ia3", "ssf"]}
 
 
