@@ -18,9 +18,13 @@ from test_cli import ftune  # noqa: E402
 from test_deepspeed import deepspeed_run  # noqa: E402
 from test_fsdp import fsdp2_run  # noqa: E402
 
-COMMON = ["data.size=64", "data.packing=false", "trainer.max_steps=3", "trainer.scheduler=constant"]
+# A held-out eval and then a checkpoint at step 2: FSDP2's root unit is left gathered by the eval when the optimizer
+# state is saved (methods with trainable weights there, HFT, AdaLink, prompt tuning, failed before every unit was
+# resharded first).
+COMMON = ["data.size=64", "data.eval_size=8", "data.packing=false", "trainer.max_steps=3", "trainer.scheduler=constant",
+          "trainer.eval_every=2", "trainer.save_every=2"]
 RUNS = {"ddp": ["lift", "hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf", "none"],
-        "fsdp2": ["dora", "ia3", "ssf"],
+        "fsdp2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"],
         "zero2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf", "none"],
         "zero3": ["hft", "adalink", "dora", "ia3", "ssf"]}
 
@@ -48,7 +52,8 @@ def one_process(tmp_path_factory):
 def test_method_under_engine_equals_one_process(tmp_path, one_process, engine, peft):
     out = tmp_path / "run"
     if engine == "ddp":
-        small = [a for a in SMALL if not a.startswith("data.size=")]
+        keys = {a.split("=")[0] for a in COMMON}
+        small = [a for a in SMALL if a.split("=")[0] not in keys]
         r = ftune("train", "--nproc", "2", *small, *method(peft), "trainer.batch_size=2", f"output_dir={out}",
                   cwd=tmp_path, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

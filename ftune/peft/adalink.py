@@ -49,10 +49,6 @@ class AdaLink:
     """
 
     adapter = True
-    name = "adalink"  # its peft= choice
-    # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
-    not_under = {"fsdp2": "adds its adapter to FSDP2's root unit beside frozen weights, whose optimizer state FSDP2 "
-                          "then fails to save"}
     aliases = {"rank": "r", "act": "activation"}
 
     def __init__(self, r: int = 16, activation: str = "none"):

@@ -49,10 +49,6 @@ class HFT:
     """
 
     adapter = False
-    name = "hft"  # its peft= choice
-    # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
-    not_under = {"fsdp2": "trains weights outside the decoder layers (embeddings, LM head, final norm) beside frozen "
-                          "ones in FSDP2's root unit, whose optimizer state FSDP2 then fails to save"}
     LAYER = re.compile(r"\.layers\.(\d+)\.")
 
     def __init__(self, attention: list = ("q_proj", "k_proj", "v_proj", "o_proj"),

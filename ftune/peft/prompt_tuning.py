@@ -67,9 +67,7 @@ class PromptTuning:
     adapter = True
     name = "prompt_tuning"  # its peft= choice
     # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
-    not_under = {"fsdp2": "adds its soft prompt to FSDP2's root unit beside frozen weights, whose optimizer state "
-                          "FSDP2 then fails to save",
-                 "zero3": "hung in a 2-process ZeRO-3 run (the cause is not known yet)"}
+    not_under = {"zero3": "hung in a 2-process ZeRO-3 run (the cause is not known yet)"}
     aliases = {"n_tokens": "num_virtual_tokens", "num_tokens": "num_virtual_tokens", "prompt_tuning_init": "init"}
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "sample_vocab", init_text: str | None = None):

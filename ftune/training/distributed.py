@@ -424,6 +424,17 @@ def without_zero3_init(acc) -> Iterator[None]:
         acc.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
+def reshard_all(unwrapped: torch.nn.Module) -> None:
+    """Every FSDP2 unit of the model back to its shards, on every rank (local: it frees the gathered copies). While a
+    unit is gathered (the root after a forward without backward, e.g. an eval) its module holds the full tensors in
+    place of the sharded parameters that the optimizer and the state-dict helpers know."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in unwrapped.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 @contextlib.contextmanager
 def full_parameters(acc, model: torch.nn.Module, ranks: str = "main", whole: bool = True
                     ) -> Iterator[torch.nn.Module]:
@@ -448,15 +459,12 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main", whole: boo
         yield unwrapped
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    # Every rank's modules resharded first (local: it frees the gathered copies). A module left gathered by its last
-    # forward (the root after an eval without backward) would otherwise be resharded on rank 0 alone by the state_dict
-    # hooks of the PEFT method's save, and its next forward would all-gather on rank 0 alone: a hang.
-    for m in unwrapped.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+    # A module left gathered by its last forward (the root after an eval without backward) would otherwise be
+    # resharded on rank 0 alone by the state_dict hooks of the PEFT method's save, and its next forward would
+    # all-gather on rank 0 alone: a hang.
+    reshard_all(unwrapped)
     everywhere = ranks == "all"
     receives = everywhere or acc.is_main_process
     sharded, plain = {}, {}  # (module, attribute) -> the sharded parameter, and its full stand-in
@@ -513,6 +521,7 @@ def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    reshard_all(acc.unwrap_model(model))  # else a gathered unit's parameters are not the optimizer's
     dcp.save({"optimizer": get_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer)},
              checkpoint_id=directory / FSDP2_OPTIM_DIR)
     return {}
