@@ -262,9 +262,13 @@ class Trainer:
         # weights are gathered and rank 0 writes them as plain full tensors.
         optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer, tmp)
         # An adapter method saves its trainable weights only: only those are gathered from the shards.
+        # A method whose save runs a forward (prompt tuning) runs it on every rank under ZeRO-3; rank 0 writes.
+        every = dist.is_zero3(self.acc) and getattr(self.peft, "save_runs_forward", False)
         with dist.full_parameters(self.acc, self.model, whole=not self.peft.adapter) as model:
             if self.is_main:
                 self.peft.save(model, tmp)
+            elif every:
+                self.peft.save(model, tmp, write=False)
         if self.is_main:
             try:
                 self.tokenizer.save_pretrained(tmp)

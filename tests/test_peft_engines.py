@@ -26,7 +26,7 @@ COMMON = ["data.size=64", "data.eval_size=8", "data.packing=false", "trainer.max
 RUNS = {"ddp": ["lift", "hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf", "none"],
         "fsdp2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"],
         "zero2": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf", "none"],
-        "zero3": ["hft", "adalink", "dora", "ia3", "ssf"]}
+        "zero3": ["hft", "adalink", "prompt_tuning", "dora", "ia3", "ssf"]}
 
 
 def method(peft: str) -> list[str]:

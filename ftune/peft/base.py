@@ -96,9 +96,10 @@ def preflight_targets(peft, model_dir: Path, trust_remote_code: bool = False) ->
         selected_linears(skeleton, targets)
 
 
-def save_adapter(model: torch.nn.Module, directory: Path) -> None:
-    """A `peft` adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_adapter(model: torch.nn.Module, directory: Path, write: bool = True) -> None:
+    """A `peft` adapter directory (adapter_config.json + adapter_model.safetensors). `write=False`: compute the
+    state to save (peft's collective part) without writing it."""
+    model.save_pretrained(directory, safe_serialization=True, is_main_process=write)
 
 
 def load_adapter_weights(model: torch.nn.Module, directory: Path) -> None:

@@ -65,9 +65,9 @@ class PromptTuning:
     """
 
     adapter = True
-    name = "prompt_tuning"  # its peft= choice
-    # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
-    not_under = {"zero3": "hung in a 2-process ZeRO-3 run (the cause is not known yet)"}
+    # peft computes the soft prompt to save with a forward of its prompt encoder, which under ZeRO-3 every rank must
+    # run (DeepSpeed traces the order in which each rank's forwards fetch parameters): see Trainer._save.
+    save_runs_forward = True
     aliases = {"n_tokens": "num_virtual_tokens", "num_tokens": "num_virtual_tokens", "prompt_tuning_init": "init"}
 
     def __init__(self, num_virtual_tokens: int = 20, init: str = "sample_vocab", init_text: str | None = None):
@@ -106,8 +106,8 @@ class PromptTuning:
         _aligned(model, self.num_virtual_tokens)
         return model
 
-    def save(self, model: torch.nn.Module, directory: Path) -> None:
-        save_adapter(model, directory)
+    def save(self, model: torch.nn.Module, directory: Path, write: bool = True) -> None:
+        save_adapter(model, directory, write)
 
     def load_trainable(self, model: torch.nn.Module, directory: Path) -> None:
         load_adapter_weights(model, directory)
