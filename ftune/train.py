@@ -162,7 +162,8 @@ class Trainer:
         AcceleratorState._reset_state()
         self.acc = dist.make_accelerator(cfg)  # DDP, FSDP2 or DeepSpeed: accelerate's own engines (trainer.distributed)
         _check_world_size(self.acc.num_processes)
-        dist.check_peft(self.acc, self.peft)
+        dist.check_engine_limits(self.acc, self.peft, "peft")
+        dist.check_engine_limits(self.acc, self.objective, "objective")
         self.is_main = self.acc.is_main_process
         # One directory for every rank (rank 0's), fresh or resumable, writable, and seen from every machine.
         self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir),

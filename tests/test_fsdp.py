@@ -121,7 +121,7 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds(1))  # its own checkpoints
 
 
-def test_peft_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can():
+def test_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can():
     from ftune.peft.adalink import AdaLink
     from ftune.peft.hft import HFT
     from ftune.peft.lift import LIFT
@@ -140,12 +140,22 @@ def test_peft_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can
             if engine in bad:
                 with pytest.raises(ConfigError, match=rf"peft={cls.name} does not run under .*Use "
                                                       rf"trainer.distributed=ddp") as e:
-                    dist.check_peft(a, cls.__new__(cls))
+                    dist.check_engine_limits(a, cls.__new__(cls), "peft")
                 for other in set(engines) - bad - {"ddp"}:  # the engines that work are named
                     assert other in str(e.value), (cls, engine, other)
             else:
-                dist.check_peft(a, cls.__new__(cls))
-        dist.check_peft(acc("fsdp2", processes=1), cls.__new__(cls))  # one process: nothing is sharded
+                dist.check_engine_limits(a, cls.__new__(cls), "peft")
+        dist.check_engine_limits(acc("fsdp2", processes=1), cls.__new__(cls), "peft")  # one process: nothing is sharded
+    from ftune.objectives.masked_thought import MaskedThought
+
+    for noise, bad in (("mask", {"fsdp2", "zero3"}), ("random", set())):
+        for engine, a in engines.items():
+            if engine in bad:
+                with pytest.raises(ConfigError, match=r"objective=masked_thought with objective.noise=mask does "
+                                                      r"not run under .*deepspeed_zero2 with it, or objective.noise="):
+                    dist.check_engine_limits(a, MaskedThought(noise=noise), "objective")
+            else:
+                dist.check_engine_limits(a, MaskedThought(noise=noise), "objective")
 
 
 def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_state(tmp_path):

@@ -1,4 +1,4 @@
-"""Every PEFT method under every engine that does not refuse it (ftune/training/distributed.py `check_peft`): 2
+"""Every PEFT method under every engine that does not refuse it (ftune/training/distributed.py `check_engine_limits`): 2
 processes x batch 2 train the loss trajectory of 1 process x batch 4 (3 steps). LoRA (and full fine-tuning under
 FSDP2 and ZeRO-3) are covered in tests/test_distributed.py, test_fsdp.py and test_deepspeed.py; the refusals in
 test_fsdp.py. Slow: about

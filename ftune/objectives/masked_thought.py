@@ -122,6 +122,10 @@ class MaskedThought:
         if mask_token is not None and noise != "mask":
             raise ConfigError(f"objective.mask_token is only read by noise=mask (this run: noise={noise}).")
         self.rate, self.noise, self.warmup_ratio, self.mask_token = rate, noise, warmup_ratio, mask_token
+        if noise == "mask":  # engines it cannot run under (dist.check_engine_limits), refused before the model loads
+            self.name, self.instead = "masked_thought with objective.noise=mask", "objective.noise=random or pad"
+            self.not_under = {e: "writes the mean embedding into the mask token's row of the embedding matrix, which "
+                                 "that engine splits across the ranks" for e in ("fsdp2", "zero3")}
         self.chunk_size = chunk_size
         self.replace_id: int | None = None
         self.vocab_size: int | None = None
@@ -130,7 +134,7 @@ class MaskedThought:
     def setup(self, trainer) -> None:
         """Pick the replacement id (and initialise the mask token's embedding to the mean)."""
         model, tok = trainer.acc.unwrap_model(trainer.model), trainer.tokenizer
-        rows = model.get_input_embeddings().weight.shape[0]
+        rows = model.get_input_embeddings().num_embeddings  # not the weight's shape: empty under ZeRO-3
         self.seed, self.rank = trainer.cfg.seed, trainer.acc.process_index
         self.vocab_size = min(tok.vocab_size, rows)
         if self.noise == "pad":

@@ -111,8 +111,8 @@ class LIFT:
     """
 
     adapter = False
-    name = "lift"  # its peft= choice
-    # Engines (dist.check_peft) it cannot run under, and why: refused before the model loads.
+    name, instead = "lift", "peft=lora or dora"  # its peft= choice; what to use under an engine it cannot
+    # Engines (dist.check_engine_limits) it cannot run under, and why: refused before the model loads.
     not_under = {e: "selects its trainable entries from each whole weight matrix inside its own optimizer step, and "
                     "the optimizer gets shards (FSDP2) or flattened partitions (DeepSpeed) instead"
                  for e in ("fsdp2", "zero2", "zero3")}

@@ -111,19 +111,20 @@ def check_state(cfg, acc) -> None:
                               f"file, or `accelerate launch --gradient_accumulation_steps {t.grad_accum}`).")
 
 
-def check_peft(acc, peft) -> None:
-    """A PEFT method that cannot run under the engine (its `not_under`: engine -> why; found by training every
-    method under every engine) is refused before the model loads, naming the engines that work."""
+def check_engine_limits(acc, method, key: str) -> None:
+    """A PEFT method or objective (`key`) that cannot run under the engine (its `not_under`: engine -> why; found by
+    training every method under every engine) is refused before the model loads, naming the engines that work and
+    the method's `instead`."""
     record = engine_record(acc)
     engine = f"zero{record['zero_stage']}" if record["engine"] == "deepspeed" else record["engine"]
-    why = getattr(peft, "not_under", {}).get(engine)
+    limits = getattr(method, "not_under", None) or {}
+    why = limits.get(engine)
     if acc.num_processes > 1 and why:
-        name = peft.name
         names = {"fsdp2": "FSDP2", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
         works = ["trainer.distributed=ddp"] + [f"trainer.distributed={'deepspeed_' if e != 'fsdp2' else ''}{e}"
-                                               for e in names if e not in peft.not_under]
-        raise ConfigError(f"peft={name} does not run under {names[engine]}: it {why}. Use {' or '.join(works)} "
-                          f"with peft={name}, or peft=lora or dora under {names[engine]}.")
+                                               for e in names if e not in limits]
+        raise ConfigError(f"{key}={method.name} does not run under {names[engine]}: it {why}. Use "
+                          f"{' or '.join(works)} with it, or {method.instead} under {names[engine]}.")
 
 
 ENGINE_FILE = "engine.json"  # in every checkpoint: the engine and world size that wrote it
