@@ -32,7 +32,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 test-slow: setup
-	$(VENV)/bin/pytest -q -m slow
+	FTUNE_DATA_DIR=$(FTUNE_DATA_DIR) $(VENV)/bin/pytest -q -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check ftune tests scripts
