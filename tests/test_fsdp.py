@@ -121,6 +121,13 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
     dist.check_state(make_cfg(tmp_path, "trainer.save_every=2", "trainer.resume=auto"), ds(1))  # its own checkpoints
 
 
+def fake_acc(engine: str, processes: int = 2, stage: int | None = None) -> SimpleNamespace:
+    """What check_resume / check_engine_limits read of an Accelerator: ddp | fsdp2 | ds (DeepSpeed, ZeRO `stage`)."""
+    kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
+    return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+
 def test_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can():
     from ftune.peft.adalink import AdaLink
     from ftune.peft.hft import HFT
@@ -128,12 +135,8 @@ def test_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can():
     from ftune.peft.lora import LoRA
     from ftune.peft.prompt_tuning import PromptTuning
 
-    def acc(engine, stage=None, processes=2):
-        kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
-        return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
-                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
-
-    engines = {"ddp": acc("ddp"), "fsdp2": acc("fsdp2"), "zero2": acc("ds", 2), "zero3": acc("ds", 3)}
+    acc = fake_acc
+    engines = {"ddp": acc("ddp"), "fsdp2": acc("fsdp2"), "zero2": acc("ds", stage=2), "zero3": acc("ds", stage=3)}
     refused = {LIFT: {"fsdp2", "zero2", "zero3"}, PromptTuning: set(), HFT: set(), AdaLink: set(), LoRA: set()}
     for cls, bad in refused.items():
         for engine, a in engines.items():
@@ -162,11 +165,7 @@ def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_stat
     """DeepSpeed's partitions go back only into DeepSpeed with the same stage (into another number of processes
     through a universal checkpoint); FSDP2's shards into FSDP2 and DDP's state into DDP, with any number of processes;
     a checkpoint without engine.json is not checked."""
-    def acc(engine, processes=2, stage=None):
-        kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
-        return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
-                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
-
+    acc = fake_acc
     def written_by(a):
         d = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}"
         d.mkdir()

@@ -318,9 +318,10 @@ def backward(acc, model, loss: torch.Tensor, last: bool) -> None:
         acc.backward(loss)
 
 
-def to_universal(source: Path, target: Path) -> None:
+def to_universal(source: Path, folder: Path) -> None:
     """DeepSpeed's `ds_to_universal` conversion of one checkpoint tag (every rank's ZeRO partitions) into a universal
-    checkpoint at `target`: each parameter's float32 master and optimizer moments in full. DeepSpeed wants a
+    checkpoint at `folder`/DS_TAG (`folder` emptied first): each parameter's float32 master and optimizer moments in
+    full. DeepSpeed wants a
     `universal_checkpoint_info` entry that only Megatron-DeepSpeed writes; `inject_missing_state` adds the default
     one. Its progress prints go to the debug log."""
     import argparse
@@ -329,10 +330,10 @@ def to_universal(source: Path, target: Path) -> None:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    if target.parent.exists():  # left by an interrupted conversion
-        shutil.rmtree(target.parent)
+    if folder.exists():  # left by an interrupted conversion
+        shutil.rmtree(folder)
     out = io.StringIO()
-    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(folder / DS_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     with contextlib.redirect_stdout(out):
         ds_to_universal.main(args)
@@ -522,8 +523,9 @@ def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    reshard_all(acc.unwrap_model(model))  # else a gathered unit's parameters are not the optimizer's
-    dcp.save({"optimizer": get_optimizer_state_dict(acc.unwrap_model(model), optimizer.optimizer)},
+    unwrapped = acc.unwrap_model(model)
+    reshard_all(unwrapped)  # else a gathered unit's parameters are not the optimizer's
+    dcp.save({"optimizer": get_optimizer_state_dict(unwrapped, optimizer.optimizer)},
              checkpoint_id=directory / FSDP2_OPTIM_DIR)
     return {}
 
@@ -540,7 +542,7 @@ def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, di
         if universal is not None:
             folder = universal
             if acc.is_main_process:
-                to_universal(directory / DS_DIR / DS_TAG, universal / DS_TAG)
+                to_universal(directory / DS_DIR / DS_TAG, universal)
             acc.wait_for_everyone()
         model.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
