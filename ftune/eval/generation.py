@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ftune.data.tokenize import prompt_ids
+from ftune.training import distributed as dist
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, batch_siz
     """New token ids for each prompt (up to and including EOS); greedy when temperature == 0."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
+    was_training = dist.in_training_mode(model)
     model.eval()
     device = next(model.parameters()).device
     # Longest first keeps padding low inside each batch; results go back to the input order.

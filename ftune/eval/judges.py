@@ -35,6 +35,7 @@ from ftune.config import ConfigError
 from ftune.data.sources import DataError
 from ftune.eval import gsm8k
 from ftune.eval.generation import left_pad
+from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
 JUDGES = ("numeric_match", "unit_tests", "llm_judge")
@@ -156,7 +157,7 @@ def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
 def yes_no_margins(model, prompts: list[list[int]], yes: list[int], no: list[int], pad_id: int,
                    batch_size: int = 16) -> list[float]:
     """log P(yes) - log P(no) of the next token after each prompt (left-padded batches)."""
-    was_training = model.training
+    was_training = dist.in_training_mode(model)
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = [0.0] * len(prompts)

@@ -18,6 +18,7 @@ from ftune.config import ConfigError
 from ftune.data.batching import collate_packed
 from ftune.objectives.preference import LOSSES, REFERENCE_FREE, preference_loss
 from ftune.objectives.sft import labelled_token_ce
+from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class DPO:
     @torch.no_grad()
     def _precompute(self, trainer, rows: list[dict], what: str) -> None:
         bs, pad = trainer.cfg.trainer.batch_size, trainer.tokenizer.pad_token_id
-        was_training = trainer.model.training
+        was_training = dist.in_training_mode(trainer.model)
         trainer.model.eval()
         for s in range(0, len(rows), bs):
             chunk = rows[s: s + bs]

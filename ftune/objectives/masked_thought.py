@@ -10,8 +10,9 @@ From the paper and its code (ChangyuChen347/MaskedThought):
 
 ftune's adaptations:
 - positions are drawn iid Bernoulli(p) (the code draws n ~ Binomial(N, p), then n positions without replacement: the
-  same distribution) from a torch Generator seeded by (seed, step, process, micro-batch), so a run is deterministic
-  and a resumed run masks exactly as an uninterrupted one;
+  same distribution) from a torch Generator per example, seeded by (seed, step, example id): an example is masked
+  the same whatever the number of processes, `grad_accum` or packing put it, so a run on N processes trains like one
+  process with the global batch, and a resumed run masks exactly as an uninterrupted one;
 - `noise=mask` adds no token to the vocabulary (that would touch the tokenizer, the saved adapter and every loader):
   it reuses a token id the data never contains -- the tokenizer's mask token, else a spare embedding row past the
   tokenizer's vocabulary, else its last unused special token (`<empty_output>` for SmolLM2), or `mask_token` --
@@ -32,6 +33,7 @@ from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
 from ftune.objectives.sft import labelled_ce_sum
+from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
 NOISES = ("random", "mask", "pad")
@@ -60,6 +62,37 @@ def noise_inputs(input_ids: torch.Tensor, labels: torch.Tensor, rate: float, gen
         noise = torch.full(shape, replace_id, dtype=input_ids.dtype)
     chosen = drawn.to(labels.device) & (labels != IGNORE)
     return torch.where(chosen, noise.to(input_ids.device), input_ids), chosen
+
+
+def example_generator(seed: int, step: int, example_id: str) -> torch.Generator:
+    key = hashlib.sha256(f"{seed}:{step}:{example_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def segments(row: dict) -> list[tuple[str, int, int]]:
+    """(example id, start, length) of each example in a data row: one, or several when packed (`ids`, with
+    `position_ids` restarting at every example)."""
+    n = len(row["input_ids"])
+    if "ids" not in row:
+        return [(str(row["id"]), 0, n)]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+    assert len(starts) == len(row["ids"]), "a packed row's position_ids restart once per example"
+    return [(str(e), a, b - a) for e, a, b in zip(row["ids"], starts, [*starts[1:], n])]
+
+
+def noise_examples(input_ids: torch.Tensor, labels: torch.Tensor, rows: list[dict], rate: float, seed: int,
+                   step: int, replace_id: int | None = None,
+                   vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`noise_inputs` example by example: row b of the batch is `rows[b]` collated, and each example in it draws from
+    its own generator (`example_generator`), so its mask does not depend on the rows around it."""
+    noised, chosen = input_ids.clone(), torch.zeros_like(labels, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        for example_id, at, n in segments(row):
+            part = slice(at, at + n)
+            noised[b, part], chosen[b, part] = noise_inputs(input_ids[b, part], labels[b, part], rate,
+                                                             example_generator(seed, step, example_id), replace_id,
+                                                             vocab_size)
+    return noised, chosen
 
 
 def unused_token_id(tokenizer, num_rows: int, mask_token: str | None = None) -> int:
@@ -129,13 +162,14 @@ class MaskedThought:
         self.chunk_size = chunk_size
         self.replace_id: int | None = None
         self.vocab_size: int | None = None
-        self.seed, self.rank, self.step, self.total_steps, self.micro = 0, 0, 0, 1, 0
+        self.seed, self.step, self.total_steps, self.micro = 0, 0, 1, 0
+        self.rows: list[list[dict]] = []
 
     def setup(self, trainer) -> None:
         """Pick the replacement id (and initialise the mask token's embedding to the mean)."""
         model, tok = trainer.acc.unwrap_model(trainer.model), trainer.tokenizer
         rows = model.get_input_embeddings().num_embeddings  # not the weight's shape: empty under ZeRO-3
-        self.seed, self.rank = trainer.cfg.seed, trainer.acc.process_index
+        self.seed = trainer.cfg.seed
         self.vocab_size = min(tok.vocab_size, rows)
         if self.noise == "pad":
             self.replace_id = tok.pad_token_id
@@ -152,8 +186,9 @@ class MaskedThought:
                      self.replace_id)
 
     def before_step(self, trainer, rows: list[list[dict]]) -> None:
-        """Record the step (the mask rate and the random draws depend on it)."""
-        self.step, self.total_steps, self.micro = trainer.step, trainer.total_steps, 0
+        """Record the step (the mask rate and the random draws depend on it) and this process's rows (which examples
+        each micro-batch holds)."""
+        self.step, self.total_steps, self.micro, self.rows = trainer.step, trainer.total_steps, 0, rows
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
         return label_count(batch)
@@ -161,18 +196,18 @@ class MaskedThought:
     def current_rate(self) -> float:
         return mask_rate(self.step, self.total_steps, self.rate, self.warmup_ratio)
 
-    def _generator(self) -> torch.Generator:
-        key = hashlib.sha256(f"{self.seed}:{self.step}:{self.rank}:{self.micro}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         metrics = {}
         rate = self.current_rate()
-        if model.training:  # held-out losses are measured on clean inputs
+        if dist.in_training_mode(model):  # held-out losses are measured on clean inputs
             replaced = 0.0
             if rate > 0:
-                ids, chosen = noise_inputs(batch["input_ids"], batch["labels"], rate, self._generator(),
-                                           self.replace_id, self.vocab_size)
+                rows = self.rows[self.micro] if self.micro < len(self.rows) else None
+                if rows is None or len(rows) != len(batch["input_ids"]):
+                    raise RuntimeError("MaskedThought: a training forward needs before_step(trainer, rows) with the "
+                                       "rows of each micro-batch, in the order they are passed.")
+                ids, chosen = noise_examples(batch["input_ids"], batch["labels"], rows, rate, self.seed, self.step,
+                                             self.replace_id, self.vocab_size)
                 batch, replaced = dict(batch, input_ids=ids), float(chosen[:, 1:].sum())
             self.micro += 1
             metrics["mask_rate"] = replaced  # a sum: the loop divides it by the label tokens

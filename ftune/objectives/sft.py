@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
 from ftune.objectives.linear_ce import auto_chunk_rows, linear_cross_entropy, linear_cross_entropy_sum
+from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _head_matches(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, col
         # gradient when that forward's backward ends: applying the head afterwards would miss both.
         return False
     if key not in _HEAD_MATCHES:
-        was_training = model.training
+        was_training = dist.in_training_mode(model)
         model.eval()  # no dropout, so both paths see the same activations
         with torch.no_grad():
             keep = cols[:8]

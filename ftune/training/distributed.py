@@ -263,6 +263,13 @@ def clipped_parameters(acc, model: torch.nn.Module, optimizer) -> list[torch.nn.
     return [p for p in model.parameters() if id(p) in ids]
 
 
+def in_training_mode(model: torch.nn.Module) -> bool:
+    """`model.training`, also for DeepSpeed's engine: its train() and eval() switch only the module it wraps, and the
+    engine's own flag stays True."""
+    inner = getattr(model, "module", None)
+    return inner.training if isinstance(inner, torch.nn.Module) else model.training
+
+
 def is_sharded(acc) -> bool:
     """Whether the prepared model's parameters are sharded across processes (FSDP2)."""
     return acc.is_fsdp2

@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from _tiny import crash_after_checkpoint, losses, make_cfg, run  # noqa: E402
 
 from ftune.config import ConfigError  # noqa: E402
-from ftune.data.batching import collate  # noqa: E402
+from ftune.data.batching import collate, pack  # noqa: E402
 from ftune.data.tokenize import IGNORE  # noqa: E402
 from ftune.objectives.masked_thought import (  # noqa: E402
     MaskedThought,
     mask_rate,
+    noise_examples,
     noise_inputs,
     unused_token_id,
 )
@@ -41,15 +42,19 @@ def sft_row(prompt: list[int], response: list[int]) -> dict:
     return {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
 
 
-def random_batch(rows: int, prompt_len: int, response_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Rows of different lengths (so some are padded) with ids in [100, 1000)."""
+def random_rows(rows: int, prompt_len: int, response_len: int, seed: int = 0) -> list[dict]:
+    """Rows of different lengths (so some are padded once collated) with ids in [100, 1000)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(rows):
         p, r = prompt_len + i % 3, response_len - i % 5
         ids = torch.randint(100, 1000, (p + r,), generator=g).tolist()
-        out.append(sft_row(ids[:p], ids[p:]))
-    return collate(out, PAD)
+        out.append(dict(sft_row(ids[:p], ids[p:]), id=f"train-{i}"))
+    return out
+
+
+def random_batch(rows: int, prompt_len: int, response_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    return collate(random_rows(rows, prompt_len, response_len, seed), PAD)
 
 
 def fake_trainer(model, tokenizer, train_rows, step=0, total_steps=10):
@@ -101,10 +106,10 @@ def test_random_noise_is_uniform_over_the_vocabulary_and_seeded():
 @pytest.mark.parametrize("noise", ["pad", "mask", "random"])
 def test_each_noise_replaces_with_its_id(noise, tiny_tokenizer):
     model = fresh_tiny_model().train()
-    rows = [sft_row(list(range(100, 110)), list(range(200, 260))) for _ in range(4)]
+    rows = [dict(sft_row(list(range(100, 110)), list(range(200, 260))), id=str(i)) for i in range(4)]
     obj = MaskedThought(rate=0.5, noise=noise, warmup_ratio=0)
     obj.setup(fake_trainer(model, tiny_tokenizer, rows))
-    obj.before_step(fake_trainer(model, tiny_tokenizer, rows, step=3), rows)
+    obj.before_step(fake_trainer(model, tiny_tokenizer, rows, step=3), [rows])
     batch = collate(rows, tiny_tokenizer.pad_token_id)
     seen = {}
 
@@ -144,22 +149,36 @@ def test_mask_token_choice(tiny_tokenizer):
         obj.setup(fake_trainer(fresh_tiny_model(), tiny_tokenizer, [sft_row([1, 6, 100], [200, 201])]))
 
 
-def test_draws_depend_on_seed_step_and_micro_batch_only(tiny_tokenizer):
-    model = fresh_tiny_model()
-    rows = [sft_row([100, 101], list(range(200, 300)))]
-    draws = {}
-    for step in (4, 4, 5):
-        obj = MaskedThought(rate=0.5, noise="pad", warmup_ratio=0)
-        obj.setup(fake_trainer(model, tiny_tokenizer, rows))
-        obj.before_step(fake_trainer(model, tiny_tokenizer, rows, step=step), rows)
-        masks = []
-        for _ in range(2):  # two micro-batches of the same step get different masks
-            masks.append(noise_inputs(collate(rows, PAD)["input_ids"], collate(rows, PAD)["labels"], 0.5,
-                                      obj._generator(), 9)[1])
-            obj.micro += 1
-        draws.setdefault(step, []).append(masks)
-        assert not torch.equal(*masks)
-    assert torch.equal(draws[4][0][0], draws[4][1][0]) and not torch.equal(draws[4][0][0], draws[5][0][0])
+def test_an_example_draws_the_same_mask_wherever_it_sits():
+    """The draws depend on (seed, step, example id) only: an example alone, padded beside a longer one, or packed
+    after another gets the same mask, so the number of processes, grad_accum and packing do not change a run."""
+    a = dict(sft_row([100, 101], list(range(200, 260))), id="train-1")
+    b = dict(sft_row([102], list(range(300, 340))), id="train-2")
+    packed = pack([a, b], 200)
+    assert len(packed) == 1 and packed[0]["ids"] == ["train-1", "train-2"]
+
+    def mask(rows, seed=0, step=4):
+        batch = collate(rows, PAD)
+        return noise_examples(batch["input_ids"], batch["labels"], rows, 0.5, seed, step, replace_id=9)[1]
+
+    alone_a, alone_b = mask([a])[0], mask([b])[0]
+    assert 15 < int(alone_a.sum()) < 45 and 8 < int(alone_b.sum()) < 32 and not alone_a[:2].any()
+    beside = mask([b, a])  # b padded to a's width, a in the second row
+    assert torch.equal(beside[1], alone_a) and torch.equal(beside[0, :41], alone_b) and not beside[0, 41:].any()
+    together = mask(packed)[0]
+    assert torch.equal(together[:62], alone_a) and torch.equal(together[62:], alone_b)
+    # another step, seed or example draws differently
+    assert not torch.equal(mask([a], step=5)[0], alone_a) and not torch.equal(mask([a], seed=1)[0], alone_a)
+    assert not torch.equal(mask([dict(a, id="train-3")])[0], alone_a)
+
+
+def test_a_training_forward_without_its_rows_is_refused():
+    obj = MaskedThought(rate=0.5, noise="pad", warmup_ratio=0)
+    obj.replace_id = PAD
+    rows = random_rows(2, prompt_len=4, response_len=10)
+    obj.before_step(SimpleNamespace(step=1, total_steps=10), [rows[:1]])  # the step's one micro-batch has 1 row
+    with pytest.raises(RuntimeError, match="before_step"):
+        obj(fresh_tiny_model().train(), collate(rows, PAD))
 
 
 # ------------------------------------------------------------------------------------------ schedule and loss
@@ -194,10 +213,48 @@ def test_p0_is_exactly_sft_and_eval_is_never_noised():
 
     noisy = MaskedThought(rate=0.5, noise="random", warmup_ratio=0)
     noisy.vocab_size = 1000
+    noisy.before_step(SimpleNamespace(step=1, total_steps=10), [random_rows(4, prompt_len=6, response_len=20)])
     assert not torch.equal(loss_and_grads(noisy)[0], sft_loss)  # training inputs are noised ...
     model.eval()
     with torch.no_grad():
         assert torch.equal(noisy(model, batch)[0], SFT()(model, batch)[0])  # ... held-out ones are not
+
+
+class EngineLike(torch.nn.Module):
+    """Wraps a model as DeepSpeed's engine does: train() and eval() switch only the wrapped module, and the wrapper's
+    own `training` flag stays True."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+    def get_output_embeddings(self):
+        return self.module.get_output_embeddings()
+
+
+def test_held_out_batches_stay_clean_under_an_engine_that_keeps_its_own_training_flag():
+    engine = EngineLike(fresh_tiny_model())
+    rows = random_rows(4, prompt_len=6, response_len=20)
+    batch = collate(rows, PAD)
+    noisy = MaskedThought(rate=0.5, noise="random", warmup_ratio=0)
+    noisy.vocab_size = 1000
+    noisy.before_step(SimpleNamespace(step=1, total_steps=10), [rows])
+    engine.eval()
+    assert engine.training  # what DeepSpeed's engine does
+    with torch.no_grad():
+        assert torch.equal(noisy(engine, batch)[0], SFT()(engine, batch)[0])
+        engine.train()
+        assert not torch.equal(noisy(engine, batch)[0], SFT()(engine, batch)[0])
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [
