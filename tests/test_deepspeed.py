@@ -199,10 +199,18 @@ def test_zero2_bf16_resume_restores_the_float32_master_weights(tmp_path):
 
 @pytest.mark.slow
 def test_zero3_full_fine_tuning_resumes(tmp_path):
+    """Also onto 3 processes through the universal checkpoint: every weight's float32 master and moments."""
     full, cut = deepspeed_resumed(tmp_path, 3, *FULL)
     assert_continues(full, cut, "model.safetensors")
     for g in json.loads((full / "deepspeed_rank0.json").read_text())["gathers"]:
         assert g["trainable_full"] == g["trainable"] > 0, g  # the whole model, saved as model.safetensors
+    three = tmp_path / "three"
+    deepspeed_run(three, 3, *FULL, "trainer.batch_size=4", "trainer.max_steps=4",
+                  f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}", nproc=3)
+    torch.testing.assert_close(torch.tensor(losses(three)), torch.tensor(losses(full)[2:]), rtol=0, atol=2e-5)
+    assert not (three / ".universal-checkpoint").exists()
+    weights = [load_file(r / "final" / "model.safetensors") for r in (three, full)]
+    assert_same_weights(*weights)
 
 
 def write_prefs(path: Path, n: int = 16) -> Path:
