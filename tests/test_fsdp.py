@@ -241,6 +241,32 @@ def test_fsdp2_resume_continues_the_same_trajectory(fsdp2_and_one, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp2_resumes_a_checkpoint_holding_the_full_optimizer_state(fsdp2_and_one, tmp_path):
+    """Checkpoints of earlier ftune versions held the FSDP2 optimizer state gathered in full (keyed by parameter name)
+    in training_state.pt, with no `optimizer/` shards: they still resume (set_optimizer_state_dict scatters it)."""
+    import shutil
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from ftune.training.checkpoint import finalize
+
+    full, _ = fsdp2_and_one
+    tmp = tmp_path / "old" / ".tmp-checkpoint-2"
+    shutil.copytree(full / "checkpoints" / "checkpoint-2", tmp)
+    dcp_to_torch_save(tmp / "optimizer", tmp_path / "gathered.pt")
+    state = torch.load(tmp / "training_state.pt", weights_only=False)
+    state["optimizer"] = torch.load(tmp_path / "gathered.pt", weights_only=False)["optimizer"]
+    assert any(k.endswith("lora_A.default.weight") for k in state["optimizer"]["state"])  # keyed by name, in full
+    torch.save(state, tmp / "training_state.pt")
+    shutil.rmtree(tmp / "optimizer")
+    (tmp / "manifest.json").unlink()
+    old = finalize(tmp, tmp_path / "old" / "checkpoint-2")
+    cut = tmp_path / "resumed"
+    fsdp2_run(cut, "trainer.batch_size=2", "trainer.grad_accum=2", "trainer.max_steps=4", f"trainer.resume={old}")
+    torch.testing.assert_close(torch.tensor(losses(cut)), torch.tensor(losses(full)[2:]), rtol=0, atol=1e-6)
+
+
 def test_fsdp2_checkpoint_resumes_resharded_onto_three_processes(tmp_path):
     """Each rank writes its own shards of the optimizer state (torch.distributed.checkpoint; nothing is gathered), and
     a run on 3 processes resumes from 2 processes' checkpoint: dcp.load reshards it. 2 x 6 and 3 x 4 rows are the same
