@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 COMMANDS = {
@@ -92,22 +94,116 @@ def launch(nproc: int, args: list[str]) -> int:
     one. Multi-node: use `torchrun` or `accelerate launch` with their own flags and `-m ftune.train`."""
     import datetime
     import socket
-    import subprocess
 
     import torch
 
     env = dict(os.environ, FTUNE_NPROC=str(nproc))
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # without it, CPU processes never join one group (no gradient sync)
+    if "OMP_NUM_THREADS" not in env:  # torchrun's default is 1 thread per process (and a banner saying so)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = "1" if torch.cuda.is_available() else str(max(1, cores // nproc))
     if not any(a.startswith("output_dir=") for a in args):
         now = datetime.datetime.now()
         args = [*args, f"output_dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}"]
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "ftune.train", *args]
-    return subprocess.call(cmd, env=env)
+    os.environ.update(env)
+    return _torchrun(["--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                      "-m", "ftune.train", *args])
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _torchrun(argv: list[str]) -> int:
+    """torchrun's launcher, run in this process (its workers are processes of their own).
+
+    - Errors: torchrun's agent reports a failed rank with log lines, a failure table and a traceback. When the ranks
+      stopped on an error ftune explains (exit code 2, its paragraph already printed) or on a signal after saving a
+      checkpoint (128 + the signal), that report says nothing more and is dropped; any other failure (a crash, a rank
+      killed for memory) shows the agent's log lines and failure table.
+    - Signals: on SIGTERM or SIGINT torchrun would forward the signal and kill the ranks 30 s later, so a checkpoint
+      that takes longer to write would be lost. Here the first signal is forwarded and the ranks are left to finish
+      their step and save (`StopOnSignal`); the same signal again within a moment is the same event (Ctrl-C reaches
+      every process of the terminal's group); a later one stops everything as torchrun does.
+    """
+    import time
+
+    import torch.distributed.elastic.multiprocessing.api as elastic
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from ftune.training.signals import StopOnSignal
+
+    first: dict = {}
+    torchrun_handler = elastic._terminate_process_handler
+
+    def on_signal(signum, frame):
+        if not first:
+            first.update(signum=signum, at=time.monotonic())
+            for pid in _children():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signum)
+        elif signum != first["signum"] or time.monotonic() - first["at"] >= StopOnSignal.SAME_EVENT_S:
+            torchrun_handler(signum, frame)  # asked twice: torchrun's own shutdown
+
+    agent, held = logging.getLogger("torch.distributed.elastic"), _Held()
+    agent.addHandler(held)
+    agent.propagate = False
+    elastic._terminate_process_handler = on_signal  # what torchrun registers for its signals when it starts
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+        return 0
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        code = e.get_first_failure()[1].exitcode
+        # Once one rank has exited, the agent stops the others with SIGTERM; they show up as failures too.
+        expected = {2} if code == 2 else {128 + signal.SIGINT, 128 + signal.SIGTERM} if first else set()
+        if code in expected and all(c in expected or c == -signal.SIGTERM for c in codes):
+            return code
+        _replay(agent, held)
+        print(e.format_msg(), file=sys.stderr)
+        return next((c for c in codes if c > 0), 1)
+    except elastic.SignalException as e:  # a second signal: torchrun has stopped the ranks
+        print(f"ftune: stopped by signal {int(e.sigval)} again; the ranks were stopped without finishing their step "
+              f"(an unfinished checkpoint is never used: resume takes the newest complete one).", file=sys.stderr)
+        return 128 + int(e.sigval)
+    except BaseException:
+        _replay(agent, held)
+        raise
+    finally:
+        elastic._terminate_process_handler = torchrun_handler
+        agent.removeHandler(held)
+        agent.propagate = True
+
+
+def _children() -> list[int]:
+    """This process's child processes (torchrun's ranks), from /proc; none where there is no /proc."""
+    from pathlib import Path
+
+    me, out = os.getpid(), []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # /proc/PID/stat: "pid (name) state ppid ...": the name may hold spaces and parentheses
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                out.append(int(entry.name))
+    return out
+
+
+def _replay(agent: logging.Logger, held: _Held) -> None:
+    agent.propagate = True
+    for record in held.records:
+        if agent.parent is not None:
+            agent.parent.handle(record)
+    held.records.clear()
 
 
 def list_recipes() -> list[tuple[str, str]]:

@@ -450,9 +450,12 @@ class Trainer:
             if stopping and self.step < self.total_steps:
                 bar.close()
                 metrics.close()
-                name = f"signal {stop.signum}" if stop.signum is not None else "a signal on another process"
-                print(f"ftune: stopped by {name} after step {self.step}; checkpoint saved to {path}. Continue with "
-                      f"`ftune train ... output_dir={self.out} trainer.resume=auto`.", file=sys.stderr)
+                if acc.is_main_process:  # every rank stops at this step; one message
+                    name = f"signal {stop.signum}" if stop.signum is not None else "a signal on another process"
+                    print(f"ftune: stopped by {name} after step {self.step}; checkpoint saved to {path}. Continue "
+                          f"with `ftune train ... output_dir={self.out} trainer.resume=auto`.", file=sys.stderr)
+                # A launcher stops the other ranks once one has exited: none exits before rank 0 has said so.
+                acc.wait_for_everyone()
                 raise SystemExit(128 + (stop.signum or signal.SIGTERM))
         profiler.stop()
         bar.close()

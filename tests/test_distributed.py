@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import losses  # noqa: E402
-from test_cli import ftune  # noqa: E402
+from test_cli import ftune, ftune_exe  # noqa: E402
 
 # No dropout (each rank draws its own masks) and a constant lr (a shorter run then equals the start of a longer one).
 BASE = ["model=tiny_random", "data.size=64", "data.eval_size=0", "data.max_length=256", "data.packing=false",
@@ -190,6 +192,59 @@ def test_processes_that_would_not_sync_are_refused(tmp_path):
     assert "2 processes were launched but accelerate sees 1" in r.stderr
     assert "ACCELERATE_USE_CPU=true" in r.stderr and "--nproc 2" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def signalled_launch(tmp_path: Path, send) -> tuple[subprocess.CompletedProcess, Path]:
+    """`ftune train --nproc 2` in a session of its own, `send(launcher_pid)` once the first step is logged; saves take
+    4 s more (FTUNE_TEST_SAVE_PAUSE), so signals sent on while the ranks save would find them in it."""
+    out = tmp_path / "run"
+    env = {**os.environ, "FTUNE_TEST_SAVE_PAUSE": "4", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [ftune_exe(), "train", "--nproc", "2", *BASE, "data.size=400", "trainer.batch_size=2",
+           "trainer.max_steps=100000", f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    send(proc.pid)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), out
+
+
+def assert_stopped_with_a_checkpoint(r: subprocess.CompletedProcess, out: Path, signum: int) -> None:
+    from ftune.training.checkpoint import list_checkpoints, verify
+
+    assert r.returncode == 128 + signum, r.stderr[-3000:]
+    ckpts = list_checkpoints(out / "checkpoints")
+    assert len(ckpts) == 1 and verify(ckpts[0]) is None, ckpts
+    step = int(ckpts[0].name.split("-")[1])
+    assert r.stderr.count(f"ftune: stopped by signal {signum} after step {step}; checkpoint saved") == 1, r.stderr
+    assert "Traceback" not in r.stderr and "FAILED" not in r.stderr, r.stderr[-3000:]
+
+
+def test_ctrl_c_stops_every_rank_after_one_checkpoint(tmp_path):
+    """SIGINT to the terminal's process group: each rank gets it from the terminal and again from the launcher, which
+    forwards what it receives. The copy is the same request (before, it counted as a second one and the ranks died
+    where they were), so every rank finishes the step and the checkpoint, and the launcher exits 130 quietly."""
+    r, out = signalled_launch(tmp_path, lambda pid: os.killpg(pid, signal.SIGINT))
+    assert_stopped_with_a_checkpoint(r, out, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_alone_reaches_the_ranks(tmp_path):
+    """A container runtime or scheduler signals the launcher only: it forwards the signal, the ranks save, and it waits
+    for them (torchrun alone would kill them 30 s later) and exits 143."""
+    r, out = signalled_launch(tmp_path, lambda pid: os.kill(pid, signal.SIGTERM))
+    assert_stopped_with_a_checkpoint(r, out, signal.SIGTERM)
+
+
+def test_a_config_error_on_the_ranks_is_said_once_without_torchruns_report(tmp_path):
+    r = ftune("train", "--nproc", "2", *BASE, "data.size=4", "trainer.batch_size=4", f"output_dir={tmp_path / 'run'}",
+              cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert "ftune: config error: only 4 training examples" in r.stderr
+    assert "Traceback" not in r.stderr and "FAILED" not in r.stderr and "closing signal" not in r.stderr, r.stderr
 
 
 @pytest.mark.slow
