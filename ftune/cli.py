@@ -97,6 +97,11 @@ def launch(nproc: int, args: list[str]) -> int:
 
     import torch
 
+    from ftune.training.distributed import gpu_shortage
+
+    if short := gpu_shortage(nproc):  # said before any process starts
+        print(f"ftune: config error: {short}", file=sys.stderr)
+        return 2
     env = dict(os.environ, FTUNE_NPROC=str(nproc))
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # without it, CPU processes never join one group (no gradient sync)

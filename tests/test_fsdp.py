@@ -47,6 +47,29 @@ def test_unknown_engine_is_refused_with_the_choices(tmp_path):
         validate_train(make_cfg(tmp_path, "trainer.distributed=fsdp"))
 
 
+def test_more_processes_than_gpus_are_refused_before_any_starts(tmp_path, monkeypatch, capsys):
+    """With CUDA, every process needs a GPU of its own: `ftune train --nproc 4` on 2 GPUs is refused before torchrun
+    starts, and a rank that torchrun or accelerate launched with too many neighbours before the model loads."""
+    from ftune import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(cli, "_torchrun", lambda argv: pytest.fail("processes were started"))
+    assert cli.launch(4, ["model=tiny_random"]) == 2
+    err = capsys.readouterr().err
+    assert "4 processes were launched on this machine and it has 2 CUDA GPU(s) visible" in err
+    assert "(CUDA_VISIBLE_DEVICES=0,1)" in err
+    assert "ftune train --nproc 2" in err
+    cfg = make_cfg(tmp_path)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="3 processes were launched on this machine and it has 2 CUDA GPU"):
+        dist.check_device(cfg)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    dist.check_device(cfg)  # one GPU each
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
 def test_sharded_engines_are_refused_on_cpu_before_the_model_loads(tmp_path, monkeypatch, engine):
     import ftune.models.loading as loading

@@ -42,9 +42,22 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("1", "true")
 
 
+def gpu_shortage(processes: int) -> str | None:
+    """Why `processes` processes on this machine cannot each have a CUDA GPU of their own, or None."""
+    if not accelerator_available() or processes <= (n := torch.cuda.device_count()):
+        return None
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"{processes} processes were launched on this machine and it has {n} CUDA GPU(s)"
+            f"{f' visible (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; each process trains on a GPU "
+            f"of its own. Launch at most {n} (`ftune train --nproc {n}`, `torchrun --nproc_per_node={n}`), or make "
+            f"more GPUs visible.")
+
+
 def check_device(cfg) -> None:
     """Refuse an engine or a GPU-only option that cannot run here, before the model loads."""
     t, engine = cfg.trainer, cfg.trainer.distributed
+    if short := gpu_shortage(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+        raise ConfigError(short)
     if t.liger:
         if cfg.objective.get("_target_") != "ftune.objectives.sft.SFT":
             raise ConfigError(f"trainer.liger=true replaces SFT's LM head + cross-entropy; objective "
