@@ -44,7 +44,8 @@ def accelerator_available() -> bool:
 
 def gpu_shortage(processes: int) -> str | None:
     """Why `processes` processes on this machine cannot each have a CUDA GPU of their own, or None."""
-    if not accelerator_available() or processes <= (n := torch.cuda.device_count()):
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
+    if cpu or not torch.cuda.is_available() or processes <= (n := torch.cuda.device_count()):
         return None
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")
     return (f"{processes} processes were launched on this machine and it has {n} CUDA GPU(s)"
