@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 
 def accelerator_available() -> bool:
     """Whether accelerate would run FSDP / DeepSpeed here (it does not on a CPU; see the module docstring)."""
-    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "false").lower() not in ("1", "true")
+    return torch.cuda.is_available() and not cpu_forced()
+
+
+def cpu_forced() -> bool:
+    """ACCELERATE_USE_CPU=true: accelerate keeps every process on the CPU, GPUs or not."""
+    return os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
 
 
 def gpu_shortage(processes: int) -> str | None:
     """Why `processes` processes on this machine cannot each have a CUDA GPU of their own, or None."""
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true")
-    if cpu or not torch.cuda.is_available() or processes <= (n := torch.cuda.device_count()):
+    if cpu_forced() or not torch.cuda.is_available() or processes <= (n := torch.cuda.device_count()):
         return None
     shown = os.environ.get("CUDA_VISIBLE_DEVICES")
     return (f"{processes} processes were launched on this machine and it has {n} CUDA GPU(s)"
