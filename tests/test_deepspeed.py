@@ -180,13 +180,28 @@ def assert_resumes_on_three_processes(three: Path, full: Path, stage: int, weigh
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=atol)
 
 
+def assert_resumes_in_another_stage(other: Path, full: Path, stage: int, *overrides: str) -> None:
+    """`full`'s checkpoint-2 (ZeRO-2 or 3) resumed under the other ZeRO stage, on as many processes, through a
+    universal checkpoint completed with that stage's layout: the same losses (to 1e-5: the stages sum in another
+    order) and final adapter."""
+    deepspeed_run(other, stage, *overrides, "trainer.batch_size=6", "trainer.max_steps=4",
+                  f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}")
+    torch.testing.assert_close(torch.tensor(losses(other)), torch.tensor(losses(full)[2:]), rtol=0, atol=1e-5)
+    assert not (other / ".universal-checkpoint").exists()
+    assert_same_weights(load_file(other / "final" / "adapter_model.safetensors"),
+                        load_file(full / "final" / "adapter_model.safetensors"))
+
+
 @pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
     """trainer.save_every / trainer.resume under DeepSpeed: the engine's own save_checkpoint / load_checkpoint put
     back the Adam moments and master weights each rank holds (without them the 4th loss differs by ~0.1), ftune's
     scheduler (cosine with warmup) and step counter come from its own state file; onto another number of processes
-    through DeepSpeed's universal checkpoint."""
-    schedule = ["trainer.scheduler=cosine", "trainer.warmup_ratio=0.25"]
+    and into the other ZeRO stage through DeepSpeed's universal checkpoint. LoRA+ makes two parameter groups with
+    different learning rates: ZeRO-3's universal load gave both the first group's lr and one shared Adam step
+    (the 4th loss on 3 processes was off by 3e-2)."""
+    schedule = ["trainer.scheduler=cosine", "trainer.warmup_ratio=0.25", "peft.loraplus_lr_ratio=16",
+                "trainer.lr=5e-4"]
     full, cut = deepspeed_resumed(tmp_path, stage, *BASE, *schedule)
     assert_continues(full, cut, "adapter_model.safetensors")
     if stage == 3:
@@ -194,6 +209,7 @@ def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
             assert_gathered_only_the_adapter(out)
     assert_resumes_on_three_processes(tmp_path / "three", full, stage, "adapter_model.safetensors", 1e-5,
                                       *BASE, *schedule)
+    assert_resumes_in_another_stage(tmp_path / "other", full, 5 - stage, *BASE, *schedule)
 
 
 @pytest.mark.slow

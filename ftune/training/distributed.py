@@ -160,9 +160,9 @@ def check_resume(acc, path: Path) -> bool:
     """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: one process or DDP keep
     torch's own state dict, FSDP2 each rank's shards (torch.distributed.checkpoint; both read back with any number of
     processes), DeepSpeed each rank's partition. DeepSpeed reads its partitions back directly only into the same ZeRO
-    stage and number of processes; into another number of processes they go through DeepSpeed's universal checkpoint
-    (load_optimizer_state converts them). Returns whether that conversion is needed. Checked before the model loads;
-    a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
+    stage and number of processes; into another number of processes or another ZeRO stage they go through DeepSpeed's
+    universal checkpoint (load_optimizer_state converts them). Returns whether that conversion is needed. Checked
+    before the model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
     import json
 
     record = path / ENGINE_FILE
@@ -178,14 +178,11 @@ def check_resume(acc, path: Path) -> bool:
     if now["engine"] != "deepspeed" or (wrote["processes"], wrote["zero_stage"]) == (now["processes"],
                                                                                      now["zero_stage"]):
         return False
-    if wrote["zero_stage"] != now["zero_stage"]:  # DeepSpeed's universal load then looks for the other stage's files
-        raise ConfigError(
-            f"trainer.resume: {path} holds DeepSpeed ZeRO-{wrote['zero_stage']} partitions and this run has "
-            f"ZeRO-{now['zero_stage']}. Resume with trainer.distributed=deepspeed_zero{wrote['zero_stage']} (any "
-            f"number of processes), or start a new run from its weights.")
-    log.info("trainer.resume: %s holds DeepSpeed partitions for %d processes and this run has %d; they are "
-             "converted to DeepSpeed's universal checkpoint and loaded from it.", path, wrote["processes"],
-             now["processes"])
+    change = [f"{wrote['processes']} processes to {now['processes']}"] if wrote["processes"] != now["processes"] else []
+    if wrote["zero_stage"] != now["zero_stage"]:
+        change.append(f"ZeRO-{wrote['zero_stage']} to ZeRO-{now['zero_stage']}")
+    log.info("trainer.resume: %s holds DeepSpeed partitions; from %s they are converted to DeepSpeed's universal "
+             "checkpoint and loaded from it.", path, " and ".join(change))
     return True
 
 
@@ -343,16 +340,23 @@ def backward(acc, model, loss: torch.Tensor, last: bool) -> None:
         acc.backward(loss)
 
 
-def to_universal(source: Path, folder: Path) -> None:
+def to_universal(source: Path, folder: Path, stage: int) -> None:
     """DeepSpeed's `ds_to_universal` conversion of one checkpoint tag (every rank's ZeRO partitions) into a universal
-    checkpoint at `folder`/DS_TAG (`folder` emptied first): each parameter's float32 master and optimizer moments in
-    full. DeepSpeed wants a
-    `universal_checkpoint_info` entry that only Megatron-DeepSpeed writes; `inject_missing_state` adds the default
-    one. Its progress prints go to the debug log."""
+    checkpoint at `folder`/DS_TAG (`folder` emptied first) that ZeRO `stage` loads: each parameter's float32 master and
+    optimizer moments in full. DeepSpeed wants a `universal_checkpoint_info` entry that only Megatron-DeepSpeed writes;
+    `inject_missing_state` adds the default one. Its progress output goes to the debug log.
+
+    DeepSpeed's converter writes the layout of the stage that saved, and each stage's universal load reads only its
+    own: ZeRO-1/2 read `mp_rank_00_model_states.pt`, every state as {"param": full-shape tensor}, `step.pt` per
+    parameter and the global state (`ds_version`, `param_groups`) at the top of `zero/optimizer_state.pt`; ZeRO-3 reads
+    `zero_pp_rank_0_mp_rank_00_model_states.pt` and the step and groups under its `optimizer_state_dict`. The layout
+    is completed here for both, so a checkpoint moves between stages as well as between numbers of processes. (Only
+    the model-states file's counters are read in a universal load; the weights come from `zero/`.)"""
     import argparse
     import io
     import shutil
 
+    import deepspeed
     from deepspeed.checkpoint import ds_to_universal
 
     if folder.exists():  # left by an interrupted conversion
@@ -360,9 +364,52 @@ def to_universal(source: Path, folder: Path) -> None:
     out = io.StringIO()
     args = argparse.Namespace(input_folder=str(source), output_folder=str(folder / DS_TAG), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         ds_to_universal.main(args)
     log.debug("ds_to_universal: %s", out.getvalue())
+
+    tag, zero = folder / DS_TAG, folder / DS_TAG / "zero"
+    model_states = sorted(tag.glob("*model_states.pt"))[0]
+    meta = torch.load(model_states, map_location="cpu", weights_only=False)
+    for f in tag.glob("*model_states.pt"):
+        f.unlink()
+    states_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    torch.save(meta, tag / states_file)
+    shapes = {name: shape for group in meta["param_shapes"] for name, shape in group.items()}
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    inner = optim.get("optimizer_state_dict")  # written from ZeRO-3 partitions
+    step = inner["state"][0]["step"] if inner else None
+    for name, shape in shapes.items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            state = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+            if not isinstance(state, dict):  # ZeRO-3's flat tensor
+                torch.save({"param": state.detach().reshape(shape), "cat_dim": 0}, zero / name / f"{key}.pt")
+        if (zero / name / "step.pt").exists():
+            step = torch.load(zero / name / "step.pt", map_location="cpu", weights_only=False)
+        else:
+            torch.save(step, zero / name / "step.pt")
+    optim.setdefault("ds_version", meta.get("ds_version", deepspeed.__version__))
+    optim.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]})
+    torch.save(optim, zero / "optimizer_state.pt")
+
+
+def repair_universal_load(optimizer, folder: Path) -> None:
+    """Undo two things ZeRO-3's universal load (DeepSpeed 0.19) gets wrong once the optimizer has more than one
+    parameter group (LoRA+'s B matrices, or norms without weight decay):
+    - it gives every group the first group's settings (lr, weight decay...); ZeRO-1/2's load sets them group by group.
+      They are put back from the checkpoint;
+    - it gives every group one and the same `step` tensor, which Adam increments in place once per group, so the
+      second group steps with the wrong bias correction. Each gets its own copy."""
+    saved = torch.load(folder / DS_TAG / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise RuntimeError(f"the universal checkpoint has {len(saved)} parameter groups and this optimizer "
+                           f"{len(optimizer.param_groups)}")
+    for group, settings in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in settings.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def sharding_engine(acc) -> str | None:
@@ -567,11 +614,12 @@ def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, di
         if universal is not None:
             folder = universal
             if acc.is_main_process:
-                to_universal(directory / DS_DIR / DS_TAG, universal)
+                to_universal(directory / DS_DIR / DS_TAG, universal, acc.state.deepspeed_plugin.zero_stage)
             acc.wait_for_everyone()
         model.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if universal is not None:
+            repair_universal_load(model.optimizer.optimizer, universal)
             acc.wait_for_everyone()
             if acc.is_main_process:
                 import shutil
