@@ -13,7 +13,9 @@ def build_optimizer(model: torch.nn.Module, t, lr_scale: Callable[[str], float] 
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}  # (weight decay?, lr scale)
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decay = not (p.ndim < 2 or "norm" in name.lower())
+            # Under DeepSpeed ZeRO-3 each rank holds an empty placeholder (shape [0]) and the real shape is ds_shape:
+            # by p.ndim every weight would be left without decay.
+            decay = not (len(getattr(p, "ds_shape", p.shape)) < 2 or "norm" in name.lower())
             groups.setdefault((decay, lr_scale(name) if lr_scale else 1.0), []).append(p)
     if not any(groups.values()):
         raise RuntimeError("the model has no trainable parameters; check the peft config.")

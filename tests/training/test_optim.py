@@ -25,6 +25,18 @@ def test_groups_and_the_fused_kernel_on_cpu():
                       (0.0, 4e-3): [(4,)]}
 
 
+def test_groups_by_the_real_shape_of_a_zero3_placeholder():
+    """Under DeepSpeed ZeRO-3 each rank's parameter is an empty placeholder (shape [0]) with the real shape in
+    `ds_shape`: the weight matrices still get weight decay (by p.ndim none did)."""
+    m = model()
+    for p in m.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    opt = build_optimizer(m, T)
+    shapes = {g["weight_decay"]: sorted(tuple(p.ds_shape) for p in g["params"]) for g in opt.param_groups}
+    assert shapes == {0.1: [(4, 16), (16, 8)], 0.0: [(4,), (16,), (16,), (16,)]}
+
+
 def test_fused_steps_like_torchs_default():
     a, b, start = model(), model(), model().state_dict()
     fused = build_optimizer(a, T)
