@@ -172,8 +172,10 @@ class Trainer:
             cfg.output_dir = str(self.out)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_from = _resume_point(cfg, self.ckpt_root)
-        # Whether DeepSpeed partitions written for another number of processes go through a universal checkpoint.
-        self.universal = self.resume_from is not None and dist.check_resume(self.acc, self.resume_from)
+        # How the checkpoint's optimizer state goes back: the engine's own load, through DeepSpeed's universal
+        # checkpoint (DeepSpeed partitions for another number of processes or ZeRO stage), or from another engine.
+        self.resume_how = dist.NATIVE if self.resume_from is None else dist.check_resume(self.acc, self.resume_from)
+        self.universal = self.resume_how != dist.NATIVE and dist.engine_record(self.acc)["engine"] == "deepspeed"
         set_seed(cfg.seed)
 
         # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
@@ -262,6 +264,7 @@ class Trainer:
         # Collective under FSDP2 / DeepSpeed: every rank writes its optimizer shards into tmp, then the PEFT method's
         # weights are gathered and rank 0 writes them as plain full tensors.
         optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer, tmp)
+        names = dist.param_names(self.acc, self.model, self.optimizer)
         # An adapter method saves its trainable weights only: only those are gathered from the shards.
         # A method whose save runs a forward (prompt tuning) runs it on every rank under ZeRO-3; rank 0 writes.
         every = dist.is_zero3(self.acc) and getattr(self.peft, "save_runs_forward", False)
@@ -276,6 +279,7 @@ class Trainer:
                 (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
                 (tmp / dist.ENGINE_FILE).write_text(json.dumps(dist.engine_record(self.acc)))
                 torch.save({"step": self.step, "skipped": self.skipped, "optimizer": optimizer_state,
+                            "param_names": names,
                             "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
                            tmp / ckpt.STATE)
                 ckpt.finalize(tmp, final)
@@ -299,7 +303,7 @@ class Trainer:
             self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
         dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path,
-                                  self.out / ".universal-checkpoint" if self.universal else None)
+                                  self.out / ".universal-checkpoint", self.resume_how, state.get("param_names"))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
         if "spike_guard" in state:

@@ -78,3 +78,20 @@ def assert_evaluated_like(run_dir: Path, one: Path) -> None:
     for tag in ("start", "end"):
         mine, theirs = (sorted(p.read_text() for p in (r / f"eval_{tag}").iterdir()) for r in (run_dir, one))
         assert mine and mine == theirs, tag
+
+
+def assert_resumes_in_one_process(out: Path, full: Path, rows: int, *overrides: str, atol: float = 2e-5) -> None:
+    """`full`'s checkpoint-2, written by a sharded engine, resumed in one process with the same global batch (`rows`):
+    its optimizer state converted from the engine's layout, the losses continue `full`'s (to `atol`: the summation
+    order differs) and the final adapter matches."""
+    import torch
+    from safetensors.torch import load_file
+
+    run(make_cfg(out, *overrides, f"trainer.batch_size={rows}", "trainer.max_steps=4",
+                 f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}"))
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(full)[2:]), rtol=0, atol=atol)
+    assert not (out / ".universal-checkpoint").exists()
+    a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (out, full))
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)

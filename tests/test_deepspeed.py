@@ -17,7 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import EVALS, assert_evaluated_like, assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
+from _tiny import (  # noqa: E402
+    EVALS,
+    assert_evaluated_like,
+    assert_gathered_only_the_adapter,
+    assert_resumes_in_one_process,
+    losses,
+    make_cfg,
+    run,
+)
 
 from ftune.training.checkpoint import verify  # noqa: E402
 
@@ -197,9 +205,9 @@ def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
     """trainer.save_every / trainer.resume under DeepSpeed: the engine's own save_checkpoint / load_checkpoint put
     back the Adam moments and master weights each rank holds (without them the 4th loss differs by ~0.1), ftune's
     scheduler (cosine with warmup) and step counter come from its own state file; onto another number of processes
-    and into the other ZeRO stage through DeepSpeed's universal checkpoint. LoRA+ makes two parameter groups with
-    different learning rates: ZeRO-3's universal load gave both the first group's lr and one shared Adam step
-    (the 4th loss on 3 processes was off by 3e-2)."""
+    and (ZeRO-2) into ZeRO-3 through DeepSpeed's universal checkpoint, and (ZeRO-3) into one process. LoRA+ makes two
+    parameter groups with different learning rates: ZeRO-3's universal load gave both the first group's lr and one
+    shared Adam step (the 4th loss on 3 processes was off by 3e-2)."""
     schedule = ["trainer.scheduler=cosine", "trainer.warmup_ratio=0.25", "peft.loraplus_lr_ratio=16",
                 "trainer.lr=5e-4"]
     full, cut = deepspeed_resumed(tmp_path, stage, *BASE, *schedule)
@@ -209,7 +217,23 @@ def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
             assert_gathered_only_the_adapter(out)
     assert_resumes_on_three_processes(tmp_path / "three", full, stage, "adapter_model.safetensors", 1e-5,
                                       *BASE, *schedule)
-    assert_resumes_in_another_stage(tmp_path / "other", full, 5 - stage, *BASE, *schedule)
+    if stage == 2:
+        assert_resumes_in_another_stage(tmp_path / "other", full, 3, *BASE, *schedule)
+    else:  # DeepSpeed's partitions converted into torch's own optimizer state (in tests/test_engine_resume.py: all)
+        assert_resumes_in_one_process(tmp_path / "one", full, 12, *BASE, *schedule)
+
+
+def test_a_one_process_checkpoint_resumes_under_zero3(tmp_path):
+    """torch's optimizer state (saved with its parameter names) written as a universal checkpoint that ZeRO-3 loads
+    onto 2 processes: the losses continue to 1e-5, with LoRA+'s two groups."""
+    overrides = [*BASE, "peft.loraplus_lr_ratio=16", "trainer.lr=5e-4", "trainer.max_steps=4"]
+    one, two = tmp_path / "one", tmp_path / "zero3"
+    run(make_cfg(one, *overrides, "trainer.batch_size=12", "trainer.save_every=2"))
+    deepspeed_run(two, 3, *overrides, "trainer.batch_size=6", f"trainer.resume={one / 'checkpoints' / 'checkpoint-2'}")
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)[2:]), rtol=0, atol=1e-5)
+    assert not (two / ".universal-checkpoint").exists()
+    assert_same_weights(load_file(two / "final" / "adapter_model.safetensors"),
+                        load_file(one / "final" / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow

@@ -22,7 +22,15 @@ from ftune.config import ConfigError, validate_train
 from ftune.training import distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import EVALS, assert_evaluated_like, assert_gathered_only_the_adapter, losses, make_cfg, run  # noqa: E402
+from _tiny import (  # noqa: E402
+    EVALS,
+    assert_evaluated_like,
+    assert_gathered_only_the_adapter,
+    assert_resumes_in_one_process,
+    losses,
+    make_cfg,
+    run,
+)
 
 # No dropout and a constant lr, as in test_distributed.py.
 BASE = ["data.size=64", "data.packing=false", "peft.dropout=0", "trainer.lr=5e-3", "trainer.scheduler=constant",
@@ -184,38 +192,41 @@ def test_methods_an_engine_cannot_run_are_refused_with_the_engines_that_can():
                 dist.check_engine_limits(a, MaskedThought(noise=noise), "objective")
 
 
-def test_a_checkpoint_resumes_only_under_an_engine_that_reads_its_optimizer_state(tmp_path):
-    """DeepSpeed's partitions go back only into DeepSpeed (into another number of processes or another ZeRO stage
-    through a universal checkpoint); FSDP2's shards into FSDP2 and DDP's state into DDP, with any number of processes;
-    a checkpoint without engine.json is not checked."""
+def test_how_a_checkpoint_resumes_under_each_engine(tmp_path):
+    """An engine's own files load as they are (DDP's and FSDP2's with any number of processes); DeepSpeed's partitions
+    into another number of processes or the other ZeRO stage go through a universal checkpoint; another engine's
+    state is converted, except a DDP state from an ftune that did not save its parameter names; a checkpoint without
+    engine.json is not checked."""
     acc = fake_acc
-    def written_by(a):
+    def written_by(a, record: dict | None = None):
         d = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}"
         d.mkdir()
-        (d / dist.ENGINE_FILE).write_text(json.dumps(dist.engine_record(a)))
+        (d / dist.ENGINE_FILE).write_text(json.dumps(record or dist.engine_record(a)))
         return d
 
     ds3 = written_by(acc("ds", 2, 3))
-    assert dist.check_resume(acc("ds", 2, 3), ds3) is False  # the same layout: DeepSpeed's own files load as they are
-    assert dist.check_resume(acc("ds", 4, 3), ds3) is True  # converted to a universal checkpoint first
-    with pytest.raises(ConfigError, match=r"written under DeepSpeed and this run uses DDP \(or one process\)"):
-        dist.check_resume(acc("ddp", 1), ds3)
-    with pytest.raises(ConfigError, match="written under DeepSpeed and this run uses FSDP2.*trainer.distributed"):
-        dist.check_resume(acc("fsdp2"), ds3)
-    assert dist.check_resume(acc("ds", 2, 2), ds3) is True  # another stage: also through a universal checkpoint
-    assert dist.check_resume(acc("ds", 3, 2), ds3) is True
+    assert dist.check_resume(acc("ds", 2, 3), ds3) == dist.NATIVE  # DeepSpeed's own files load as they are
+    assert dist.check_resume(acc("ds", 4, 3), ds3) == dist.UNIVERSAL  # converted to a universal checkpoint first
+    assert dist.check_resume(acc("ds", 2, 2), ds3) == dist.UNIVERSAL  # another stage: also through one
+    assert dist.check_resume(acc("ds", 3, 2), ds3) == dist.UNIVERSAL
+    assert dist.check_resume(acc("ddp", 1), ds3) == dist.CONVERT
+    assert dist.check_resume(acc("fsdp2"), ds3) == dist.CONVERT
     fsdp, ddp = written_by(acc("fsdp2", 4)), written_by(acc("ddp", 1))
-    assert dist.check_resume(acc("fsdp2", 2), fsdp) is False
-    assert dist.check_resume(acc("ddp", 3), ddp) is False
-    with pytest.raises(ConfigError, match="written under FSDP2 and this run uses DeepSpeed"):
-        dist.check_resume(acc("ds", 4, 2), fsdp)
-    with pytest.raises(ConfigError, match="written under FSDP2 and this run uses DDP"):
-        dist.check_resume(acc("ddp", 4), fsdp)
-    with pytest.raises(ConfigError, match=r"written under DDP \(or one process\) and this run uses FSDP2"):
-        dist.check_resume(acc("fsdp2", 1), ddp)
+    assert json.loads((ddp / dist.ENGINE_FILE).read_text())["param_names"] is True
+    assert dist.check_resume(acc("fsdp2", 2), fsdp) == dist.NATIVE
+    assert dist.check_resume(acc("ddp", 3), ddp) == dist.NATIVE
+    assert dist.check_resume(acc("ds", 4, 2), fsdp) == dist.CONVERT
+    assert dist.check_resume(acc("ddp", 4), fsdp) == dist.CONVERT
+    assert dist.check_resume(acc("fsdp2", 1), ddp) == dist.CONVERT
+    assert dist.check_resume(acc("ds", 2, 3), ddp) == dist.CONVERT
+    earlier = written_by(None, {"engine": "ddp", "processes": 1, "zero_stage": None})
+    assert dist.check_resume(acc("ddp", 2), earlier) == dist.NATIVE
+    with pytest.raises(ConfigError, match=r"written under DDP \(or one process\) by an earlier ftune.*this run uses "
+                                          r"FSDP2.*trainer.distributed=ddp"):
+        dist.check_resume(acc("fsdp2", 2), earlier)
     old = tmp_path / "no-record"
     old.mkdir()
-    dist.check_resume(acc("ds", 2, 2), old)
+    assert dist.check_resume(acc("ds", 2, 2), old) == dist.NATIVE
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +303,8 @@ def test_fsdp2_resumes_a_checkpoint_holding_the_full_optimizer_state(fsdp2_and_o
 
 def test_fsdp2_checkpoint_resumes_resharded_onto_three_processes(tmp_path):
     """Each rank writes its own shards of the optimizer state (torch.distributed.checkpoint; nothing is gathered), and
-    a run on 3 processes resumes from 2 processes' checkpoint: dcp.load reshards it. 2 x 6 and 3 x 4 rows are the same
+    a run on 3 processes resumes from 2 processes' checkpoint: dcp.load reshards it; so does one process without
+    FSDP2. 2 x 6 and 3 x 4 rows are the same
     12 rows per step, so the resumed losses continue the uninterrupted run's (to 2e-5; without the optimizer state
     the last differs by ~4e-3)."""
     full, cut = tmp_path / "two", tmp_path / "three"
@@ -308,6 +320,8 @@ def test_fsdp2_checkpoint_resumes_resharded_onto_three_processes(tmp_path):
     a, b = (load_file(r / "final" / "adapter_model.safetensors") for r in (cut, full))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    # and in one process: the shards gathered by name (dcp_to_torch_save) into torch's own optimizer state
+    assert_resumes_in_one_process(tmp_path / "one", full, 12, *BASE, "data.size=96")
 
 
 @pytest.mark.slow

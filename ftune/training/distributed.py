@@ -152,38 +152,50 @@ FSDP2_OPTIM_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint's shards of
 
 def engine_record(acc) -> dict:
     ds = acc.distributed_type == DistributedType.DEEPSPEED
-    return {"engine": "deepspeed" if ds else "fsdp2" if acc.is_fsdp2 else "ddp", "processes": acc.num_processes,
-            "zero_stage": acc.state.deepspeed_plugin.zero_stage if ds else None}
+    engine = "deepspeed" if ds else "fsdp2" if acc.is_fsdp2 else "ddp"
+    return {"engine": engine, "processes": acc.num_processes,
+            "zero_stage": acc.state.deepspeed_plugin.zero_stage if ds else None,
+            # torch's optimizer state is keyed by position; the names saved beside it let another engine place it
+            **({"param_names": True} if engine == "ddp" else {})}
 
 
-def check_resume(acc, path: Path) -> bool:
-    """A checkpoint's optimizer state goes back only into the kind of engine that wrote it: one process or DDP keep
-    torch's own state dict, FSDP2 each rank's shards (torch.distributed.checkpoint; both read back with any number of
-    processes), DeepSpeed each rank's partition. DeepSpeed reads its partitions back directly only into the same ZeRO
-    stage and number of processes; into another number of processes or another ZeRO stage they go through DeepSpeed's
-    universal checkpoint (load_optimizer_state converts them). Returns whether that conversion is needed. Checked
-    before the model loads; a checkpoint without `engine.json` (written before ftune recorded it) is not checked."""
+NATIVE, UNIVERSAL, CONVERT = "native", "universal", "convert"  # how a checkpoint's optimizer state is loaded
+
+
+def check_resume(acc, path: Path) -> str:
+    """How a checkpoint's optimizer state goes back (checked before the model loads). Each engine keeps it in its own
+    layout: one process or DDP torch's own state dict, FSDP2 each rank's shards (torch.distributed.checkpoint; both
+    read back with any number of processes), DeepSpeed each rank's partition, which DeepSpeed reads back directly only
+    into the same ZeRO stage and number of processes. Returns NATIVE (the engine's own load), UNIVERSAL (DeepSpeed
+    partitions into another number of processes or the other ZeRO stage, through DeepSpeed's universal checkpoint) or
+    CONVERT (another engine's state, through a full state keyed by parameter name: load_optimizer_state). A checkpoint
+    without `engine.json` (written before ftune recorded it) is not checked."""
     import json
 
     record = path / ENGINE_FILE
     if not record.exists():
-        return False
+        return NATIVE
     wrote, now = json.loads(record.read_text()), engine_record(acc)
     names = {"deepspeed": "DeepSpeed", "fsdp2": "FSDP2", "ddp": "DDP (or one process)"}
     if wrote["engine"] != now["engine"]:
-        raise ConfigError(
-            f"trainer.resume: {path} was written under {names[wrote['engine']]} and this run uses "
-            f"{names[now['engine']]}; their optimizer states have different layouts. Resume with the engine that "
-            f"wrote it (trainer.distributed, or the accelerate config), or start a new run from its weights.")
+        if wrote["engine"] == "ddp" and not wrote.get("param_names"):
+            raise ConfigError(
+                f"trainer.resume: {path} was written under DDP (or one process) by an earlier ftune, which did not "
+                f"record which parameter each optimizer state belongs to, and this run uses {names[now['engine']]}. "
+                f"Resume it with trainer.distributed=ddp (any number of processes), or start a new run from its "
+                f"weights.")
+        log.info("trainer.resume: %s was written under %s; its optimizer state is converted for %s.", path,
+                 names[wrote["engine"]], names[now["engine"]])
+        return CONVERT
     if now["engine"] != "deepspeed" or (wrote["processes"], wrote["zero_stage"]) == (now["processes"],
                                                                                      now["zero_stage"]):
-        return False
+        return NATIVE
     change = [f"{wrote['processes']} processes to {now['processes']}"] if wrote["processes"] != now["processes"] else []
     if wrote["zero_stage"] != now["zero_stage"]:
         change.append(f"ZeRO-{wrote['zero_stage']} to ZeRO-{now['zero_stage']}")
     log.info("trainer.resume: %s holds DeepSpeed partitions; from %s they are converted to DeepSpeed's universal "
              "checkpoint and loaded from it.", path, " and ".join(change))
-    return True
+    return UNIVERSAL
 
 
 def plugins(t) -> dict:
@@ -373,8 +385,7 @@ def to_universal(source: Path, folder: Path, stage: int) -> None:
     meta = torch.load(model_states, map_location="cpu", weights_only=False)
     for f in tag.glob("*model_states.pt"):
         f.unlink()
-    states_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    torch.save(meta, tag / states_file)
+    torch.save(meta, tag / model_states_file(stage))
     shapes = {name: shape for group in meta["param_shapes"] for name, shape in group.items()}
     optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
     inner = optim.get("optimizer_state_dict")  # written from ZeRO-3 partitions
@@ -391,6 +402,132 @@ def to_universal(source: Path, folder: Path, stage: int) -> None:
     optim.setdefault("ds_version", meta.get("ds_version", deepspeed.__version__))
     optim.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]})
     torch.save(optim, zero / "optimizer_state.pt")
+
+
+def model_states_file(stage: int) -> str:
+    """The file of counters and shapes that a universal load of ZeRO `stage` looks for."""
+    return "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+
+
+def read_universal(folder: Path) -> tuple[dict, dict]:
+    """A universal checkpoint (completed by to_universal) as torch's full optimizer state keyed by parameter name (the
+    layout of `get_optimizer_state_dict(..., full_state_dict=True)`) and each parameter's float32 master."""
+    tag = folder / DS_TAG
+    zero = tag / "zero"
+    meta = torch.load(next(tag.glob("*model_states.pt")), map_location="cpu", weights_only=False)
+    groups = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)["param_groups"]
+    if len(groups) != len(meta["param_shapes"]):
+        raise RuntimeError(f"{folder}: {len(groups)} optimizer groups but {len(meta['param_shapes'])} groups of shapes")
+    state, masters, param_groups = {}, {}, []
+    for settings, shapes in zip(groups, meta["param_shapes"]):
+        param_groups.append({**{k: v for k, v in settings.items() if k != "params"}, "params": list(shapes)})
+        for name in shapes:
+            def load(key: str, name: str = name):
+                return torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+
+            masters[name] = load("fp32")["param"]
+            state[name] = {"step": load("step"), "exp_avg": load("exp_avg")["param"],
+                           "exp_avg_sq": load("exp_avg_sq")["param"]}
+    return {"state": state, "param_groups": param_groups}, masters
+
+
+def write_universal(full: dict, masters: dict, folder: Path, stage: int, processes: int) -> None:
+    """The inverse of read_universal, for DeepSpeed to load another engine's state: torch's full optimizer state keyed
+    by name and the float32 weights as a universal checkpoint in the layout ZeRO `stage` reads (see to_universal)."""
+    import shutil
+
+    import deepspeed
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    tag = folder / DS_TAG
+    step = None
+    for name, s in full["state"].items():
+        (tag / "zero" / name).mkdir(parents=True)
+        shape = masters[name].shape
+        for key, value in (("fp32", masters[name]), ("exp_avg", s["exp_avg"]), ("exp_avg_sq", s["exp_avg_sq"])):
+            torch.save({"param": value.detach().float().reshape(shape).clone(), "cat_dim": 0},
+                       tag / "zero" / name / f"{key}.pt")
+        step = torch.as_tensor(s["step"], dtype=torch.float32).clone()
+        torch.save(step, tag / "zero" / name / "step.pt")
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
+              for g in full["param_groups"]]
+    torch.save({"param_groups": groups, "ds_version": deepspeed.__version__,
+                "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+               tag / "zero" / "optimizer_state.pt")
+    shapes = [{name: masters[name].shape for name in g["params"]} for g in full["param_groups"]]
+    torch.save({"module": None, "buffer_names": [], "optimizer": None, "param_shapes": shapes,
+                "frozen_param_shapes": None, "shared_params": {}, "frozen_param_fragments": None,
+                "lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
+                "global_steps": int(step), "global_samples": 0, "dp_world_size": processes, "mp_world_size": 1,
+                "ds_version": deepspeed.__version__,
+                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
+               tag / model_states_file(stage))
+
+
+def read_full_state(acc, directory: Path, state: dict, names: list | None, scratch: Path) -> tuple[dict, dict | None]:
+    """Another engine's optimizer state as torch's full state keyed by parameter name, and the float32 master weights
+    where the engine kept them apart from the model's (DeepSpeed; else None). Every rank calls it; rank 0 converts
+    FSDP2's shards (`dcp_to_torch_save`) or DeepSpeed's partitions (to_universal) into `scratch`, which all read."""
+    import json
+
+    wrote = json.loads((directory / ENGINE_FILE).read_text())["engine"]
+    if wrote == "ddp":  # torch's state dict: keyed by position in the groups, whose names were saved beside it
+        flat = [n for group in names for n in group]
+        return {"state": {flat[i]: s for i, s in state["state"].items()},
+                "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(group)}
+                                 for g, group in zip(state["param_groups"], names)]}, None
+    if wrote == "fsdp2" and not (directory / FSDP2_OPTIM_DIR).is_dir():  # an earlier ftune's: full state in `state`
+        return state, None
+    if acc.is_main_process:
+        if wrote == "fsdp2":
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            scratch.mkdir(parents=True, exist_ok=True)
+            dcp_to_torch_save(directory / FSDP2_OPTIM_DIR, scratch / "optimizer.pt")
+        else:
+            to_universal(directory / DS_DIR / DS_TAG, scratch, 2)
+    acc.wait_for_everyone()
+    if wrote == "fsdp2":
+        return torch.load(scratch / "optimizer.pt", map_location="cpu", weights_only=False)["optimizer"], None
+    return read_universal(scratch)
+
+
+def load_full_state(acc, model: torch.nn.Module, optimizer, full: dict, masters: dict | None, scratch: Path) -> None:
+    """Load torch's full optimizer state keyed by name (read_full_state) into this run's engine, and the float32 master
+    weights if given. One process, DDP or FSDP2: torch's `set_optimizer_state_dict` places (and shards) it. DeepSpeed:
+    it is written as a universal checkpoint (write_universal, with the weights gathered from the model where no
+    masters came with it) and loaded as one."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    unwrapped = acc.unwrap_model(model)
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        set_optimizer_state_dict(unwrapped, optimizer.optimizer, full, options=StateDictOptions(full_state_dict=True))
+        if masters is not None:
+            unknown = set(masters) - {n for n, _ in unwrapped.named_parameters()}
+            if unknown:  # strict=False below would skip them without a word
+                raise RuntimeError(f"the checkpoint's master weights name parameters this model lacks: "
+                                   f"{sorted(unknown)[:3]}")
+            set_model_state_dict(unwrapped, masters, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    if masters is None:
+        with full_parameters(acc, model, ranks="main", whole=False) as m:
+            masters = {n: p.detach().float().clone() for n, p in m.named_parameters() if n in full["state"]}
+    if acc.is_main_process:
+        write_universal(full, masters, scratch, acc.state.deepspeed_plugin.zero_stage, acc.num_processes)
+    acc.wait_for_everyone()
+    model.load_checkpoint(str(scratch), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True,
+                          load_lr_scheduler_states=False)
+    repair_universal_load(model.optimizer.optimizer, scratch)
 
 
 def repair_universal_load(optimizer, folder: Path) -> None:
@@ -578,6 +715,15 @@ def full_parameters(acc, model: torch.nn.Module, ranks: str = "main", whole: boo
         set_model_state_dict(unwrapped, loaded, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def param_names(acc, model: torch.nn.Module, optimizer) -> list[list[str]] | None:
+    """One process or DDP: each optimizer group's parameter names in order, saved beside torch's state dict (keyed by
+    position) so that another engine can place it. None under FSDP2 and DeepSpeed, whose files are keyed by name."""
+    if acc.distributed_type == DistributedType.DEEPSPEED or is_sharded(acc):
+        return None
+    names = {id(p): n for n, p in acc.unwrap_model(model).named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
 def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> dict:
     """The optimizer's state to save. One process or DDP: torch's state dict, returned for `training_state.pt`.
     Sharded engines write it from every rank, so that no rank holds all of it (collective):
@@ -603,12 +749,23 @@ def optimizer_state(acc, model: torch.nn.Module, optimizer, directory: Path) -> 
 
 
 def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, directory: Path,
-                         universal: Path | None = None) -> None:
-    """Put a checkpoint's optimizer state back (check_resume has made sure it fits this engine). Under DeepSpeed the
-    engine's `load_checkpoint` restores each rank's partition and the float32 master weights, and from them the
-    trainable weights; with `universal` (a scratch directory in this run's output, which every rank reads) the
-    partitions are first converted there to DeepSpeed's universal checkpoint, which loads into any number of
-    processes. ftune's own scheduler and step counter are restored by the caller."""
+                         scratch: Path | None = None, how: str = NATIVE, names: list | None = None) -> None:
+    """Put a checkpoint's optimizer state back, as check_resume decided (`how`). NATIVE: the engine's own load; under
+    DeepSpeed the engine's `load_checkpoint` restores each rank's partition and the float32 master weights, and from
+    them the trainable weights. UNIVERSAL: the partitions are first converted to DeepSpeed's universal checkpoint in
+    `scratch` (a directory in this run's output, which every rank reads, removed after the load), which loads into any
+    number of processes and either ZeRO stage. CONVERT: from another engine's layout (`names`: the parameter names
+    saved with a DDP state). ftune's own scheduler and step counter are restored by the caller."""
+    if how == CONVERT:
+        full, masters = read_full_state(acc, directory, state, names, scratch)
+        load_full_state(acc, model, optimizer, full, masters, scratch)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
+    universal = scratch if how == UNIVERSAL else None
     if acc.distributed_type == DistributedType.DEEPSPEED:
         folder = directory / DS_DIR
         if universal is not None:

@@ -1,0 +1,80 @@
+"""A checkpoint written under one engine resumes under every other one (ftune/training/distributed.py
+`check_resume` and `load_optimizer_state` with CONVERT): one process (DDP's layout), FSDP2, DeepSpeed ZeRO-2 and
+ZeRO-3, each on 2 processes with the same global batch of 12 rows. The optimizer state goes from the writer's layout
+into torch's full state keyed by parameter name and from there into the reader's (a universal checkpoint for
+DeepSpeed), so the resumed losses continue the writer's uninterrupted run (to 2e-5; without the optimizer state the
+4th loss differs by ~1e-2) and the final weights match. LoRA+ gives two parameter groups with different learning
+rates; full fine-tuning is checked for three pairs. The default suite has one process into ZeRO-3, ZeRO-3 and FSDP2
+into one process (test_deepspeed.py, test_fsdp.py). Slow: about 6 minutes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tiny import losses, make_cfg, run  # noqa: E402
+from test_deepspeed import deepspeed_run  # noqa: E402
+from test_fsdp import fsdp2_run  # noqa: E402
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make setup`")
+pytestmark = pytest.mark.slow
+
+LORA = ["data.size=64", "data.packing=false", "peft.dropout=0", "peft.loraplus_lr_ratio=16", "trainer.lr=5e-4",
+        "trainer.scheduler=cosine", "trainer.warmup_ratio=0.25", "trainer.max_steps=4"]
+FULL = [*(a for a in LORA if not a.startswith("peft.")), "peft=none", "trainer.lr=1e-3", "trainer.weight_decay=0.1"]
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+def train(engine: str, out: Path, *overrides: str) -> None:
+    """4 steps of 12 rows: one process x 12 rows, or 2 processes x 6 under FSDP2 or DeepSpeed."""
+    if engine == "ddp":
+        run(make_cfg(out, *overrides, "trainer.batch_size=12"))
+    elif engine == "fsdp2":
+        fsdp2_run(out, *overrides, "trainer.batch_size=6", base=[])
+    else:
+        deepspeed_run(out, int(engine[-1]), *overrides, "trainer.batch_size=6")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """Each engine's uninterrupted run, with a checkpoint at step 2 (made on first use)."""
+    root, runs = tmp_path_factory.mktemp("written"), {}
+
+    def get(engine: str, kind: str) -> Path:
+        if (engine, kind) not in runs:
+            out = root / f"{engine}-{kind}"
+            train(engine, out, *(LORA if kind == "lora" else FULL), "trainer.save_every=2")
+            runs[engine, kind] = out
+        return runs[engine, kind]
+
+    return get
+
+
+def assert_continues(resumed: Path, full: Path, weights: str, atol: float) -> None:
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(full)[2:]), rtol=0, atol=2e-5)
+    assert not (resumed / ".universal-checkpoint").exists()
+    a, b = (load_file(r / "final" / weights) for r in (resumed, full))
+    assert a.keys() == b.keys()
+    for k in b:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=atol)
+
+
+@pytest.mark.parametrize(("source", "target"), [(s, t) for s in ENGINES for t in ENGINES if s != t])
+def test_a_lora_checkpoint_resumes_under_another_engine(written, tmp_path, source, target):
+    full = written(source, "lora")
+    train(target, tmp_path / "resumed", *LORA, f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}")
+    assert_continues(tmp_path / "resumed", full, "adapter_model.safetensors", 1e-5)
+
+
+@pytest.mark.parametrize(("source", "target"), [("zero3", "fsdp2"), ("fsdp2", "zero2"), ("ddp", "zero3")])
+def test_a_full_fine_tuning_checkpoint_resumes_under_another_engine(written, tmp_path, source, target):
+    """Every weight's optimizer state, with weight decay on all but the norms (two groups)."""
+    full = written(source, "full")
+    train(target, tmp_path / "resumed", *FULL, f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}")
+    assert_continues(tmp_path / "resumed", full, "model.safetensors", 1e-4)
