@@ -38,6 +38,7 @@ def switched_on_cpu(real, engine: str):
         else:
             plugin = (dist.plugins(cfg.trainer)["deepspeed_plugin"] if cfg.trainer.distributed != "ddp"
                       else DeepSpeedPlugin())
+            plugin.set_mixed_precision(acc.state.mixed_precision)  # as AcceleratorState does: DeepSpeed's bf16 mode
             acc.state.deepspeed_plugins = {"default": plugin}
             plugin.select(_from_accelerator_state=True)  # also registers the ZeRO config with transformers
             kind = DistributedType.DEEPSPEED
@@ -65,6 +66,7 @@ def deepspeed_view(trainer) -> dict:
     engine = trainer.model  # accelerate's prepare returns DeepSpeed's engine in place of the model
     return {"world": trainer.acc.num_processes, "engine": type(engine).__name__,
             "optimizer": type(engine.optimizer).__name__, "stage": engine.zero_optimization_stage(),
+            "dtypes": sorted({str(p.dtype) for p in engine.module.parameters() if p.requires_grad}),
             # ZeRO-3 keeps each rank's part of every weight in `ds_tensor` (the weight itself is a placeholder, or
             # stays gathered after a forward when it is below DeepSpeed's persistence threshold).
             "partitioned": all(hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel

@@ -156,7 +156,9 @@ def deepspeed_resumed(tmp_path: Path, stage: int, *overrides: str) -> tuple[Path
     assert json.loads((ckpt / "engine.json").read_text()) == {"engine": "deepspeed", "processes": 2,
                                                               "zero_stage": stage}
     # DeepSpeed's own checkpoint: each rank's partition of the optimizer state and of the float32 master weights
-    assert {f"zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in (0, 1)} <= {
+    # (named bf16_zero_pp_rank_... under DeepSpeed's bf16)
+    prefix = "bf16_" if "trainer.mixed_precision=bf16" in overrides else ""
+    assert {f"{prefix}zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in (0, 1)} <= {
         p.name for p in (ckpt / "deepspeed" / "state").iterdir()}
     deepspeed_run(cut, stage, *overrides, "trainer.batch_size=6", "trainer.max_steps=4", f"trainer.resume={ckpt}")
     return full, cut

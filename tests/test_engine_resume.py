@@ -4,11 +4,13 @@ ZeRO-3, each on 2 processes with the same global batch of 12 rows. The optimizer
 into torch's full state keyed by parameter name and from there into the reader's (a universal checkpoint for
 DeepSpeed), so the resumed losses continue the writer's uninterrupted run (to 2e-5; without the optimizer state the
 4th loss differs by ~1e-2) and the final weights match. LoRA+ gives two parameter groups with different learning
-rates; full fine-tuning is checked for three pairs. The default suite has one process into ZeRO-3, ZeRO-3 and FSDP2
+rates; full fine-tuning is checked for three pairs, and a DeepSpeed bf16 checkpoint gives its float32 masters. The
+default suite has one process into ZeRO-3, ZeRO-3 and FSDP2
 into one process (test_deepspeed.py, test_fsdp.py). Slow: about 6 minutes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -78,3 +80,26 @@ def test_a_full_fine_tuning_checkpoint_resumes_under_another_engine(written, tmp
     full = written(source, "full")
     train(target, tmp_path / "resumed", *FULL, f"trainer.resume={full / 'checkpoints' / 'checkpoint-2'}")
     assert_continues(tmp_path / "resumed", full, "model.safetensors", 1e-4)
+
+
+def test_a_deepspeed_bf16_checkpoint_resumes_elsewhere_with_its_float32_masters(tmp_path):
+    """Under DeepSpeed's bf16 the model holds bf16 weights (the checkpoint's adapter is bf16) and the optimizer the
+    float32 masters it steps. Another engine gets the masters, not the bf16 copies: resumed at the checkpoint's own
+    step, one process saves them as they were."""
+    from ftune.training import distributed as dist
+
+    zero2, one = tmp_path / "zero2", tmp_path / "one"
+    deepspeed_run(zero2, 2, *LORA, "trainer.mixed_precision=bf16", "trainer.batch_size=6", "trainer.max_steps=3",
+                  "trainer.save_every=2")
+    assert json.loads((zero2 / "deepspeed_rank0.json").read_text())["dtypes"] == ["torch.bfloat16"]
+    ckpt = zero2 / "checkpoints" / "checkpoint-2"
+    run(make_cfg(one, *LORA, "trainer.batch_size=12", "trainer.max_steps=2", f"trainer.resume={ckpt}"))
+    dist.to_universal(ckpt / "deepspeed" / "state", tmp_path / "universal", 2)
+    _, masters = dist.read_universal(tmp_path / "universal")
+    saved, final = (load_file(d / "adapter_model.safetensors") for d in (ckpt, one / "final"))
+    assert len(masters) == len(final) > 0
+    for name, master in masters.items():
+        key = name.replace(".default", "")  # PEFT's file names drop the adapter's name
+        assert saved[key].dtype == torch.bfloat16
+        assert torch.equal(final[key], master), key
+    assert sum(not torch.equal(saved[n.replace(".default", "")].float(), m) for n, m in masters.items()) > 0

@@ -521,7 +521,12 @@ def load_full_state(acc, model: torch.nn.Module, optimizer, full: dict, masters:
         return
     if masters is None:
         with full_parameters(acc, model, ranks="main", whole=False) as m:
-            masters = {n: p.detach().float().clone() for n, p in m.named_parameters() if n in full["state"]}
+            trainable = {n: p for n, p in m.named_parameters() if n in full["state"]}
+            masters = {n: p.detach().float().clone() for n, p in trainable.items()}
+        if any(p.dtype != torch.float32 for p in trainable.values()) and acc.is_main_process:
+            log.warning("trainer.resume: DeepSpeed's bf16 mode holds the weights in bf16 and starts its float32 "
+                        "masters from them, so the checkpoint's float32 weights lose their low bits once (as when "
+                        "DeepSpeed starts from a float32 model).")
     if acc.is_main_process:
         write_universal(full, masters, scratch, acc.state.deepspeed_plugin.zero_stage, acc.num_processes)
     acc.wait_for_everyone()
