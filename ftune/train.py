@@ -487,7 +487,9 @@ class Trainer:
 
 def _summary_text(s: dict, out: Path) -> str:
     lines = [f"Done: {s['steps']} steps, {s['train_tokens']:.0f} tokens in {s['train_seconds']:.1f}s "
-             f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"]
+             f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"
+             if s["train_tokens"] or not s["steps"] else
+             f"Done: nothing left to train, the checkpoint was at step {s['steps']} (raise trainer.max_steps to go on)"]
     if s["eval"]:
         lines.append("  held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in s["eval"].items()))
     if s["task_end"]:

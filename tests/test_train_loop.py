@@ -88,6 +88,19 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_checkpoint_with_no_steps_left_says_so_and_saves_it_as_final(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run(make_cfg(tmp_path / "full", "trainer.max_steps=4", "trainer.save_every=3", "trainer.batch_size=2"))
+    ckpt = tmp_path / "full" / "checkpoints" / "checkpoint-3"
+    capsys.readouterr()
+    run(make_cfg(tmp_path / "again", "trainer.max_steps=3", "trainer.batch_size=2", f"trainer.resume={ckpt}"))
+    out = capsys.readouterr().out
+    assert "Done: nothing left to train, the checkpoint was at step 3 (raise trainer.max_steps" in out
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (ckpt, tmp_path / "again" / "final"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_trains_adapter_only_and_loads_with_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
