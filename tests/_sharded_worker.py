@@ -34,6 +34,8 @@ def switched_on_cpu(real, engine: str):
         acc = real(cfg)  # built with ACCELERATE_USE_CPU=true: gloo, every rank joined
         if engine == "fsdp2":
             acc.state.fsdp_plugin = dist.plugins(cfg.trainer)["fsdp_plugin"]
+            if acc.state.mixed_precision != "no":  # as AcceleratorState does
+                acc.state.fsdp_plugin.set_mixed_precision(acc.state.mixed_precision)
             kind = DistributedType.FSDP
         else:
             plugin = (dist.plugins(cfg.trainer)["deepspeed_plugin"] if cfg.trainer.distributed != "ddp"
@@ -59,14 +61,19 @@ def fsdp2_view(trainer) -> dict:
     return {"world": trainer.acc.num_processes, "fsdp2": trainer.acc.is_fsdp2,
             "sharded": all(isinstance(params[n], DTensor) for n in trainable),
             "local_numel": sum(params[n].to_local().numel() for n in trainable),
-            "full_numel": sum(params[n].numel() for n in trainable)}
+            "full_numel": sum(params[n].numel() for n in trainable),
+            # the dtype FSDP2 gathers the weights in for compute (its MixedPrecisionPolicy; None: as stored)
+            "param_dtype": str(trainer.model._get_fsdp_state()._mp_policy.param_dtype)}
 
 
 def deepspeed_view(trainer) -> dict:
     engine = trainer.model  # accelerate's prepare returns DeepSpeed's engine in place of the model
     return {"world": trainer.acc.num_processes, "engine": type(engine).__name__,
             "optimizer": type(engine.optimizer).__name__, "stage": engine.zero_optimization_stage(),
-            "dtypes": sorted({str(p.dtype) for p in engine.module.parameters() if p.requires_grad}),
+            # the weights' dtypes (ZeRO-3: of each rank's part, `ds_tensor`). Under bf16, ZeRO-3's zero.Init makes
+            # the model's own weights bf16 and leaves an adapter's, added after it, in float32.
+            "dtypes": {kind: sorted({str(getattr(p, "ds_tensor", p).dtype) for p in engine.module.parameters()
+                                     if p.requires_grad == (kind == "trainable")}) for kind in ("trainable", "frozen")},
             # ZeRO-3 keeps each rank's part of every weight in `ds_tensor` (the weight itself is a placeholder, or
             # stays gathered after a forward when it is below DeepSpeed's persistence threshold).
             "partitioned": all(hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel

@@ -284,6 +284,7 @@ def test_zero3_bf16_follows_the_float32_trajectory(one_process, tmp_path):
     optimizer): the losses stay within bf16 rounding of the float32 run's."""
     out = tmp_path / "bf16"
     deepspeed_run(out, 3, *BASE, "trainer.batch_size=4", "trainer.max_steps=4", "trainer.mixed_precision=bf16")
+    assert json.loads((out / "deepspeed_rank0.json").read_text())["dtypes"]["frozen"] == ["torch.bfloat16"]
     l2, l1 = losses(out), losses(one_process / "lora")
     assert l2 != l1  # really computed in bf16
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=1e-3)

@@ -81,7 +81,8 @@ def test_a_deepspeed_bf16_checkpoint_resumes_elsewhere_with_its_float32_masters(
     zero2, one = tmp_path / "zero2", tmp_path / "one"
     deepspeed_run(zero2, 2, *LORA, "trainer.mixed_precision=bf16", "trainer.batch_size=6", "trainer.max_steps=3",
                   "trainer.save_every=2")
-    assert json.loads((zero2 / "deepspeed_rank0.json").read_text())["dtypes"] == ["torch.bfloat16"]
+    assert json.loads((zero2 / "deepspeed_rank0.json").read_text())["dtypes"] == {"trainable": ["torch.bfloat16"],
+                                                                                 "frozen": ["torch.bfloat16"]}
     ckpt = zero2 / "checkpoints" / "checkpoint-2"
     run(make_cfg(one, *LORA, "trainer.batch_size=12", "trainer.max_steps=2", f"trainer.resume={ckpt}"))
     dist.to_universal(ckpt / "deepspeed" / "state", tmp_path / "universal", 2)

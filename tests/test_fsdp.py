@@ -263,6 +263,19 @@ def test_fsdp2_two_processes_equal_one_process_with_the_global_batch(fsdp2_and_o
 
 
 @pytest.mark.slow
+def test_fsdp2_bf16_follows_the_float32_trajectory(fsdp2_and_one, tmp_path):
+    """trainer.mixed_precision=bf16 gives FSDP2 accelerate's MixedPrecisionPolicy (the weights gathered in bf16 for
+    compute, float32 shards stepped by the optimizer): the losses stay within bf16 rounding of the float32 run's."""
+    _, one = fsdp2_and_one
+    out = tmp_path / "bf16"
+    fsdp2_run(out, "trainer.batch_size=4", "trainer.max_steps=4", "trainer.mixed_precision=bf16")
+    assert json.loads((out / "fsdp_rank0.json").read_text())["param_dtype"] == "torch.bfloat16"
+    l2, l1 = losses(out), losses(one)
+    assert l2 != l1  # really computed in bf16
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=1e-3)
+
+
+@pytest.mark.slow
 def test_fsdp2_resume_continues_the_same_trajectory(fsdp2_and_one, tmp_path):
     full, _ = fsdp2_and_one
     cut = tmp_path / "resumed"
