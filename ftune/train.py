@@ -27,6 +27,7 @@ from ftune.config import ConfigError, build, register_configs, validate_train
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import distributed as dist
+from ftune.training import engine_state
 from ftune.training.metrics import MetricsLog, plot_loss
 from ftune.training.profiling import step_profiler
 from ftune.training.watchdog import SpikeGuard
@@ -174,8 +175,10 @@ class Trainer:
         self.resume_from = _resume_point(cfg, self.ckpt_root)
         # How the checkpoint's optimizer state goes back: the engine's own load, through DeepSpeed's universal
         # checkpoint (DeepSpeed partitions for another number of processes or ZeRO stage), or from another engine.
-        self.resume_how = dist.NATIVE if self.resume_from is None else dist.check_resume(self.acc, self.resume_from)
-        self.universal = self.resume_how != dist.NATIVE and dist.engine_record(self.acc)["engine"] == "deepspeed"
+        self.resume_how = (engine_state.NATIVE if self.resume_from is None
+                           else engine_state.check_resume(self.acc, self.resume_from))
+        self.universal = (self.resume_how != engine_state.NATIVE
+                          and dist.engine_record(self.acc)["engine"] == "deepspeed")
         set_seed(cfg.seed)
 
         # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
@@ -263,8 +266,8 @@ class Trainer:
         final = root / name
         # Collective under FSDP2 / DeepSpeed: every rank writes its optimizer shards into tmp, then the PEFT method's
         # weights are gathered and rank 0 writes them as plain full tensors.
-        optimizer_state = dist.optimizer_state(self.acc, self.model, self.optimizer, tmp)
-        names = dist.param_names(self.acc, self.model, self.optimizer)
+        optimizer_state = engine_state.optimizer_state(self.acc, self.model, self.optimizer, tmp)
+        names = engine_state.param_names(self.acc, self.model, self.optimizer)
         # An adapter method saves its trainable weights only: only those are gathered from the shards.
         # A method whose save runs a forward (prompt tuning) runs it on every rank under ZeRO-3; rank 0 writes.
         every = dist.is_zero3(self.acc) and getattr(self.peft, "save_runs_forward", False)
@@ -277,7 +280,7 @@ class Trainer:
             try:
                 self.tokenizer.save_pretrained(tmp)
                 (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-                (tmp / dist.ENGINE_FILE).write_text(json.dumps(dist.engine_record(self.acc)))
+                (tmp / engine_state.ENGINE_FILE).write_text(json.dumps(dist.engine_record(self.acc)))
                 torch.save({"step": self.step, "skipped": self.skipped, "optimizer": optimizer_state,
                             "param_names": names,
                             "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
@@ -302,7 +305,7 @@ class Trainer:
         with dist.full_parameters(self.acc, self.model, ranks="all", whole=not self.peft.adapter) as model:
             self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
-        dist.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path,
+        engine_state.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path,
                                   self.out / ".universal-checkpoint", self.resume_how, state.get("param_names"))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]

@@ -1,4 +1,4 @@
-"""A checkpoint written under one engine resumes under every other one (ftune/training/distributed.py
+"""A checkpoint written under one engine resumes under every other one (ftune/training/engine_state.py
 `check_resume` and `load_optimizer_state` with CONVERT): one process (DDP's layout), FSDP2, DeepSpeed ZeRO-2 and
 ZeRO-3, each on 2 processes with the same global batch of 12 rows. The optimizer state goes from the writer's layout
 into torch's full state keyed by parameter name and from there into the reader's (a universal checkpoint for
@@ -76,7 +76,7 @@ def test_a_deepspeed_bf16_checkpoint_resumes_elsewhere_with_its_float32_masters(
     """Under DeepSpeed's bf16 the model holds bf16 weights (the checkpoint's adapter is bf16) and the optimizer the
     float32 masters it steps. Another engine gets the masters, not the bf16 copies: resumed at the checkpoint's own
     step, one process saves them as they were."""
-    from ftune.training import distributed as dist
+    from ftune.training import engine_state
 
     zero2, one = tmp_path / "zero2", tmp_path / "one"
     deepspeed_run(zero2, 2, *LORA, "trainer.mixed_precision=bf16", "trainer.batch_size=6", "trainer.max_steps=3",
@@ -85,8 +85,8 @@ def test_a_deepspeed_bf16_checkpoint_resumes_elsewhere_with_its_float32_masters(
                                                                                  "frozen": ["torch.bfloat16"]}
     ckpt = zero2 / "checkpoints" / "checkpoint-2"
     run(make_cfg(one, *LORA, "trainer.batch_size=12", "trainer.max_steps=2", f"trainer.resume={ckpt}"))
-    dist.to_universal(ckpt / "deepspeed" / "state", tmp_path / "universal", 2)
-    _, masters = dist.read_universal(tmp_path / "universal")
+    engine_state.to_universal(ckpt / "deepspeed" / "state", tmp_path / "universal", 2)
+    _, masters = engine_state.read_universal(tmp_path / "universal")
     saved, final = (load_file(d / "adapter_model.safetensors") for d in (ckpt, one / "final"))
     assert len(masters) == len(final) > 0
     for name, master in masters.items():

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ftune.config import ConfigError, validate_train
 from ftune.training import distributed as dist
+from ftune.training import engine_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny import (  # noqa: E402
@@ -201,32 +202,34 @@ def test_how_a_checkpoint_resumes_under_each_engine(tmp_path):
     def written_by(a, record: dict | None = None):
         d = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}"
         d.mkdir()
-        (d / dist.ENGINE_FILE).write_text(json.dumps(record or dist.engine_record(a)))
+        (d / engine_state.ENGINE_FILE).write_text(json.dumps(record or dist.engine_record(a)))
         return d
 
+    how, NATIVE, UNIVERSAL, CONVERT = (engine_state.check_resume, engine_state.NATIVE, engine_state.UNIVERSAL,
+                                       engine_state.CONVERT)
     ds3 = written_by(acc("ds", 2, 3))
-    assert dist.check_resume(acc("ds", 2, 3), ds3) == dist.NATIVE  # DeepSpeed's own files load as they are
-    assert dist.check_resume(acc("ds", 4, 3), ds3) == dist.UNIVERSAL  # converted to a universal checkpoint first
-    assert dist.check_resume(acc("ds", 2, 2), ds3) == dist.UNIVERSAL  # another stage: also through one
-    assert dist.check_resume(acc("ds", 3, 2), ds3) == dist.UNIVERSAL
-    assert dist.check_resume(acc("ddp", 1), ds3) == dist.CONVERT
-    assert dist.check_resume(acc("fsdp2"), ds3) == dist.CONVERT
+    assert how(acc("ds", 2, 3), ds3) == NATIVE  # DeepSpeed's own files load as they are
+    assert how(acc("ds", 4, 3), ds3) == UNIVERSAL  # converted to a universal checkpoint first
+    assert how(acc("ds", 2, 2), ds3) == UNIVERSAL  # another stage: also through one
+    assert how(acc("ds", 3, 2), ds3) == UNIVERSAL
+    assert how(acc("ddp", 1), ds3) == CONVERT
+    assert how(acc("fsdp2"), ds3) == CONVERT
     fsdp, ddp = written_by(acc("fsdp2", 4)), written_by(acc("ddp", 1))
-    assert json.loads((ddp / dist.ENGINE_FILE).read_text())["param_names"] is True
-    assert dist.check_resume(acc("fsdp2", 2), fsdp) == dist.NATIVE
-    assert dist.check_resume(acc("ddp", 3), ddp) == dist.NATIVE
-    assert dist.check_resume(acc("ds", 4, 2), fsdp) == dist.CONVERT
-    assert dist.check_resume(acc("ddp", 4), fsdp) == dist.CONVERT
-    assert dist.check_resume(acc("fsdp2", 1), ddp) == dist.CONVERT
-    assert dist.check_resume(acc("ds", 2, 3), ddp) == dist.CONVERT
+    assert json.loads((ddp / engine_state.ENGINE_FILE).read_text())["param_names"] is True
+    assert how(acc("fsdp2", 2), fsdp) == NATIVE
+    assert how(acc("ddp", 3), ddp) == NATIVE
+    assert how(acc("ds", 4, 2), fsdp) == CONVERT
+    assert how(acc("ddp", 4), fsdp) == CONVERT
+    assert how(acc("fsdp2", 1), ddp) == CONVERT
+    assert how(acc("ds", 2, 3), ddp) == CONVERT
     earlier = written_by(None, {"engine": "ddp", "processes": 1, "zero_stage": None})
-    assert dist.check_resume(acc("ddp", 2), earlier) == dist.NATIVE
+    assert how(acc("ddp", 2), earlier) == NATIVE
     with pytest.raises(ConfigError, match=r"written under DDP \(or one process\) by an earlier ftune.*this run uses "
                                           r"FSDP2.*trainer.distributed=ddp"):
-        dist.check_resume(acc("fsdp2", 2), earlier)
+        how(acc("fsdp2", 2), earlier)
     old = tmp_path / "no-record"
     old.mkdir()
-    assert dist.check_resume(acc("ds", 2, 2), old) == dist.NATIVE
+    assert how(acc("ds", 2, 2), old) == NATIVE
 
 
 @pytest.fixture(scope="module")
