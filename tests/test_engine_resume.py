@@ -2,10 +2,10 @@
 `check_resume` and `load_optimizer_state` with CONVERT): one process (DDP's layout), FSDP2, DeepSpeed ZeRO-2 and
 ZeRO-3, each on 2 processes with the same global batch of 12 rows. The optimizer state goes from the writer's layout
 into torch's full state keyed by parameter name and from there into the reader's (a universal checkpoint for
-DeepSpeed), so the resumed losses continue the writer's uninterrupted run (to 2e-5) and the final weights match. LoRA+ gives two parameter groups with different learning
-rates; full fine-tuning is checked for three pairs, and a DeepSpeed bf16 checkpoint gives its float32 masters. The
-default suite has one process into ZeRO-3, ZeRO-3 and FSDP2
-into one process (test_deepspeed.py, test_fsdp.py). Slow: about 6 minutes."""
+DeepSpeed), so the resumed losses continue the writer's uninterrupted run (to 2e-5) and the final weights match.
+LoRA+ gives two parameter groups with different learning rates; full fine-tuning is checked for three pairs, and a
+DeepSpeed bf16 checkpoint gives its float32 masters. The default suite has one process into ZeRO-3, ZeRO-3 and FSDP2
+into one process (test_deepspeed.py, test_fsdp.py). Slow: about 5 minutes."""
 
 from __future__ import annotations
 
