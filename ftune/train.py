@@ -177,8 +177,6 @@ class Trainer:
         # checkpoint (DeepSpeed partitions for another number of processes or ZeRO stage), or from another engine.
         self.resume_how = (engine_state.NATIVE if self.resume_from is None
                            else engine_state.check_resume(self.acc, self.resume_from))
-        self.universal = (self.resume_how != engine_state.NATIVE
-                          and dist.engine_record(self.acc)["engine"] == "deepspeed")
         set_seed(cfg.seed)
 
         # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
@@ -215,7 +213,8 @@ class Trainer:
         make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
         optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
         dist.check_reference(self.acc, self.objective, model)
-        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum, max(t.max_grad_norm, 0.0), self.universal)
+        dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum, max(t.max_grad_norm, 0.0),
+                                  universal=self.resume_how != engine_state.NATIVE)
         # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
@@ -306,7 +305,8 @@ class Trainer:
             self.peft.load_trainable(model, path)
         state = torch.load(path / ckpt.STATE, weights_only=False)
         engine_state.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path,
-                                  self.out / ".universal-checkpoint", self.resume_how, state.get("param_names"))
+                                          self.out / ".universal-checkpoint", self.resume_how,
+                                          state.get("param_names"))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state["skipped"]
         if "spike_guard" in state:

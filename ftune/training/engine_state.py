@@ -248,9 +248,14 @@ def load_full_state(acc, model: torch.nn.Module, optimizer, full: dict, masters:
     if acc.is_main_process:
         write_universal(full, masters, scratch, acc.state.deepspeed_plugin.zero_stage, acc.num_processes)
     acc.wait_for_everyone()
-    model.load_checkpoint(str(scratch), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True,
+    load_universal(model, scratch)
+
+
+def load_universal(model, folder: Path) -> None:
+    """The DeepSpeed engine's load of a universal checkpoint at `folder` (its config has `load_universal`), repaired."""
+    model.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True,
                           load_lr_scheduler_states=False)
-    repair_universal_load(model.optimizer.optimizer, scratch)
+    repair_universal_load(model.optimizer.optimizer, folder)
 
 
 def repair_universal_load(optimizer, folder: Path) -> None:
@@ -314,45 +319,32 @@ def load_optimizer_state(acc, model: torch.nn.Module, optimizer, state: dict, di
     number of processes and either ZeRO stage. CONVERT: from another engine's layout (`names`: the parameter names
     saved with a DDP state). ftune's own scheduler and step counter are restored by the caller."""
     if how == CONVERT:
-        full, masters = read_full_state(acc, directory, state, names, scratch)
-        load_full_state(acc, model, optimizer, full, masters, scratch)
+        load_full_state(acc, model, optimizer, *read_full_state(acc, directory, state, names, scratch), scratch)
+    elif how == UNIVERSAL:
+        if acc.is_main_process:
+            to_universal(directory / DS_DIR / DS_TAG, scratch, acc.state.deepspeed_plugin.zero_stage)
+        acc.wait_for_everyone()
+        load_universal(model, scratch)
+    if how != NATIVE:
         acc.wait_for_everyone()
         if acc.is_main_process:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
         return
-    universal = scratch if how == UNIVERSAL else None
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        folder = directory / DS_DIR
-        if universal is not None:
-            folder = universal
-            if acc.is_main_process:
-                to_universal(directory / DS_DIR / DS_TAG, universal, acc.state.deepspeed_plugin.zero_stage)
-            acc.wait_for_everyone()
-        model.load_checkpoint(str(folder), tag=DS_TAG, load_module_strict=False,
+        model.load_checkpoint(str(directory / DS_DIR), tag=DS_TAG, load_module_strict=False,
                               load_optimizer_states=True, load_lr_scheduler_states=False)
-        if universal is not None:
-            repair_universal_load(model.optimizer.optimizer, universal)
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                import shutil
-
-                shutil.rmtree(universal)
         return
     if not is_sharded(acc):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
+    if not (directory / FSDP2_OPTIM_DIR).is_dir():  # written by an earlier ftune: the full state in `state`
+        load_full_state(acc, model, optimizer, state, None, scratch)
+        return
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     unwrapped = acc.unwrap_model(model)
-    if not (directory / FSDP2_OPTIM_DIR).is_dir():  # written by an earlier ftune: the full state in `state`
-        set_optimizer_state_dict(unwrapped, optimizer.optimizer, state, options=StateDictOptions(full_state_dict=True))
-        return
     import torch.distributed.checkpoint as dcp
 
     # The state to load into: this run's shards, which get_optimizer_state_dict initialises (the optimizer has not
