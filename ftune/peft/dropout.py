@@ -8,6 +8,10 @@ four 16-bit uniforms, a quarter of the generator calls: about 3x faster per call
 rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the scale uses the rounded p, so the output's expectation is
 still exactly the input. Off the CPU it is plain F.dropout (CUDA's Philox generator is not the bottleneck). torch and
 peft offer no cheaper CPU dropout, hence this module.
+
+The backward pass keeps the keep-mask as one byte per element (`_KeepAndScale`), where `x * mask` would keep a mask
+in the input's dtype (4 bytes in float32): on SmolLM2-135M (LoRA r 16 on all linear layers, float32, 4 x 512 tokens)
+the tensors saved for the backward pass went from 4,595 to 3,728 MB, the peak RSS from 7.8 to 7.1 GB.
 """
 
 from __future__ import annotations
@@ -16,6 +20,23 @@ import torch
 import torch.nn.functional as F
 
 _LEVELS = 1 << 16
+
+
+class _KeepAndScale(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask for the backward pass (the gradient is dy * keep * scale)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        # scaled by a Python float (the product computed in float32, rounded once): a scale tensor in a bf16 input's
+        # dtype would round 1 / (1 - p) itself (0.05 -> 1.0547 instead of 1.0526 in bf16)
+        return (x * keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return (dy * keep).mul_(ctx.scale), None, None
 
 
 class FastDropout(torch.nn.Module):
@@ -39,11 +60,7 @@ class FastDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        if x.dtype in (torch.float32, torch.float64):
-            return x * self.keep_mask(x).to(x.dtype).mul_(self.scale)
-        # bf16 / fp16 input: scale by a Python float (computed in float32, rounded once), as a scale tensor in the
-        # input's dtype would round 1 / (1 - p) itself (0.05 -> 1.0547 instead of 1.0526 in bf16).
-        return (x * self.keep_mask(x).to(x.dtype)).mul_(self.scale)
+        return _KeepAndScale.apply(x, self.keep_mask(x), self.scale)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -74,3 +74,15 @@ def test_lora_layers_get_fast_dropout():
     assert all(isinstance(m.lora_dropout["default"], FastDropout) and m.lora_dropout["default"].p == 0.1
                for m in layers)
     assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
+
+
+def test_backward_keeps_a_one_byte_mask():
+    """Only the boolean keep-mask is saved for the backward pass, not a mask (or the input) in the input's dtype."""
+    torch.manual_seed(5)
+    d = FastDropout(0.1).train()
+    x = torch.randn(16, 40, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = d(x)
+    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.bool, (16, 40))]
+    assert torch.equal(saved[0], y.detach() != 0)
