@@ -19,6 +19,7 @@ import torch
 from ftune.config import ConfigError
 from ftune.peft.base import check_targets, load_adapter_weights, merge_peft_adapter, save_adapter, target_linears
 from ftune.peft.dropout import use_fast_dropout
+from ftune.peft.fused_lora import use_fused_lora
 
 
 class AdapterInputsAsIs:
@@ -81,6 +82,8 @@ class LoRA:
         dora: weight-decomposed LoRA (a trained magnitude per output feature).
         rslora: rank-stabilised scale alpha / sqrt(r).
         loraplus_lr_ratio: LoRA+: learning rate of B = ratio x trainer.lr (null: same as A).
+        fused: plain LoRA layers run one fused autograd function (same maths as peft's forward, less memory:
+            ftune/peft/fused_lora.py); false keeps peft's forward everywhere.
     """
 
     adapter = True
@@ -90,7 +93,8 @@ class LoRA:
 
     def __init__(self, r: int = 16, alpha: float = 32, dropout: float = 0.05,
                  target_modules: str | list = "all-linear", bias: str = "none", quantize: str | None = None,
-                 dora: bool = False, rslora: bool = False, loraplus_lr_ratio: float | None = None):
+                 dora: bool = False, rslora: bool = False, loraplus_lr_ratio: float | None = None,
+                 fused: bool = True):
         if r < 1:
             raise ConfigError(f"peft.r={r} must be >= 1.")
         if not 0 <= dropout < 1:
@@ -102,7 +106,7 @@ class LoRA:
         if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
             raise ConfigError(f"peft.loraplus_lr_ratio={loraplus_lr_ratio} must be > 0 (the paper uses 16), or null.")
         self.r, self.alpha, self.dropout, self.bias, self.quantize = r, alpha, dropout, bias, quantize
-        self.dora, self.rslora, self.loraplus_lr_ratio = dora, rslora, loraplus_lr_ratio
+        self.dora, self.rslora, self.loraplus_lr_ratio, self.fused = dora, rslora, loraplus_lr_ratio, fused
         self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
 
     def quantization_config(self, compute_dtype: torch.dtype):
@@ -134,6 +138,8 @@ class LoRA:
                             task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
         use_fast_dropout(model)  # same maths, a quarter of the CPU random draws (ftune/peft/dropout.py)
+        if self.fused:
+            use_fused_lora(model)  # same maths, less memory (ftune/peft/fused_lora.py)
         return model
 
     def lr_scale(self, name: str) -> float:
