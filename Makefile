@@ -56,7 +56,8 @@ pinned = $(shell $(VENV)/bin/python -c "import importlib.metadata as m, sys; \
 device-pack: setup
 	rm -rf .device .device-qlora
 	mkdir -p .device/whl .device/whl-bench .device/data .device/home .device-qlora
-	$(DEVICE_DOWNLOAD) -d .device/whl $(call pinned,transformers peft datasets dill multiprocess hydra-core omegaconf)
+	$(DEVICE_DOWNLOAD) -d .device/whl $(call pinned,transformers peft datasets dill multiprocess hydra-core omegaconf \
+		pytest pluggy iniconfig pygments)
 	$(PIP) wheel -q --no-deps -w .device/whl antlr4-python3-runtime==4.9.3
 	$(DEVICE_DOWNLOAD) -d .device/whl-bench $(call pinned,trl) liger-kernel
 	$(DEVICE_DOWNLOAD) -d .device-qlora $(call pinned,bitsandbytes)

@@ -5,9 +5,9 @@
 #                                               # image may lack, the tokenizer cache and the data (see Makefile)
 #   bash scripts/gpu_check.sh OUT [core|qlora]  # on the GPU machine, from the repository root, with them beside it
 #
-# core: the loop on CUDA with the tiny model (bf16 + packed SDPA, torch.compile, gradient checkpointing, Liger,
-#       activation offloading), then the benchmark suite's SFT-LoRA on the random Llama-3.2-1B against TRL (the H100
-#       targets: >= 45% MFU, >= 1.3x TRL). Needs .device/ (about 26 MB).
+# core: the fused LoRA layer against peft's (pytest), the loop on CUDA with the tiny model (bf16 + packed SDPA,
+#       torch.compile, gradient checkpointing, Liger, activation offloading), then the benchmark suite's SFT-LoRA on
+#       the random Llama-3.2-1B against TRL (the H100 targets: >= 45% MFU, >= 1.3x TRL). Needs .device/ (about 28 MB).
 # qlora: QLoRA 4-bit (bitsandbytes) on CUDA, tiny model and the random 1B. Needs .device/whl, .device/home,
 #       .device/data/gsm8k and .device-qlora/ (the 43 MB bitsandbytes wheel; 66 MB in all).
 # Each step has its own time limit and log; a failing step does not stop the next. OUT receives five files at most:
@@ -82,6 +82,8 @@ if [ "$PART" = core ]; then
   step train-compile 240 "${FT[@]}" "${TINY[@]}" trainer.compile=true output_dir="$WORK/runs/compile"
   step train-checkpointing 180 "${FT[@]}" "${TINY[@]}" trainer.gradient_checkpointing=true output_dir="$WORK/runs/ckpt"
   if [ "$DEV" = cuda ]; then
+    # the fused LoRA layer against peft's forward and backward on the GPU (float32 and bf16 autocast)
+    step fused-lora 180 "$PY" -m pytest -q -p no:cacheprovider tests/peft/test_fused_lora.py -k cuda
     step train-liger 180 "${FT[@]}" "${TINY[@]}" trainer.liger=true output_dir="$WORK/runs/liger"
     step train-offload 180 "${FT[@]}" "${TINY[@]}" trainer.activation_offload=true output_dir="$WORK/runs/offload"
     step bench-1b-sft-lora 420 $PY -m scripts.bench --suite sft-lora --model "$BIG" --device cuda --seq-len 2048 \
