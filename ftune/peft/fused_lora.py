@@ -1,4 +1,4 @@
-"""One autograd function for a plain LoRA linear layer in the training step: y = W x + b + s B A drop(x).
+"""One autograd function for a plain LoRA linear layer: y = W x + b + s B A drop(x).
 
 peft computes `result + lora_B(lora_A(dropout(x))) * scaling` as five autograd nodes: the adapter's output and its
 scaled copy are written out in full (tokens x out features) before they are added, and the backward pass walks the
@@ -14,12 +14,14 @@ tokens, a CPU) the peak RSS of a forward and backward pass went from 7.1 to 6.2 
 Only layers where this is peft's exact maths take it: peft's `lora.Linear` over a plain `nn.Linear`, one active
 adapter, no DoRA or other variant, no LoRA bias, not merged, weights not transposed (`fan_in_fan_out`), no module
 hooks (DeepSpeed ZeRO-3 gathers its partitioned weights in such hooks), and the input, base weight and adapter in
-one dtype or under autocast (then the products run in autocast's dtype, as peft's do). Any other layer, and every
-layer outside the training step, runs peft's own forward. peft has no fused path of its own for this, hence this
-module.
+one dtype or under autocast (then the products run in autocast's dtype, as peft's do); these conditions are checked
+at every call, in training, evaluation and generation alike. Any other layer or call runs peft's own forward. peft
+has no fused path of its own for this, hence this module.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 
@@ -120,8 +122,6 @@ def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def use_fused_lora(model: torch.nn.Module) -> int:
     """Give each eligible peft LoRA linear layer the fused forward (an instance attribute, so a deep copy of the
     model rebinds it to its own copy); returns how many layers have it."""
-    import types
-
     layers = [m for m in model.modules() if eligible(m)]
     for m in layers:
         m.forward = types.MethodType(forward, m)
