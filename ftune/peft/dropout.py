@@ -22,21 +22,26 @@ import torch.nn.functional as F
 _LEVELS = 1 << 16
 
 
+def keep_and_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """x * keep * scale for a boolean mask, in x's dtype. Scaled by a Python float (the product computed in float32,
+    rounded once): a scale tensor in a bf16 input's dtype would round 1 / (1 - p) itself (0.05 -> 1.0547 instead of
+    1.0526 in bf16)."""
+    return (x * keep).mul_(scale)
+
+
 class _KeepAndScale(torch.autograd.Function):
-    """x * keep * scale, saving only the boolean mask for the backward pass (the gradient is dy * keep * scale)."""
+    """keep_and_scale, saving only the boolean mask for the backward pass (the gradient is dy * keep * scale)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        # scaled by a Python float (the product computed in float32, rounded once): a scale tensor in a bf16 input's
-        # dtype would round 1 / (1 - p) itself (0.05 -> 1.0547 instead of 1.0526 in bf16)
-        return (x * keep).mul_(scale)
+        return keep_and_scale(x, keep, scale)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return (dy * keep).mul_(ctx.scale), None, None
+        return keep_and_scale(dy, keep, ctx.scale), None, None
 
 
 class FastDropout(torch.nn.Module):

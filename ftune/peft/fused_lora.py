@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from ftune.peft.dropout import FastDropout
+from ftune.peft.dropout import FastDropout, keep_and_scale
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -36,7 +36,7 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x_in.to(dtype)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         # dropped out in the input's own dtype, then cast, as peft's dropout and autocast's cast of lora_A's input
-        xd = x2 if keep is None else (x_in * keep.view_as(x_in)).mul_(kept_scale).to(dtype)
+        xd = x2 if keep is None else keep_and_scale(x_in, keep.view_as(x_in), kept_scale).to(dtype)
         z = torch.mm(xd, a.t())
         y.addmm_(z, b.t(), alpha=scaling)
         ctx.save_for_backward(xd, z, keep, w, a, b)
@@ -48,9 +48,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         xd, z, keep, w, a, b = ctx.saved_tensors
         a_dtype, b_dtype, bias_dtype = ctx.grad_dtypes
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != w.dtype:
-            dy2 = dy2.to(w.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(w.dtype)
         dz = torch.mm(dy2, b).mul_(ctx.scaling)
         d_a = d_b = dx = d_bias = None
         if ctx.needs_input_grad[4]:
