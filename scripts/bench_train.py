@@ -15,8 +15,9 @@ precision (bf16 autocast when the CPU supports it, else fp32).
 * TRL runs in a second subprocess (this script with `--child trl`): SFTTrainer + SFTConfig + peft LoraConfig, on a
   conversational prompt-completion dataset with `completion_only_loss=True`; real tokens are counted in
   `training_step`, steps are timed between `on_step_end` callbacks.
-* Each side runs in its own child process; its peak RSS is that child's `ru_maxrss` from `os.wait4`, so the peaks of
-  the two frameworks never mix (and the parent's own memory is not counted).
+* Each side runs in its own child process; its peak RSS is that child's alone (the largest single process of its
+  tree): `ru_maxrss` from `os.wait4`, or, where that is only this process's own peak carried over the spawn (Linux
+  does), the VmHWM polled from /proc while the child ran (see peak_rss).
 * Useful tokens = real (non-padding) tokens of the examples actually trained on, summed over the steps after the
   first `--warmup-steps` steps, divided by the wall time of those steps. Also reported: the same tokens per CPU-second
   of the child, and the CPU the rest of the machine used meanwhile (from /proc/stat), to judge noise.
@@ -51,6 +52,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +72,7 @@ TARGET = {"sft": 1.5, "dpo": 1.3}
 GPU_TARGET = 1.3  # on a GPU: ftune at least 1.3x TRL's tokens/s (and, for the suite, >= 45% MFU)
 DATA_FILE = {"sft": Path("gsm8k") / "train.jsonl", "dpo": Path("hh-rlhf-harmless") / "test.jsonl.gz"}
 IGNORE = -100
+REPEAT_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "peak_gpu_mib", "other_cpu_cores", "exit_code")
 BUSY_CORES = 0.25  # other processes' average CPU use (cores) above which a measurement counts as disturbed
 
 
@@ -114,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retry-busy", type=int, default=0, metavar="N",
                    help=f"run a measurement again (up to N times) when other processes used more than {BUSY_CORES} "
                         f"cores on average during it (default 0)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="measure each tool N times, in ABBA order (ftune, TRL, TRL, ftune, ...); the table gives the\n"
+                        "median tokens/s, the largest peak memory and each run's ratio to TRL (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the runs' temporary output directories")
     p.add_argument("--child", choices=("trl",), help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -134,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps ({a.steps}) must exceed --warmup-steps ({a.warmup_steps}).")
     if a.examples < a.batch_size:
         p.error("--examples must be at least --batch-size.")
+    if a.repeats < 1:
+        p.error(f"--repeats ({a.repeats}) must be at least 1.")
     if a.model != "smollm2_135m" and a.model not in random_archs():
         p.error(f"--model {a.model}: choose smollm2_135m or one of {', '.join(random_archs())}.")
     if a.nproc < 1:
@@ -341,6 +349,27 @@ def _proc_cpu_rss(pid: int) -> tuple[float, float] | None:
         return None
 
 
+def _vm_hwm_mib(pid: int) -> float | None:
+    """A live process's own peak RSS (VmHWM, MiB): counted from its exec, unlike wait4's ru_maxrss."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss(wait4_mib: float, parent_mib: float, polled_mib: float | None) -> tuple[float, str | None]:
+    """The child's peak RSS and, when it is only a lower bound, why. Linux carries a process's peak RSS over fork
+    and exec, so wait4 reports max(the parent's peak at the spawn, the child's own peak): exact when above the
+    parent's, else the child stayed below it and only the VmHWM polled from /proc while it ran is its own."""
+    if wait4_mib > parent_mib or polled_mib is None:
+        return wait4_mib, None
+    return polled_mib, (f"below the benchmark process's own {parent_mib:,.0f} MiB, which wait4 reports instead; this "
+                        f"is the child's VmHWM polled from /proc while it ran (a lower bound)")
+
+
 def _process_tree(pid: int) -> set[int]:
     """pid and all its descendants (from /proc/*/stat)."""
     children: dict[int, list[int]] = {}
@@ -396,7 +425,7 @@ def gpu_memory_mib(pids: set[int], baseline: float | None) -> float | None:
 
 def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Path | None = None,
               gpu: bool = False) -> dict:
-    """Run cmd in its own process and return its exit code, peak RSS (MiB, that child alone, from wait4), wall time,
+    """Run cmd in its own process and return its exit code, peak RSS (MiB, that child alone: see peak_rss), wall time,
     CPU time and, when `progress` (a JSONL file the child appends one line per step to) is given, the wall and CPU
     time at which each line appeared (polled every 20 ms from /proc). With `gpu`, also the peak GPU memory of the
     child and its descendants (nvidia-smi, sampled about every 0.3 s)."""
@@ -404,15 +433,21 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
 
     seen: list[tuple[float, float]] = []
     gpu_peak: list[float] = []
+    hwm: list[float] = []  # the largest VmHWM of any process of the child's tree, per poll
     stop = threading.Event()
 
     gpu_baseline = gpu_used_mib() if gpu else None
 
     def poll(pid: int) -> None:
-        lines, last, last_gpu = 0, None, 0.0
+        lines, last, last_gpu, last_hwm = 0, None, 0.0, 0.0
         while not stop.is_set():
             now, sample = time.perf_counter(), _proc_cpu_rss(pid)
             last = sample or last
+            if now - last_hwm >= 0.1:
+                peaks = [x for x in map(_vm_hwm_mib, _process_tree(pid)) if x is not None]
+                if peaks:
+                    hwm.append(max(peaks))
+                last_hwm = now
             if progress is not None and progress.exists() and sample:
                 n = sum(1 for x in progress.read_text().splitlines() if '"tokens_per_s"' in x)
                 seen.extend([(now, sample[0])] * (n - lines))
@@ -424,6 +459,9 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
                 last_gpu = time.perf_counter()
             stop.wait(0.02)
 
+    import resource
+
+    parent_peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, busy0 = time.perf_counter(), machine_busy_cpu_s()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
@@ -440,8 +478,9 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
             poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
+    rss, rss_note = peak_rss(usage.ru_maxrss / 1024, parent_peak_mib, max(hwm) if hwm else None)
     return {"other_cpu_cores": max(0.0, (machine_busy_cpu_s() - busy0 - cpu) / wall),
-            "exit_code": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "exit_code": proc.returncode, "peak_rss_mib": rss, "peak_rss_note": rss_note,
             "peak_gpu_mib": max(gpu_peak) if gpu_peak else None,
             "process_wall_s": wall, "process_cpu_s": cpu,
             "progress_wall": [w - t0 for w, _ in seen], "progress_cpu": [c for _, c in seen]}
@@ -850,6 +889,14 @@ def flops_per_token(params: dict, objective: str = "sft", peft: str = "lora") ->
                                 f"once (the tied embedding as the LM-head matmul); attention score FLOPs are left out")
 
 
+def run_ratios(f: dict, t: dict) -> list[float] | None:
+    """ftune / TRL tokens/s of each repeat (the k-th ftune run against the k-th TRL run), with --repeats > 1."""
+    fr, tr = f.get("repeats") or [], t.get("repeats") or []
+    if len(fr) < 2 or len(fr) != len(tr) or not all(x.get("tokens_per_s") for x in fr + tr):
+        return None
+    return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(fr, tr)]
+
+
 def fmt(x, spec=",.0f"):
     return "-" if x is None else format(x, spec)
 
@@ -877,6 +924,9 @@ def report(results: list[dict], meta: dict) -> str:
         *([("MFU vs the model's own matmul shapes", [fmt(r.get("shape_mfu") and 100 * r["shape_mfu"], ".2f") + "%"
                                                        if r.get("shape_mfu") else "-" for r in results])]
           if shape_peak else []),
+        *([("useful tokens/s, each run (ABBA order)", [", ".join(fmt(x.get("tokens_per_s"), ".1f")
+                                                                 for x in r.get("repeats", [r])) for r in results])]
+          if any(r.get("repeats") for r in results) else []),
         ("useful tokens per CPU-second", [fmt(r.get("tokens_per_cpu_s"), ",.1f") for r in results]),
         ("timed steps / seconds", [f"{r.get('steps_timed', '-')} / {fmt(r.get('seconds_timed'), '.1f')}"
                                    for r in results]),
@@ -907,10 +957,13 @@ def report(results: list[dict], meta: dict) -> str:
             speed = f["tokens_per_s"] / t["tokens_per_s"]
             mem = (f["peak_memory_mib"] / t["peak_memory_mib"] if f["peak_memory_mib"] and t["peak_memory_mib"]
                    else float("nan"))
-            ratios.append({"pair": label, "tokens_per_s_ratio": speed, "peak_memory_ratio": mem,
-                           "peak_memory_kind": mem_name, "meets_target": speed >= target and mem <= 1.0})
+            runs = run_ratios(f, t)
+            ratios.append({"pair": label, "tokens_per_s_ratio": speed, "tokens_per_s_ratio_runs": runs,
+                           "peak_memory_ratio": mem, "peak_memory_kind": mem_name,
+                           "meets_target": speed >= target and mem <= 1.0})
             verdict = "met" if speed >= target and mem <= 1.0 else "NOT met"
-            lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}, {mem_name} x{mem:.2f} -> target "
+            each = f" (each run: {', '.join(f'x{x:.2f}' for x in runs)})" if runs else ""
+            lines.append(f"ftune/TRL, {label}: tokens/s x{speed:.2f}{each}, {mem_name} x{mem:.2f} -> target "
                          f"(>={target}x tokens/s at <= TRL's {mem_name}) {verdict}")
     meta["ratios"] = ratios
     lines.append(f"matmul peak ({meta['matmul_n']}^3, best of {meta['matmul_repeats']} at start and at end): "
@@ -927,9 +980,71 @@ def report(results: list[dict], meta: dict) -> str:
                  f"the same tokens over the process's user+system CPU time in those steps (less sensitive to other "
                  f"load on the machine). Padding-free TRL batches are one flattened row.")
     for r in results:
+        if r.get("peak_rss_note"):
+            lines.append(f"peak RSS ({r['framework']}, packing={r['packing']}): {r['peak_rss_note']}")
         if r.get("note"):
             lines.append(f"note ({r['framework']}, packing={r['packing']}): {r['note']}")
     return "\n".join(lines)
+
+
+def measure(a, fw: str, packing: bool, precision: str, env: dict, work: Path, model_dir: Path, rep: int = 0) -> dict:
+    """One measured run of one tool, run again (up to --retry-busy times) while other processes disturbed it."""
+    discarded = []
+    for attempt in range(a.retry_busy + 1):
+        waited = wait_for_idle(a.wait_idle) if a.wait_idle > 0 else 0.0
+        load = os.getloadavg()[0]
+        run_dir = work / f"rep{rep}-try{attempt}"
+        run_dir.mkdir(exist_ok=True)
+        r = (bench_ftune(a, packing, precision, env, run_dir) if fw == "ftune"
+             else bench_trl(a, packing, precision, env, run_dir, model_dir))
+        r.update(load_1min_before=load, load_1min_after=os.getloadavg()[0], waited_for_idle_s=waited)
+        if r.get("tokens_per_s"):
+            gpu_mem = f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") else ""
+            print(f"[bench]   -> {r['tokens_per_s']:.1f} useful tok/s, peak RSS {r['peak_rss_mib']:.0f} "
+                  f"MiB{gpu_mem}, {r['process_wall_s']:.0f}s; other processes used "
+                  f"{r['other_cpu_cores']:.2f} cores meanwhile", flush=True)
+        busy = r.get("other_cpu_cores", 0) > BUSY_CORES and r.get("exit_code") == 0
+        if not busy or attempt == a.retry_busy:
+            break
+        print(f"[bench]   machine was busy during this run; running it again "
+              f"({attempt + 1}/{a.retry_busy})", flush=True)
+        discarded.append({k: r.get(k) for k in ("tokens_per_s", "peak_rss_mib", "other_cpu_cores")})
+    r["discarded_busy_attempts"] = discarded
+    return r
+
+
+def measure_all(a, packings: list[bool], frameworks: list[str], precision: str, env: dict, work: Path,
+                model_dir: Path) -> list[dict]:
+    """Every tool at every packing setting, --repeats times each in ABBA order (ftune, TRL, TRL, ftune, ...), so that
+    a drift of the machine's speed during the run slows both tools alike; one combined result per tool and setting."""
+    results = []
+    for packing in packings:
+        runs = {fw: [] for fw in frameworks}
+        for rep in range(a.repeats):
+            for fw in (frameworks if rep % 2 == 0 else frameworks[::-1]):
+                runs[fw].append(measure(a, fw, packing, precision, env, work, model_dir, rep))
+        results += [combine_repeats(runs[fw]) for fw in frameworks]
+    return results
+
+
+def combine_repeats(runs: list[dict]) -> dict:
+    """One result from --repeats runs of the same tool and setting: the median tokens/s (and per CPU-second), the
+    largest peak memory, every run's figures kept (`repeats`). A failed run makes the result that failure."""
+    if len(runs) == 1:
+        return runs[0]
+    if failed := [r for r in runs if r.get("exit_code") != 0 or not r.get("tokens_per_s")]:
+        return {**failed[0], "repeats": [{k: r.get(k) for k in REPEAT_KEYS} for r in runs]}
+    med = statistics.median(r["tokens_per_s"] for r in runs)
+    out = dict(min(runs, key=lambda r: abs(r["tokens_per_s"] - med)))  # the run nearest the median for the rest
+    out["tokens_per_s"] = med
+    if all(r.get("tokens_per_cpu_s") for r in runs):
+        out["tokens_per_cpu_s"] = statistics.median(r["tokens_per_cpu_s"] for r in runs)
+    if any(r.get("peak_gpu_mib") is not None for r in runs):
+        out["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in runs if r.get("peak_gpu_mib") is not None)
+    top = max(runs, key=lambda r: r.get("peak_rss_mib") or 0)
+    out["peak_rss_mib"], out["peak_rss_note"] = top.get("peak_rss_mib"), top.get("peak_rss_note")
+    out["repeats"] = [{k: r.get(k) for k in REPEAT_KEYS} for r in runs]
+    return out
 
 
 def main(argv=None) -> int:
@@ -973,32 +1088,8 @@ def main(argv=None) -> int:
     packings = {"off": [False], "on": [True], "both": [False, True]}[a.packing]
     frameworks = {"ftune": ["ftune"], "trl": ["trl"], "both": ["ftune", "trl"]}[a.only]
     work = Path(tempfile.mkdtemp(prefix="bench_train."))
-    results = []
     try:
-        for packing in packings:
-            for fw in frameworks:
-                discarded = []
-                for attempt in range(a.retry_busy + 1):
-                    waited = wait_for_idle(a.wait_idle) if a.wait_idle > 0 else 0.0
-                    load = os.getloadavg()[0]
-                    run_dir = work / f"try{attempt}"
-                    run_dir.mkdir(exist_ok=True)
-                    r = (bench_ftune(a, packing, precision, env, run_dir) if fw == "ftune"
-                         else bench_trl(a, packing, precision, env, run_dir, model_dir))
-                    r.update(load_1min_before=load, load_1min_after=os.getloadavg()[0], waited_for_idle_s=waited)
-                    if r.get("tokens_per_s"):
-                        gpu_mem = f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") else ""
-                        print(f"[bench]   -> {r['tokens_per_s']:.1f} useful tok/s, peak RSS {r['peak_rss_mib']:.0f} "
-                              f"MiB{gpu_mem}, {r['process_wall_s']:.0f}s; other processes used "
-                              f"{r['other_cpu_cores']:.2f} cores meanwhile", flush=True)
-                    busy = r.get("other_cpu_cores", 0) > BUSY_CORES and r.get("exit_code") == 0
-                    if not busy or attempt == a.retry_busy:
-                        break
-                    print(f"[bench]   machine was busy during this run; running it again "
-                          f"({attempt + 1}/{a.retry_busy})", flush=True)
-                    discarded.append({k: r.get(k) for k in ("tokens_per_s", "peak_rss_mib", "other_cpu_cores")})
-                r["discarded_busy_attempts"] = discarded
-                results.append(r)
+        results = measure_all(a, packings, frameworks, precision, env, work, model_dir)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -4,6 +4,7 @@ counts, the FLOPs-per-token formulas, and the verdict of the side-by-side table.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -93,6 +94,61 @@ def test_suite_table_verdict():
     f, _ = suite_rows("sft-lora", gpu)  # GPU: 1.4x >= 1.3x and 46% >= 45%; memory is not part of the GPU target
     assert f["target_met"] is True
     assert "no (speed, memory, MFU)" in table(suite_rows("full-ft", slow), markdown=True)
+
+
+def test_repeats_run_in_abba_order_and_combine_to_the_median(monkeypatch):
+    """--repeats N: each tool measured N times, alternating which goes first; the table gets the median tokens/s,
+    the largest peak memory, and the k-th ftune run over the k-th TRL run as the per-run ratios."""
+    from types import SimpleNamespace
+
+    from scripts.bench.__main__ import suite_rows, table
+
+    eng = _engine()
+    speeds = {"ftune": iter([300.0, 360.0, 270.0]), "trl": iter([150.0, 200.0, 90.0])}  # means 310, 146.7
+    order = []
+
+    def fake_measure(a, fw, packing, precision, env, work, model_dir, rep):
+        order.append((rep, fw))
+        return {"framework": fw, "packing": packing, "exit_code": 0, "tokens_per_s": next(speeds[fw]),
+                "tokens_per_cpu_s": 1.0, "peak_rss_mib": 1000.0 + 10 * rep + (500 if fw == "trl" else 0)}
+
+    monkeypatch.setattr(eng, "measure", fake_measure)
+    res = eng.measure_all(SimpleNamespace(repeats=3), [False], ["ftune", "trl"], "bf16", {}, Path("."), Path("."))
+    assert order == [(0, "ftune"), (0, "trl"), (1, "trl"), (1, "ftune"), (2, "ftune"), (2, "trl")]
+    f, t = res
+    assert (f["tokens_per_s"], t["tokens_per_s"]) == (300.0, 150.0)  # medians
+    assert (f["peak_rss_mib"], t["peak_rss_mib"]) == (1020.0, 1520.0)  # the largest of the three
+    assert [x["tokens_per_s"] for x in f["repeats"]] == [300.0, 360.0, 270.0]
+    assert eng.run_ratios(f, t) == pytest.approx([2.0, 1.8, 3.0])
+    one = eng.combine_repeats([{"tokens_per_s": 5.0, "exit_code": 0}])
+    assert "repeats" not in one and one["tokens_per_s"] == 5.0
+    failed = eng.combine_repeats([{"tokens_per_s": 5.0, "exit_code": 0}, {"exit_code": 1, "error": "oom"}])
+    assert failed["error"] == "oom" and failed["exit_code"] == 1
+
+    for r in res:
+        r["peak_memory_mib"], r["mfu"] = r["peak_rss_mib"], 0.5
+    meta = {"device": "cpu", "ratios": [{"pair": "same packing off", "tokens_per_s_ratio_runs": eng.run_ratios(f, t)}]}
+    row = suite_rows("sft-lora", {"meta": meta, "results": res})[0]
+    assert row["ratio"] == pytest.approx(2.0) and row["ratio_runs"] == pytest.approx([2.0, 1.8, 3.0])
+    assert "2.00x (1.80-3.00)" in table([row], markdown=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
+    """Linux carries a process's peak RSS over fork and exec, so wait4 alone would report at least this (large)
+    process's peak for a small child; run_child reports the child's own (~60 MB here)."""
+    eng = _engine()
+    ballast = bytearray(800 * 2**20)  # this process: >= 800 MiB resident
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    child = [sys.executable, "-c", "import time; b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+                                   "time.sleep(0.6)"]
+    res = eng.run_child(child, dict(os.environ), tmp_path / "log", tmp_path)
+    assert res["exit_code"] == 0
+    assert 60 <= res["peak_rss_mib"] < 300, res
+    assert "lower bound" in res["peak_rss_note"]
+    del ballast
+    assert eng.peak_rss(5000.0, 1000.0, 4800.0) == (5000.0, None)  # above the parent's peak: wait4 is exact
+    assert eng.peak_rss(1000.0, 1000.0, 70.0)[0] == 70.0
 
 
 @pytest.mark.slow

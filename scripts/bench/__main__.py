@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-trl", action="store_true", help="run TRL at each point of the seq curve as well")
     p.add_argument("--wait-idle", type=float, default=0)
     p.add_argument("--retry-busy", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure each tool N times in ABBA order; median tokens/s, each run's ratio to TRL (default 1)")
     p.add_argument("--data-dir", type=Path, default=None)
     a = p.parse_args(argv)
     names = [s.strip() for s in a.suite.split(",") if s.strip()]
@@ -92,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def common_args(a) -> list[str]:
     out = ["--model", a.model, "--device", a.device, "--precision", a.precision, "--steps", str(a.steps),
            "--warmup-steps", str(a.warmup_steps), "--examples", str(a.examples), "--wait-idle", str(a.wait_idle),
-           "--retry-busy", str(a.retry_busy)]
+           "--retry-busy", str(a.retry_busy), "--repeats", str(a.repeats)]
     return out + (["--data-dir", str(a.data_dir)] if a.data_dir else [])
 
 
@@ -125,16 +127,20 @@ def suite_rows(name: str, data: dict) -> list[dict]:
     target = TARGETS[meta.get("device", "cpu")]
     res = data["results"]
     trl = {r["packing"]: r for r in res if r["framework"] == "trl" and r.get("tokens_per_s")}
+    # with --repeats, ftune / TRL of each repeat (bench_train pairs the k-th runs)
+    run_ratios = {x["pair"]: x.get("tokens_per_s_ratio_runs") for x in meta.get("ratios", [])}
     rows = []
     for r in res:
         mem = r.get("peak_memory_mib", r.get("peak_rss_mib"))
+        lower = bool(r.get("peak_rss_note")) and meta.get("device", "cpu") == "cpu"  # RSS polled: a lower bound
         row = {"suite": name, "tool": f"{r['framework']} {'packed' if r['packing'] else 'padded'}",
                "tokens_per_s": r.get("tokens_per_s"), "peak_memory_mib": mem, "mfu": r.get("mfu"),
-               "shape_mfu": r.get("shape_mfu"),
+               "shape_mfu": r.get("shape_mfu"), "memory_lower_bound": lower,
                "ratio": None, "memory_ratio": None, "target_met": None, "error": r.get("error") and "failed"}
         ref = trl.get(r["packing"])
         if r["framework"] == "ftune" and r.get("tokens_per_s") and ref:
             row["ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            row["ratio_runs"] = run_ratios.get(f"same packing {'on' if r['packing'] else 'off'}")
             ref_mem = ref.get("peak_memory_mib", ref.get("peak_rss_mib"))
             row["memory_ratio"] = mem / ref_mem if mem and ref_mem else None
             missed = []
@@ -165,8 +171,10 @@ def table(rows: list[dict], markdown: bool = False) -> str:
             body.append([r["suite"], "-", "failed", "", "", "", "", "", r["error"]])
             continue
         verdict = "-" if r.get("target_met") is None else "yes" if r["target_met"] else f"no ({', '.join(r['missed'])})"
-        body.append([r["suite"], r["tool"], _f(r["tokens_per_s"], ",.1f"), _f(r["ratio"], ".2f") + "x"
-                     if r["ratio"] else "-", _f(r["peak_memory_mib"], ",.0f"),
+        spread = f" ({min(r['ratio_runs']):.2f}-{max(r['ratio_runs']):.2f})" if r.get("ratio_runs") else ""
+        mem = ("≥" if r.get("memory_lower_bound") else "") + _f(r["peak_memory_mib"], ",.0f")
+        body.append([r["suite"], r["tool"], _f(r["tokens_per_s"], ",.1f"), _f(r["ratio"], ".2f") + "x" + spread
+                     if r["ratio"] else "-", mem,
                      _f(r["memory_ratio"], ".2f") + "x" if r["memory_ratio"] else "-",
                      _f(r["mfu"] and 100 * r["mfu"], ".2f") + "%" if r["mfu"] else "-",
                      _f(100 * r["shape_mfu"], ".2f") + "%" if r.get("shape_mfu") else "-",
