@@ -443,7 +443,7 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
         while not stop.is_set():
             now, sample = time.perf_counter(), _proc_cpu_rss(pid)
             last = sample or last
-            if now - last_hwm >= 0.1:
+            if now - last_hwm >= 0.5:  # a high-water mark: rare polls miss only a peak in the child's last 0.5 s
                 peaks = [x for x in map(_vm_hwm_mib, _process_tree(pid)) if x is not None]
                 if peaks:
                     hwm.append(max(peaks))

@@ -141,7 +141,7 @@ def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
     ballast = bytearray(800 * 2**20)  # this process: >= 800 MiB resident
     ballast[::4096] = b"x" * len(ballast[::4096])
     child = [sys.executable, "-c", "import time; b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
-                                   "time.sleep(0.6)"]
+                                   "time.sleep(1.2)"]
     res = eng.run_child(child, dict(os.environ), tmp_path / "log", tmp_path)
     assert res["exit_code"] == 0
     assert 60 <= res["peak_rss_mib"] < 300, res
