@@ -433,27 +433,26 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
 
     seen: list[tuple[float, float]] = []
     gpu_peak: list[float] = []
-    hwm: list[float] = []  # the largest VmHWM of any process of the child's tree, per poll
+    hwm = [0.0]  # the largest VmHWM (MiB) seen in any process of the child's tree
     stop = threading.Event()
 
     gpu_baseline = gpu_used_mib() if gpu else None
 
     def poll(pid: int) -> None:
-        lines, last, last_gpu, last_hwm = 0, None, 0.0, 0.0
+        lines, last_gpu, last_hwm = 0, 0.0, 0.0
         while not stop.is_set():
             now, sample = time.perf_counter(), _proc_cpu_rss(pid)
-            last = sample or last
-            if now - last_hwm >= 0.5:  # a high-water mark: rare polls miss only a peak in the child's last 0.5 s
-                peaks = [x for x in map(_vm_hwm_mib, _process_tree(pid)) if x is not None]
-                if peaks:
-                    hwm.append(max(peaks))
-                last_hwm = now
             if progress is not None and progress.exists() and sample:
                 n = sum(1 for x in progress.read_text().splitlines() if '"tokens_per_s"' in x)
                 seen.extend([(now, sample[0])] * (n - lines))
                 lines = n
-            if gpu and now - last_gpu >= 0.3:
-                used = gpu_memory_mib(_process_tree(pid), gpu_baseline)
+            want_hwm, want_gpu = now - last_hwm >= 0.5, gpu and now - last_gpu >= 0.3
+            tree = _process_tree(pid) if want_hwm or want_gpu else set()  # one /proc scan serves both
+            if want_hwm:  # a high-water mark: rare polls miss only a peak in the child's last 0.5 s
+                hwm[0] = max([hwm[0], *(x for x in map(_vm_hwm_mib, tree) if x is not None)])
+                last_hwm = now
+            if want_gpu:
+                used = gpu_memory_mib(tree, gpu_baseline)
                 if used is not None:
                     gpu_peak.append(used)
                 last_gpu = time.perf_counter()
@@ -478,7 +477,7 @@ def run_child(cmd: list[str], env: dict, log_path: Path, cwd: Path, progress: Pa
             poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
-    rss, rss_note = peak_rss(usage.ru_maxrss / 1024, parent_peak_mib, max(hwm) if hwm else None)
+    rss, rss_note = peak_rss(usage.ru_maxrss / 1024, parent_peak_mib, hwm[0] or None)
     return {"other_cpu_cores": max(0.0, (machine_busy_cpu_s() - busy0 - cpu) / wall),
             "exit_code": proc.returncode, "peak_rss_mib": rss, "peak_rss_note": rss_note,
             "peak_gpu_mib": max(gpu_peak) if gpu_peak else None,
