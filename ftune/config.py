@@ -76,6 +76,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     distributed: str = "ddp"
     compile: bool = False
+    cpu_malloc: str = "auto"
     liger: bool = False
     activation_offload: bool = False
     profile_steps: int = 0
@@ -145,6 +146,7 @@ CHOICES = {
     "trainer.scheduler": ("cosine", "linear", "constant"),
     "trainer.mixed_precision": ("no", "bf16", "fp16"),
     "trainer.distributed": ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"),
+    "trainer.cpu_malloc": ("auto", "reuse", "system"),
     "eval.task": ("gsm8k", "preference", "many_shot", "none"),
     "eval.match": ("auto", "exact", "numeric"),
 }

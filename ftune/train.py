@@ -26,8 +26,8 @@ from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError, build, register_configs, validate_train
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
+from ftune.training import cpu_malloc, engine_state
 from ftune.training import distributed as dist
-from ftune.training import engine_state
 from ftune.training.metrics import MetricsLog, plot_loss
 from ftune.training.profiling import step_profiler
 from ftune.training.watchdog import SpikeGuard
@@ -163,6 +163,8 @@ class Trainer:
         AcceleratorState._reset_state()
         self.acc = dist.make_accelerator(cfg)  # DDP, FSDP2 or DeepSpeed: accelerate's own engines (trainer.distributed)
         _check_world_size(self.acc.num_processes)
+        # Before the data and the model take memory: freed CPU buffers stay in the process (trainer.cpu_malloc).
+        log.info("trainer.cpu_malloc: %s", cpu_malloc.apply(t.cpu_malloc, self.acc.device.type))
         dist.check_engine_limits(self.acc, self.peft, "peft")
         dist.check_engine_limits(self.acc, self.objective, "objective")
         self.is_main = self.acc.is_main_process
