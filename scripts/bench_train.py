@@ -70,6 +70,8 @@ DPO_BETA = 0.1
 # The speed targets: ftune's tokens/s at least this multiple of TRL's, at no more peak memory.
 TARGET = {"sft": 1.5, "dpo": 1.3}
 GPU_TARGET = 1.3  # on a GPU: ftune at least 1.3x TRL's tokens/s (and, for the suite, >= 45% MFU)
+# --trl-malloc reuse: glibc's mmap and trim thresholds as ftune's trainer.cpu_malloc=reuse sets them with mallopt.
+TRL_REUSE_TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=2147483647"
 DATA_FILE = {"sft": Path("gsm8k") / "train.jsonl", "dpo": Path("hh-rlhf-harmless") / "test.jsonl.gz"}
 IGNORE = -100
 REPEAT_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "peak_gpu_mib", "other_cpu_cores", "exit_code")
@@ -120,6 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="measure each tool N times, in ABBA order (ftune, TRL, TRL, ftune, ...); the table gives the\n"
                         "median tokens/s, the largest peak memory and each run's ratio to TRL (default 1)")
+    p.add_argument("--ftune-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more ftune override for every ftune run (repeatable), e.g. trainer.cpu_malloc=system\n"
+                        "(ftune's glibc defaults) or trainer.compile=true")
+    p.add_argument("--trl-malloc", choices=("system", "reuse"), default="system",
+                   help="TRL's process runs with glibc's malloc defaults (system, as TRL's users run it) or with the\n"
+                        "thresholds ftune's trainer.cpu_malloc=reuse sets, through GLIBC_TUNABLES (reuse)")
     p.add_argument("--keep", action="store_true", help="keep the runs' temporary output directories")
     p.add_argument("--child", choices=("trl",), help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -522,6 +530,7 @@ def ftune_overrides(a, packing: bool, precision: str, out_dir: Path) -> list[str
         "trainer.scheduler=cosine", f"trainer.warmup_ratio={WARMUP_RATIO}", "trainer.warmup_steps=0",
         "trainer.gradient_checkpointing=false", "trainer.log_every=1", "trainer.eval_every=0",
         "trainer.save_every=0", "trainer.progress=false", "eval=none", f"seed={SEED}", f"output_dir={out_dir}",
+        *getattr(a, "ftune_override", []),
     ]
 
 
@@ -853,6 +862,8 @@ def bench_trl(a, packing: bool, precision: str, env: dict, work: Path, model_dir
     print(f"[bench] TRL {'DPOTrainer' if a.objective == 'dpo' else 'SFTTrainer'} "
           f"(packing={'on' if packing else 'off'})", flush=True)
     log_path = work / f"trl-{tag}.log"
+    if a.trl_malloc == "reuse":  # the thresholds of ftune's trainer.cpu_malloc=reuse (ftune/training/cpu_malloc.py)
+        env = dict(env, GLIBC_TUNABLES=TRL_REUSE_TUNABLES)
     proc = run_child(cmd, env, log_path, work, gpu=a.device == "cuda")
     proc.pop("progress_wall"), proc.pop("progress_cpu")
     res = {"framework": "trl", "packing": packing, **proc, "log": str(log_path)}

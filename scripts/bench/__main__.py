@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="measure each tool N times in ABBA order; median tokens/s, each run's ratio to TRL (default 1)")
     p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--ftune-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more ftune override for every ftune run (repeatable), e.g. trainer.cpu_malloc=system")
+    p.add_argument("--trl-malloc", choices=("system", "reuse"), default="system",
+                   help="TRL with glibc's malloc defaults (system) or ftune's trainer.cpu_malloc=reuse thresholds")
     a = p.parse_args(argv)
     names = [s.strip() for s in a.suite.split(",") if s.strip()]
     a.suites = list(SUITES) if "all" in names else [] if names == ["none"] else names
@@ -94,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def common_args(a) -> list[str]:
     out = ["--model", a.model, "--device", a.device, "--precision", a.precision, "--steps", str(a.steps),
            "--warmup-steps", str(a.warmup_steps), "--examples", str(a.examples), "--wait-idle", str(a.wait_idle),
-           "--retry-busy", str(a.retry_busy), "--repeats", str(a.repeats)]
+           "--retry-busy", str(a.retry_busy), "--repeats", str(a.repeats), "--trl-malloc", a.trl_malloc,
+           *[arg for o in a.ftune_override for arg in ("--ftune-override", o)]]
     return out + (["--data-dir", str(a.data_dir)] if a.data_dir else [])
 
 
