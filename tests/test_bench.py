@@ -178,3 +178,31 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
         assert len(losses[name]) == 6 and losses[name][-1] < losses[name][0], (name, losses[name])
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "env.txt", "logs.tar.gz", "summary.txt"]
     assert "| sft-lora | ftune packed |" in (out / "bench.md").read_text()
+
+
+def test_ftune_overrides_and_trls_allocator_reach_the_children(monkeypatch, tmp_path):
+    """--ftune-override lands in every ftune command line; --trl-malloc reuse gives TRL's process glibc tunables equal
+    to the thresholds ftune's trainer.cpu_malloc=reuse sets with mallopt; by default TRL's environment is left alone."""
+    from ftune.training import cpu_malloc
+
+    eng = _engine()
+    a = eng.parse_args(["--ftune-override", "trainer.cpu_malloc=system", "--ftune-override", "trainer.compile=true",
+                        "--model-dir", str(tmp_path), "--random-order"])
+    ov = eng.ftune_overrides(a, False, "fp32", tmp_path / "out")
+    assert ov[-2:] == ["trainer.cpu_malloc=system", "trainer.compile=true"]
+    tunables = dict(kv.split("=") for kv in eng.TRL_REUSE_TUNABLES.split(":"))
+    assert int(tunables["glibc.malloc.mmap_threshold"]) == int(tunables["glibc.malloc.trim_threshold"]) \
+        == cpu_malloc._INT_MAX
+
+    seen = []
+
+    def fake_child(cmd, env, log_path, cwd, **kw):
+        seen.append(env.get("GLIBC_TUNABLES"))
+        return {"exit_code": 1, "progress_wall": None, "progress_cpu": None}
+
+    monkeypatch.setattr(eng, "run_child", fake_child)
+    monkeypatch.setattr(eng, "tail", lambda p: "")
+    for choice in ("system", "reuse"):
+        a.trl_malloc = choice
+        eng.bench_trl(a, True, "fp32", {"PATH": "/bin"}, tmp_path, tmp_path)
+    assert seen == [None, eng.TRL_REUSE_TUNABLES]
