@@ -6,10 +6,11 @@ step frees and allocates the same activation, gradient and logits buffers every 
 (the kernel zeroes each page again) for memory it just gave back: on SmolLM2-135M full fine-tuning (float32, 4 rows
 of up to 512 tokens, 2 CPU cores) a third of the process's time was system time, and zeroing the 113 MB embedding
 gradient took 180 ms. `reuse` sets glibc's mmap and trim thresholds to their largest values (`mallopt`), so freed
-blocks stay in the heap and are handed out again; the same step then runs about 1.2x as fast (benchmarks/README.md).
+blocks stay in the heap and are handed out again; that run then went 1.12x as fast (benchmarks/README.md).
 This is what the jemalloc / tcmalloc preloads recommended for PyTorch on CPUs do, without a preload; glibc has no
 other switch for it, and `mallopt` is its documented interface. The price: the process's resident memory does not
-shrink when a step's buffers are freed (the peak is unchanged).
+shrink when a step's buffers are freed (the peak is unchanged), and a batch larger than any before still faults its
+extra memory in, once.
 
 Setting only the trim threshold is worse than glibc's defaults: it also freezes the mmap threshold at 128 KiB, so
 every tensor gets its own mapping (0.74x the default's tokens/s in that benchmark).
