@@ -46,6 +46,8 @@ def apply(mode: str, device_type: str) -> str:
     go back to the system once it is on the GPU). The setting is process-wide and stays for the rest of the process."""
     global _applied
     if mode == "system" or (mode == "auto" and device_type != "cpu"):
+        if _applied:  # mallopt has no "back to the dynamic defaults"; say what the process really runs with
+            return "reuse (set by an earlier run in this process; glibc's defaults cannot be put back)"
         return "system (glibc defaults)"
     if _applied:
         return "reuse (freed memory stays in the process)"

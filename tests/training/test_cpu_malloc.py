@@ -51,6 +51,13 @@ def test_auto_reuses_on_the_cpu():
     assert what.startswith("reuse") and n < 2_000, (what, n)
 
 
+def test_a_later_system_run_in_the_same_process_is_told_the_truth():
+    code = ("from ftune.training import cpu_malloc as c; print(c.apply('reuse', 'cpu')); "
+            "print(c.apply('system', 'cpu')); print(c.apply('auto', 'cuda'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("reuse") and all("set by an earlier run" in line for line in out[1:]), out
+
+
 def test_the_trainer_applies_it_for_its_device_before_the_model_loads(tmp_path, monkeypatch):
     from pathlib import Path
 
