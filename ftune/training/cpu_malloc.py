@@ -24,7 +24,6 @@ import platform
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "reuse", "system")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 _INT_MAX = 2**31 - 1  # mallopt takes an int
 _applied = False
