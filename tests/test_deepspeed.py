@@ -111,7 +111,7 @@ def grad_norms(out: Path) -> list[float]:
             if "grad_norm" in line]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_gradient_accumulation_equals_one_process_with_the_global_batch(one_process, tmp_path, stage):
     """trainer.grad_accum under DeepSpeed: 2 processes x 2 micro-batches of 2 rows train like 1 process x 8 rows. The
     engine reduces and steps only at the last micro-batch (a step per micro-batch would double the steps), and the
@@ -194,7 +194,8 @@ def assert_resumes_in_another_stage(other: Path, full: Path, stage: int, *overri
     assert_continues(other, full, loss_atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.slow  # the default suite resumes a one-process checkpoint under ZeRO-3 (test_a_one_process_...)
+@pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_continues_the_same_trajectory(tmp_path, stage):
     """trainer.save_every / trainer.resume under DeepSpeed: the engine's own save_checkpoint / load_checkpoint put
     back the Adam moments and master weights each rank holds (without them the 4th loss differs by ~0.1), ftune's
@@ -264,6 +265,7 @@ def test_zero3_dpo_with_lora_equals_one_process(tmp_path):
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_zero3_full_dpo_needs_its_reference_precomputed(tmp_path):
     """A frozen copy of a partitioned model is refused (DeepSpeed's placeholders would be copied empty), before the
     model is sharded; with objective.precompute_ref=true the same run trains."""

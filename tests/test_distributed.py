@@ -68,6 +68,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert (two / ".hydra" / "config.yaml").is_file() and len(l2) == 4
 
 
+@pytest.mark.slow
 def test_masked_thought_masks_each_example_as_one_process_does(tmp_path):
     """Masked Thought draws each example's mask from (seed, step, example id): 2 processes x 2 accumulated packed
     micro-batches of 2 rows train like 1 process x 8 rows (with draws per process and micro-batch, the second loss
@@ -145,7 +146,7 @@ def _task_data(tmp_path: Path, task: str) -> tuple[list[str], int]:
             "eval.limit=3", "eval.max_new_tokens=4", "eval.batch_size=2"], 6
 
 
-@pytest.mark.parametrize("task", ["preference", "many_shot"])
+@pytest.mark.parametrize("task", ["preference", pytest.param("many_shot", marks=pytest.mark.slow)])
 def test_preference_and_many_shot_evals_are_split_over_the_processes(tmp_path, task):
     """Like GSM8K's: each process scores or answers a share of the task's items, and rank 0 records them all, equal to
     one process's records (log-probs up to float noise, since the shares are batched differently)."""

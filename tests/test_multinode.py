@@ -70,7 +70,7 @@ def launch_nodes(tmp_path: Path, launcher: str, args: list[str], node1_prefix: l
     return out
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", ["accelerate", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_two_machines_train_one_run_like_one_process_with_the_global_batch(tmp_path, launcher):
     nodes = launch_nodes(tmp_path, launcher, [*BASE, "trainer.batch_size=2", "trainer.save_every=2"])
     for k, (rc, _, err) in enumerate(nodes):
