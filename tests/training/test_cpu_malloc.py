@@ -4,8 +4,12 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _tiny import make_cfg, run  # noqa: E402
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -32,8 +36,9 @@ def faults(mode: str, device: str) -> tuple[str, int]:
     return what, int(n)
 
 
-def test_reuse_serves_freed_buffers_without_page_faults():
-    what, n = faults("reuse", "cpu")
+@pytest.mark.parametrize("mode", ["reuse", "auto"])
+def test_reuse_serves_freed_buffers_without_page_faults(mode):
+    what, n = faults(mode, "cpu")
     assert what.startswith("reuse")
     # 4 rounds of 133 MB = about 130,000 pages if each block were faulted in again; a few hundred is the interpreter.
     assert n < 2_000, n
@@ -46,11 +51,6 @@ def test_system_and_gpu_runs_keep_glibcs_defaults(mode, device):
     assert n > 4 * 29_000, n  # the 120 MB block is mapped and unmapped every time: at least its pages, each round
 
 
-def test_auto_reuses_on_the_cpu():
-    what, n = faults("auto", "cpu")
-    assert what.startswith("reuse") and n < 2_000, (what, n)
-
-
 def test_a_later_system_run_in_the_same_process_is_told_the_truth():
     code = ("from ftune.training import cpu_malloc as c; print(c.apply('reuse', 'cpu')); "
             "print(c.apply('system', 'cpu')); print(c.apply('auto', 'cuda'))")
@@ -59,13 +59,8 @@ def test_a_later_system_run_in_the_same_process_is_told_the_truth():
 
 
 def test_the_trainer_applies_it_for_its_device_before_the_model_loads(tmp_path, monkeypatch):
-    from pathlib import Path
-
     import ftune.models.loading as loading
     from ftune.training import cpu_malloc
-
-    sys.path.insert(0, str(Path(__file__).parent.parent))
-    from _tiny import make_cfg, run
 
     class Applied(Exception):
         pass
