@@ -144,7 +144,7 @@ CHOICES = {
     "data.format": ("auto", "prompt_completion", "messages", "alpaca"),
     "data.truncation": ("drop", "truncate", "error"),
     "trainer.scheduler": ("cosine", "linear", "constant"),
-    "trainer.mixed_precision": ("no", "bf16", "fp16"),
+    "trainer.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "trainer.distributed": ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"),
     "trainer.cpu_malloc": ("auto", "reuse", "system"),
     "eval.task": ("gsm8k", "preference", "many_shot", "none"),

@@ -201,7 +201,7 @@ class Trainer:
                               f"Lower them, or train on more examples.")
         self.task = (task_inputs(cfg.data, cfg.eval, self.tokenizer, cfg.seed, tok_key)
                      if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
-        compute = torch.bfloat16 if t.mixed_precision == "bf16" else torch.float32
+        compute = torch.bfloat16 if self.acc.mixed_precision == "bf16" else torch.float32  # auto resolved
         model, _, _ = load_model(cfg.model, self.peft.quantization_config(compute), model_dir)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -475,6 +475,7 @@ class Trainer:
         end_metrics = self.eval_task("end") if self.cfg.eval.at_end else None
         metrics.close()
         summary = {"steps": self.step, "skipped_steps": self.skipped, "spike_skipped_steps": self.spikes.skipped,
+                   "mixed_precision": acc.mixed_precision,  # what trainer.mixed_precision=auto chose
                    "final_loss": last_loss,
                    "eval": final_eval, "train_tokens": tokens_seen, "train_seconds": round(train_time, 2),
                    "tokens_per_s": tokens_seen / train_time if train_time else None, "output": str(final),

@@ -83,7 +83,7 @@ def test_required_argument_missing_is_reported(compose):
     (["peft.alpha=[1,2]"], r"peft\.alpha=.*expected float"),
     (["trainer.max_steps=0"], r"trainer\.max_steps=0"),
     (["trainer.max_steps=-5"], r"trainer\.max_steps=-5"),
-    (["trainer.mixed_precision=fp8"], r"trainer\.mixed_precision='fp8' is not one of no, bf16, fp16"),
+    (["trainer.mixed_precision=fp8"], r"trainer\.mixed_precision='fp8' is not one of no, bf16, fp16, auto"),
     (["trainer.cpu_malloc=keep"], r"trainer\.cpu_malloc='keep' is not one of auto, reuse, system"),
     (["model.dtype=float64"], r"model\.dtype='float64' is not one of"),
     (["data.truncation=cut"], r"data\.truncation='cut' is not one of drop, truncate, error"),

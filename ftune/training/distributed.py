@@ -33,6 +33,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftune.config import ConfigError
+from ftune.training import precision
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +181,32 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
 
     check_device(cfg)
-    acc = Accelerator(mixed_precision=cfg.trainer.mixed_precision, **plugins(cfg.trainer))
+    requested = cfg.trainer.mixed_precision
+    mp, why = precision.resolve(requested, planned_device())
+    acc = Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+    if requested == "auto":
+        if acc.device.type != planned_device():  # accelerate placed the run elsewhere than torch's own accelerator
+            mp, why = precision.resolve(requested, acc.device.type)
+        if acc.num_processes > 1:  # every process measured for itself; all take rank 0's choice
+            from accelerate.utils import broadcast_object_list
+
+            mp, why = broadcast_object_list([mp, why], from_process=0)
+        if mp != acc.mixed_precision:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()  # the process group stays
+            acc = Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+    log.info(why)
     check_state(cfg, acc)
     return acc
+
+
+def planned_device() -> str:
+    """The device type accelerate will train on: torch's current accelerator (cuda, mps, xpu, ...) unless
+    ACCELERATE_USE_CPU keeps every process on the CPU."""
+    if cpu_forced() or not torch.accelerator.is_available():
+        return "cpu"
+    return torch.accelerator.current_accelerator().type
 
 
 def shared_output_dir(acc, out: Path, checks: Callable[[Path], None], wait_s: float = 10.0) -> Path:
