@@ -101,8 +101,9 @@ class BatchOrder:
 
     With `lengths` (data.group_by_length=true) each epoch's permutation is cut into pools of GROUP_POOL global
     micro-batches; each pool is sorted by length and cut into global micro-batches, whose order over the epoch is then
-    shuffled. A micro-batch thus holds rows of similar length (little padding, and balanced ranks), while which lengths
-    come when stays random. Rows an epoch leaves out (fewer than one step's worth) are still chosen at random.
+    shuffled, except that the one holding the epoch's longest row comes first. A micro-batch thus holds rows of similar
+    length (little padding, and balanced ranks), while which lengths come when stays random. Rows an epoch leaves out
+    (fewer than one step's worth) are still chosen at random.
     """
 
     def __init__(self, num_rows: int, batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int,
@@ -132,6 +133,12 @@ class BatchOrder:
             pool = sorted(perm[s: min(s + group * GROUP_POOL, used)], key=lambda i: -self.lengths[i])
             groups += [pool[k: k + group] for k in range(0, len(pool), group)]
         shuffled = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+        # The micro-batch with the epoch's longest row goes first, as in HF's LengthGroupedSampler: a batch too large
+        # for memory fails in the first step, not hours in, and the allocator reaches its peak once (CPU: a later,
+        # larger batch would fault fresh memory in mid-run).
+        if shuffled:
+            top = max(range(len(shuffled)), key=lambda k: max(self.lengths[i] for i in shuffled[k]))
+            shuffled[0], shuffled[top] = shuffled[top], shuffled[0]
         return [i for grp in shuffled for i in grp] + perm[used:]
 
     def micro_batches(self, step: int) -> list[list[int]]:
