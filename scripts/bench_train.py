@@ -319,7 +319,10 @@ def param_counts(model_dir: Path) -> dict[str, int]:
     lora = sum(LORA["r"] * (m.in_features + m.out_features) for m in model.modules()
                if isinstance(m, torch.nn.Linear) and m is not out_emb)
     emb = model.get_input_embeddings().weight.numel()
-    return {"base": base, "lora": lora, "embedding": emb, "tied": bool(getattr(config, "tie_word_embeddings", False))}
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"base": base, "lora": lora, "embedding": emb, "tied": bool(getattr(config, "tie_word_embeddings", False)),
+            "layers": config.num_hidden_layers, "attention_width": heads * head_dim}
 
 
 def machine_busy_cpu_s() -> float:
@@ -535,20 +538,14 @@ def ftune_overrides(a, packing: bool, precision: str, out_dir: Path) -> list[str
     ]
 
 
-def ftune_step_rows(overrides: list[str], steps: int, world: int = 1) -> list[list[dict]]:
-    """The rows of each optimizer step of an ftune run (over all `world` processes), rebuilt with ftune's own data
-    pipeline and BatchOrder.
-
-    metrics.jsonl only has the cumulative tokens_per_s per step; with the per-step token counts rebuilt here, the
-    cumulative training time after step k is tokens_seen_k / tokens_per_s_k. (Mirrors ftune.train.Trainer.__init__.)
-    """
+def ftune_data(overrides: list[str]):
+    """(config, prepared data) of an ftune run, by ftune's own data pipeline (as ftune.train.Trainer.__init__)."""
     import inspect
 
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     import ftune.train  # noqa: F401 - registers ftune's config schema
-    from ftune.data.batching import BatchOrder, row_tokens
     from ftune.data.pipeline import prepare
     from ftune.models.loading import fingerprint, load_tokenizer, resolve_model_dir
     from ftune.paths import configs_dir
@@ -561,8 +558,28 @@ def ftune_step_rows(overrides: list[str], steps: int, world: int = 1) -> list[li
     extra = {}
     if "kind" in inspect.signature(prepare).parameters:
         extra["kind"] = getattr(instantiate(cfg.objective), "data_kind", "sft")
-    data = prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
-                   pack_rows=cfg.data.packing, **extra)
+    return cfg, prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
+                        pack_rows=cfg.data.packing, **extra)
+
+
+def attention_context(rows: list[dict]) -> float:
+    """Sum T^2 / sum T over the sequences of `rows` (T: a sequence's tokens): the context a trained token attends over,
+    on average per token. Causal attention over a sequence of T tokens costs T^2 x (attention width) multiply-adds for
+    the scores and as many for their product with the values, so T per token."""
+    lengths = [len(ids) for r in rows for ids, _ in sequences(r)]
+    return sum(n * n for n in lengths) / sum(lengths) if lengths else 0.0
+
+
+def ftune_step_rows(overrides: list[str], steps: int, world: int = 1) -> list[list[dict]]:
+    """The rows of each optimizer step of an ftune run (over all `world` processes), rebuilt with ftune's own data
+    pipeline and BatchOrder.
+
+    metrics.jsonl only has the cumulative tokens_per_s per step; with the per-step token counts rebuilt here, the
+    cumulative training time after step k is tokens_seen_k / tokens_per_s_k. (Mirrors ftune.train.Trainer.__init__.)
+    """
+    from ftune.data.batching import BatchOrder, row_tokens
+
+    cfg, data = ftune_data(overrides)
     t = cfg.trainer
     lengths = [row_tokens(r) for r in data.train] if cfg.data.get("group_by_length") else None
     orders = [BatchOrder(len(data.train), t.batch_size, t.grad_accum, world, rank, cfg.seed, lengths)
@@ -892,25 +909,38 @@ def cpu_name() -> str:
     return arch
 
 
-def flops_per_token(params: dict, objective: str = "sft", peft: str = "lora") -> tuple[float, str]:
+def flops_per_token(params: dict, objective: str = "sft", peft: str = "lora",
+                    context: float = 0.0) -> tuple[float, str]:
+    """Model FLOPs per useful token: the weights' products, plus attention's when `context` (attention_context) is
+    given: the scores and their product with the values, causal (half the T x T matrix, as FlashAttention counts),
+    forward 2*L*A*T (L layers, A = heads x head size), training 3x that (both operands of each product get a gradient,
+    also under LoRA), the reference model of DPO once more forward."""
     n, n_lora = params["base"], params["lora"]
     if peft == "full":
         if objective == "dpo":
-            return 8 * n, (f"DPO, full fine-tuning: 8*N = 8*{n / 1e6:.1f}M FLOPs per useful token (policy 6N: forward "
-                           f"2N, activation and weight gradients 4N; frozen reference copy forward 2N); attention "
-                           f"score FLOPs are left out")
-        return 6 * n, (f"full fine-tuning: 6*N = 6*{n / 1e6:.1f}M FLOPs per useful token (forward 2N, activation and "
-                       f"weight gradients 4N). N counts every parameter once (a tied embedding as the LM-head "
-                       f"matmul); attention score FLOPs are left out")
-    if objective == "dpo":
-        return 6 * n + 6 * n_lora, (f"DPO with LoRA: 6*N_base + 6*N_lora = 6*{n / 1e6:.1f}M + 6*{n_lora / 1e6:.2f}M "
-                                    f"FLOPs per useful token (policy 2N forward + 2N activation gradients + "
-                                    f"6*N_lora for the adapter, reference forward 2N with the adapter disabled); "
-                                    f"attention score FLOPs are left out")
-    return 4 * n + 6 * n_lora, (f"LoRA: 4*N_base + 6*N_lora = 4*{n / 1e6:.1f}M + 6*{n_lora / 1e6:.2f}M "
-                                f"FLOPs per useful token (2N forward + 2N activation gradients; no weight gradients "
-                                f"for the frozen base; full fine-tuning would be 6N). N counts every base parameter "
-                                f"once (the tied embedding as the LM-head matmul); attention score FLOPs are left out")
+            fpt, text = 8 * n, (f"DPO, full fine-tuning: 8*N = 8*{n / 1e6:.1f}M FLOPs per useful token (policy 6N: "
+                                f"forward 2N, activation and weight gradients 4N; frozen reference copy forward 2N)")
+        else:
+            fpt, text = 6 * n, (f"full fine-tuning: 6*N = 6*{n / 1e6:.1f}M FLOPs per useful token (forward 2N, "
+                                f"activation and weight gradients 4N). N counts every parameter once (a tied "
+                                f"embedding as the LM-head matmul)")
+    elif objective == "dpo":
+        fpt, text = 6 * n + 6 * n_lora, (f"DPO with LoRA: 6*N_base + 6*N_lora = 6*{n / 1e6:.1f}M + "
+                                         f"6*{n_lora / 1e6:.2f}M FLOPs per useful token (policy 2N forward + 2N "
+                                         f"activation gradients + 6*N_lora for the adapter, reference forward 2N "
+                                         f"with the adapter disabled)")
+    else:
+        fpt, text = 4 * n + 6 * n_lora, (f"LoRA: 4*N_base + 6*N_lora = 4*{n / 1e6:.1f}M + 6*{n_lora / 1e6:.2f}M "
+                                         f"FLOPs per useful token (2N forward + 2N activation gradients; no weight "
+                                         f"gradients for the frozen base; full fine-tuning would be 6N). N counts "
+                                         f"every base parameter once (the tied embedding as the LM-head matmul)")
+    if not context:
+        return fpt, text + "; attention score FLOPs are left out"
+    c, layers, width = (8 if objective == "dpo" else 6), params["layers"], params["attention_width"]
+    attn = c * layers * width * context
+    return fpt + attn, (text + f"; plus causal attention {c}*L*A*T = {c}*{layers}*{width}*{context:.1f} = "
+                        f"{attn / 1e6:.1f}M (T = sum T^2 / sum T over the benchmark's training sequences; "
+                        f"{'policy 6, reference forward 2' if c == 8 else 'forward 2, gradients 4'})")
 
 
 def run_ratios(f: dict, t: dict) -> list[float] | None:
@@ -1105,7 +1135,9 @@ def main(argv=None) -> int:
     matmul_n = 8192 if a.device == "cuda" else 2048  # a GPU needs a large matmul to reach its peak
     peak = matmul_peak(matmul_n, device=a.device)
     params = param_counts(model_dir)
-    fpt, formula = flops_per_token(params, a.objective, a.peft)
+    # The same examples for both tools, so the same context (from ftune's tokenization, unpacked).
+    context = attention_context(ftune_data(ftune_overrides(a, False, precision, Path(os.devnull)))[1].train)
+    fpt, formula = flops_per_token(params, a.objective, a.peft, context)
     rows = a.seq_len * a.batch_size
     print(f"[bench] measuring the matmul rate at the model's own shapes ({rows} rows) ...", flush=True)
     shape_rate = shape_matmul_rate(model_matmul_shapes(model_dir, rows, a.peft), a.device, dtypes=(precision,))
@@ -1138,7 +1170,8 @@ def main(argv=None) -> int:
             "batch_size": a.batch_size, "peft": a.peft, "lora": LORA if a.peft == "lora" else None, "lr": a.lr,
             "seed": SEED, "model": a.model, "model_dir": str(model_dir), "device": a.device, "nproc": a.nproc,
             "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else None,
-            "data": str(data_dir / DATA_FILE[a.objective]), "params": params, "flops_per_token": fpt,
+            "data": str(data_dir / DATA_FILE[a.objective]), "params": params,
+            "attention_context": context, "flops_per_token": fpt,
             "flops_formula": formula, "matmul_peak_gflops": peak, "matmul_peak_runs": peak_runs, "matmul_n": matmul_n,
             "shape_matmul_gflops": shape_rate, "shape_matmul_rows": rows,
             "matmul_repeats": 5,

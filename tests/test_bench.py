@@ -49,11 +49,43 @@ def test_random_architectures_have_the_published_parameter_counts(name, publishe
 
 def test_flops_per_token():
     eng = _engine()
-    params = {"base": 1000, "lora": 10}
+    params = {"base": 1000, "lora": 10, "layers": 2, "attention_width": 8}
     assert eng.flops_per_token(params, "sft", "lora")[0] == 4 * 1000 + 6 * 10
     assert eng.flops_per_token(params, "sft", "full")[0] == 6 * 1000
     assert eng.flops_per_token(params, "dpo", "lora")[0] == 6 * 1000 + 6 * 10
     assert eng.flops_per_token(params, "dpo", "full")[0] == 8 * 1000
+    # Causal attention over a context of 5: forward 2*L*A*T, training 3x; DPO's reference adds one forward.
+    assert eng.flops_per_token(params, "sft", "lora", 5.0)[0] == 4 * 1000 + 6 * 10 + 6 * 2 * 8 * 5
+    assert eng.flops_per_token(params, "dpo", "full", 5.0)[0] == 8 * 1000 + 8 * 2 * 8 * 5
+    rows = [{"input_ids": [0] * 3, "labels": [0] * 3},
+            {**{f"{s}_input_ids": [0] * n for s, n in (("chosen", 4), ("rejected", 1))},
+             **{f"{s}_labels": [0] * n for s, n in (("chosen", 4), ("rejected", 1))}}]
+    assert eng.attention_context(rows) == (9 + 16 + 1) / (3 + 4 + 1)
+
+
+def test_attention_flops_are_half_the_full_score_matrix(tmp_path):
+    """torch's FLOP counter on a tiny Llama (eager attention, grouped-query heads) trained on one sequence of T tokens:
+    the products beyond the linear layers' 6 FLOPs per weight and token are the full T x T scores and their product
+    with the values; flops_per_token counts the causal half of them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    eng = _engine()
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                         attn_implementation="eager")
+    config.save_pretrained(tmp_path)
+    params = eng.param_counts(tmp_path)
+    assert (params["layers"], params["attention_width"]) == (2, 64)  # 4 heads x 16, wider than the hidden size
+    model = LlamaForCausalLM(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    t = 16
+    with FlopCounterMode(display=False) as counter:
+        model(torch.arange(t)[None], labels=torch.arange(t)[None], use_cache=False).loss.backward()
+    attention = counter.get_total_flops() - 6 * linear * t
+    causal = eng.flops_per_token({**params, "base": 0, "lora": 0}, "sft", "full", float(t))[0] * t
+    assert attention == 2 * causal > 0
 
 
 @pytest.mark.parametrize("peft,per_param", [("lora", 4), ("full", 6)])
