@@ -58,7 +58,7 @@ def resolve(requested: str, device: str) -> tuple[str, str]:
     if requested != "auto":
         return requested, f"trainer.mixed_precision={requested}"
     if device == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 (before Ampere) is slow
             return "bf16", "trainer.mixed_precision=auto: bf16 (this GPU supports it)"
         return "no", ("trainer.mixed_precision=auto: float32 (this GPU has no bf16; fp16 with a loss scale is "
                       "trainer.mixed_precision=fp16)")

@@ -30,7 +30,8 @@ def test_a_cpu_trains_in_bf16_only_where_it_multiplies_clearly_faster(monkeypatc
 def test_a_gpu_by_its_bf16_support_other_devices_float32_explicit_choices_kept(monkeypatch):
     monkeypatch.setattr(precision, "cpu_rates", lambda: pytest.fail("timed the CPU for another device"))
     for supported, choice in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, supported=supported, **k: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",  # natively: emulated bf16 counts as none
+                            lambda including_emulation=True, supported=supported: supported and not including_emulation)
         assert precision.resolve("auto", "cuda")[0] == choice
     assert precision.resolve("auto", "mps")[0] == "no"
     for explicit in ("no", "bf16", "fp16"):
