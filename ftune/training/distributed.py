@@ -181,11 +181,11 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
 
     check_device(cfg)
-    requested = cfg.trainer.mixed_precision
-    mp, why = precision.resolve(requested, planned_device())
+    requested, planned = cfg.trainer.mixed_precision, planned_device()
+    mp, why = precision.resolve(requested, planned)
     acc = Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
     if requested == "auto":
-        if acc.device.type != planned_device():  # accelerate placed the run elsewhere than torch's own accelerator
+        if acc.device.type != planned:  # accelerate placed the run elsewhere than torch's own accelerator
             mp, why = precision.resolve(requested, acc.device.type)
         if acc.num_processes > 1:  # every process measured for itself; all take rank 0's choice
             from accelerate.utils import broadcast_object_list
