@@ -22,11 +22,18 @@ import torch.nn.functional as F
 _LEVELS = 1 << 16
 
 
+def as_factor(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as a 0/1 factor for x * mask: its bytes viewed as uint8 (no copy). The product is the same, but
+    torch's CPU kernels first convert a bool operand to x's dtype at scalar speed: on a 1100 x 1536 float32 tensor
+    x * mask took 1.76 ms with the bool and 0.84 with the uint8 view, y.addcmul_(x, mask) 1.49 against 0.66."""
+    return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
+
+
 def keep_and_scale(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """x * keep * scale for a boolean mask, in x's dtype. Scaled by a Python float (the product computed in float32,
     rounded once): a scale tensor in a bf16 input's dtype would round 1 / (1 - p) itself (0.05 -> 1.0547 instead of
     1.0526 in bf16)."""
-    return (x * keep).mul_(scale)
+    return (x * as_factor(keep)).mul_(scale)
 
 
 class _KeepAndScale(torch.autograd.Function):

@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from ftune.peft.dropout import FastDropout, keep_and_scale
+from ftune.peft.dropout import FastDropout, as_factor, keep_and_scale
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -60,7 +60,7 @@ class _LoraLinear(torch.autograd.Function):
             if keep is None:
                 dx.addmm_(dz, a)
             else:
-                dx.addcmul_(torch.mm(dz, a), keep.view_as(dx), value=ctx.kept_scale)
+                dx.addcmul_(torch.mm(dz, a), as_factor(keep).view_as(dx), value=ctx.kept_scale)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             d_bias = dy2.sum(0).to(bias_dtype)

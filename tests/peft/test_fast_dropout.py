@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftune.peft.dropout import FastDropout
+from ftune.peft.dropout import FastDropout, as_factor, keep_and_scale
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -86,3 +86,18 @@ def test_backward_keeps_a_one_byte_mask():
         y = d(x)
     assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.bool, (16, 40))]
     assert torch.equal(saved[0], y.detach() != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mask_applied_through_a_uint8_view_equals_the_boolean_product(dtype):
+    """keep_and_scale multiplies by the mask's bytes viewed as uint8 (fast on CPU): same values and dtype as the
+    product with the boolean mask, and the view shares the mask's memory (no converted copy)."""
+    torch.manual_seed(5)
+    x = torch.randn(37, 129).to(dtype)
+    keep = torch.rand(37, 129) > 0.3
+    factor = as_factor(keep)
+    assert factor.dtype == torch.uint8 and factor.data_ptr() == keep.data_ptr()
+    y = keep_and_scale(x, keep, 1.25)
+    assert y.dtype == dtype
+    assert torch.equal(y, (x * keep).mul_(1.25))
+    assert torch.equal(y[~keep], torch.zeros_like(y[~keep])) and torch.equal(y[keep], (x[keep] * 1.25))
