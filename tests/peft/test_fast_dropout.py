@@ -5,25 +5,56 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ftune.peft import dropout
 from ftune.peft.dropout import FastDropout, as_factor, keep_and_scale
 
 
-@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.125, 0.2, 0.5])
 def test_drop_rate_scale_and_expectation(p):
     torch.manual_seed(0)
     d = FastDropout(p).train()
+    assert d.by_gaps == (p <= 0.125)
     x = torch.rand(400_003) + 1  # odd size: the last 64-bit draw is only partly used; values > 0 so zeros are drops
     y = d(x)
     dropped = y == 0
-    p_eff = d.dropped / 65536
-    assert abs(p_eff - p) <= 0.5 / 65536
-    sigma = (p_eff * (1 - p_eff) / x.numel()) ** 0.5
-    assert abs(dropped.float().mean().item() - p_eff) < 5 * sigma
-    # each of the four 16-bit slices of a 64-bit draw drops at the same rate (a sign bit left 0 would bias one)
-    per_slice = dropped[: 400_000].view(-1, 4).float().mean(0)
-    assert (per_slice - p_eff).abs().max().item() < 5 * (p_eff * (1 - p_eff) / 100_000) ** 0.5
-    torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p_eff))
+    if d.by_gaps:
+        assert d.rate == p  # drawn at p itself
+    else:
+        assert abs(d.rate - p) <= 0.5 / 65536 and d.rate * 65536 == round(d.rate * 65536)
+        # each of the four 16-bit slices of a 64-bit draw drops at the same rate (a sign bit left 0 would bias one)
+        per_slice = dropped[: 400_000].view(-1, 4).float().mean(0)
+        assert (per_slice - d.rate).abs().max().item() < 5 * (d.rate * (1 - d.rate) / 100_000) ** 0.5
+    sigma = (d.rate * (1 - d.rate) / x.numel()) ** 0.5
+    assert abs(dropped.float().mean().item() - d.rate) < 5 * sigma
+    # the start, middle and end of the tensor drop alike (the gaps' running sum must reach the end unbiased)
+    for part in dropped[: 399_999].view(3, -1).float().mean(1):
+        assert abs(part.item() - d.rate) < 5 * sigma * 3 ** 0.5
+    assert d.scale == 1 / (1 - d.rate)
+    torch.testing.assert_close(y[~dropped], x[~dropped] * d.scale)
     assert abs(y.mean().item() - x.mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("draws", ["as_shipped", "three_per_round"])
+def test_gap_sampler_gives_independent_drops_at_every_position(draws, monkeypatch):
+    """Drops drawn from the gaps between them are independent Bernoulli(p) trials: every position of a small tensor
+    drops at rate p, neighbours drop together at p^2 (a gap never 0 would forbid it; one off by one would change
+    it), and runs of kept elements are geometric. With three gaps per round the sampler needs many rounds per mask:
+    the result must be the same distribution."""
+    if draws == "three_per_round":
+        monkeypatch.setattr(dropout, "_gap_draws", lambda mean: 3)
+    torch.manual_seed(6)
+    p, reps, n = 0.1, 5_000, 200
+    d = FastDropout(p).train()
+    masks = torch.stack([~d.keep_mask(torch.empty(10, 20)).flatten() for _ in range(reps)]).float()
+    sigma = (p * (1 - p) / reps) ** 0.5
+    assert (masks.mean(0) - p).abs().max().item() < 5 * sigma
+    pairs = (masks[:, :-1] * masks[:, 1:]).mean().item()
+    assert abs(pairs - p * p) < 5 * (p * p / (reps * (n - 1))) ** 0.5
+    # P(the first drop is at position k) = (1 - p)^k p
+    first = masks.argmax(1)[masks.sum(1) > 0]
+    for k in range(4):
+        expected = (1 - p) ** k * p * reps
+        assert abs((first == k).sum().item() - expected) < 5 * expected ** 0.5
 
 
 def test_gradient_is_the_mask_times_the_scale():
