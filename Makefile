@@ -43,8 +43,11 @@ bench: setup
 # What `bash scripts/gpu_check.sh` needs on a CUDA machine without internet, in .device/ and .device-qlora/ (both
 # ignored by git, rebuilt each time): wheels of the packages a CUDA PyTorch image may lack, at this venv's versions
 # and for that machine's Python (DEVICE_PY), the tokenizer cache, and the data from FTUNE_DATA_DIR (default
-# ../shared/data). hydra's parser (antlr4 4.9.3) exists only as an sdist, so its wheel is built here.
+# ../shared/data). hydra's parser (antlr4 4.9.3) exists only as an sdist, so its wheel is built here. bitsandbytes'
+# wheel keeps only the CPU library and the CUDA ones matching DEVICE_BNB_KEEP (the GPU torch's CUDA: 13.x here), 7 MB
+# instead of 43, so that .device and .device-qlora travel together.
 DEVICE_PY ?= 3.12
+DEVICE_BNB_KEEP ?= cuda13
 FTUNE_DATA_DIR ?= $(abspath ../shared/data)
 DEVICE_PLATFORMS = $(foreach n,28_x86_64 27_x86_64 24_x86_64 17_x86_64,--platform manylinux_2_$(n)) \
 	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
@@ -57,10 +60,11 @@ device-pack: setup
 	rm -rf .device .device-qlora
 	mkdir -p .device/whl .device/whl-bench .device/data .device/home .device-qlora
 	$(DEVICE_DOWNLOAD) -d .device/whl $(call pinned,transformers peft datasets dill multiprocess hydra-core omegaconf \
-		pytest pluggy iniconfig pygments)
+		pytest pluggy iniconfig pygments regex fsspec)
 	$(PIP) wheel -q --no-deps -w .device/whl antlr4-python3-runtime==4.9.3
 	$(DEVICE_DOWNLOAD) -d .device/whl-bench $(call pinned,trl) liger-kernel
 	$(DEVICE_DOWNLOAD) -d .device-qlora $(call pinned,bitsandbytes)
+	$(VENV)/bin/python scripts/slim_wheel.py .device-qlora/bitsandbytes-*.whl '$(DEVICE_BNB_KEEP)'
 	FTUNE_HOME=$(CURDIR)/.device/home $(VENV)/bin/python -c \
 		"from ftune.models.loading import embedded_tokenizer_dir as t; print('tokenizer:', t())"
 	cp -r $(FTUNE_DATA_DIR)/gsm8k $(FTUNE_DATA_DIR)/hh-rlhf-harmless .device/data/

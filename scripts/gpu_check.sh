@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # ftune's GPU checks in one prepared run, for a CUDA machine that may have no internet and little time:
 #
-#   make device-pack                            # on a machine with the package index: the Python wheels the GPU
-#                                               # image may lack, the tokenizer cache and the data (see Makefile)
-#   bash scripts/gpu_check.sh OUT [core|qlora]  # on the GPU machine, from the repository root, with them beside it
+#   make device-pack                                # on a machine with the package index: the Python wheels the GPU
+#                                                   # image may lack, the tokenizer cache and the data (see Makefile)
+#   bash scripts/gpu_check.sh OUT [core|qlora|all]  # on the GPU machine, from the repository root, with them beside it
 #
-# core: the fused LoRA layer against peft's (pytest), the loop on CUDA with the tiny model (bf16 + packed SDPA,
-#       torch.compile, gradient checkpointing, Liger, activation offloading), then the benchmark suite's SFT-LoRA on
-#       the random Llama-3.2-1B against TRL (the H100 targets: >= 45% MFU, >= 1.3x TRL). Needs .device/ (about 28 MB).
-# qlora: QLoRA 4-bit (bitsandbytes) on CUDA, tiny model and the random 1B. Needs .device/whl, .device/home,
-#       .device/data/gsm8k and .device-qlora/ (the 43 MB bitsandbytes wheel; 66 MB in all).
-# Each step has its own time limit and log; a failing step does not stop the next. OUT receives five files at most:
-# summary.txt (every step's command, exit status, seconds and last lines; the short runs' losses), env.txt (GPU and
-# package versions), bench.md and bench.json (the benchmark's table) and logs.tar.gz (every log); the runs themselves
-# stay in a scratch directory (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the same steps
-# on a CPU with tiny models (a check of this script itself, not of the GPU).
+# core: the loop on CUDA with the tiny model (bf16 + packed SDPA, torch.compile, gradient checkpointing, Liger,
+#       activation offloading) and the fused LoRA layer against peft's (pytest), side by side; then, alone, the
+#       benchmark suite's SFT-LoRA on the random Llama-3.2-1B against TRL (the H100 targets: >= 45% MFU, >= 1.3x
+#       TRL). Needs .device/ (about 30 MB).
+# qlora: QLoRA 4-bit (bitsandbytes) on CUDA, tiny model and the random 1B. Needs .device/ and .device-qlora/ (the
+#       bitsandbytes wheel, slimmed to 7 MB by `make device-pack`).
+# all: core, qlora, then (on CUDA) the full fine-tuning and DPO suites on the random 1B against TRL.
+# Each step has its own time limit and log; a failing step does not stop the next. GPU_CHECK_BUDGET=SECONDS caps
+# the steps' time together: a step gets at most what is left and is skipped when less than a minute is. OUT receives
+# seven files at most: summary.txt (every step's command, exit status, seconds and last lines, more of them when it
+# failed; the short runs' losses), env.txt (GPU and package versions), bench.md and bench.json (the SFT-LoRA table,
+# copied as soon as it exists), bench-more.md / .json (full-ft and DPO) and logs.tar.gz (every log); the runs
+# themselves stay in a scratch directory (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the
+# same steps on a CPU with tiny models (a check of this script itself, not of the GPU).
 set -u
-OUT=${1:?usage: bash scripts/gpu_check.sh OUT [core|qlora]}
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT [core|qlora|all]}
 PART=${2:-core}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 PY=${PY:-python3}
@@ -37,15 +41,39 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 SUMMARY=$OUT/summary.txt
+BUDGET=${GPU_CHECK_BUDGET:-0}
+BUDGET_T0=$SECONDS
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to WORK/logs/NAME.log, record status, seconds
   local name=$1 limit=$2
   shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - (SECONDS - BUDGET_T0)))
+    if [ "$left" -lt 60 ]; then
+      echo "== $name: skipped, $left s of GPU_CHECK_BUDGET left" | tee -a "$SUMMARY"
+      return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   local t0=$SECONDS
-  echo "== $name: $*" | tee -a "$SUMMARY"
+  echo "== $name: started" >&2
   timeout "$limit" "$@" >"$WORK/logs/$name.log" 2>&1
   local rc=$?
-  echo "   exit $rc in $((SECONDS - t0)) s" | tee -a "$SUMMARY"
-  tail -n 3 "$WORK/logs/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
+  local lines=3
+  [ "$rc" -ne 0 ] && lines=25
+  # one append per step, so that steps run side by side do not interleave their lines
+  printf '== %s: %s\n   exit %s in %s s\n%s\n' "$name" "$*" "$rc" "$((SECONDS - t0))" \
+    "$(tail -n "$lines" "$WORK/logs/$name.log" | cut -c1-400 | sed 's/^/   | /')" | tee -a "$SUMMARY"
+}
+# The tiny runs are small next to a GPU and its host: there they run side by side (GPU_CHECK_PARALLEL=1, the default
+# on CUDA), then `wait`; the benchmark always runs alone.
+PARALLEL=${GPU_CHECK_PARALLEL:-$([ "$DEV" = cuda ] && echo 1 || echo 0)}
+spawn() {
+  if [ "$PARALLEL" = 1 ]; then step "$@" & else step "$@"; fi
+}
+copy_bench() {  # copy_bench DIR NAME: the suite's table into OUT as soon as it exists
+  if [ -f "$1/summary.md" ]; then
+    cp "$1/summary.md" "$OUT/$2.md" && cp "$1/summary.json" "$OUT/$2.json"
+  fi
 }
 
 {
@@ -77,30 +105,48 @@ else
 fi
 FT=("$PY" -m ftune.cli train)  # an array, not a function: `timeout` runs programs only
 
-if [ "$PART" = core ]; then
-  step train-bf16-packed 180 "${FT[@]}" "${TINY[@]}" output_dir="$WORK/runs/bf16"
-  step train-compile 240 "${FT[@]}" "${TINY[@]}" trainer.compile=true output_dir="$WORK/runs/compile"
-  step train-checkpointing 180 "${FT[@]}" "${TINY[@]}" trainer.gradient_checkpointing=true output_dir="$WORK/runs/ckpt"
+tiny_checks() {  # the loop on the tiny model with each GPU feature; on CUDA also the fused LoRA layer against peft's
+  spawn train-bf16-packed 180 "${FT[@]}" "${TINY[@]}" output_dir="$WORK/runs/bf16"
+  spawn train-compile 240 "${FT[@]}" "${TINY[@]}" trainer.compile=true output_dir="$WORK/runs/compile"
+  spawn train-checkpointing 180 "${FT[@]}" "${TINY[@]}" trainer.gradient_checkpointing=true output_dir="$WORK/runs/ckpt"
   if [ "$DEV" = cuda ]; then
-    # the fused LoRA layer against peft's forward and backward on the GPU (float32 and bf16 autocast)
-    step fused-lora 180 "$PY" -m pytest -q -p no:cacheprovider tests/peft/test_fused_lora.py -k cuda
-    step train-liger 180 "${FT[@]}" "${TINY[@]}" trainer.liger=true output_dir="$WORK/runs/liger"
-    step train-offload 180 "${FT[@]}" "${TINY[@]}" trainer.activation_offload=true output_dir="$WORK/runs/offload"
-    step bench-1b-sft-lora 420 $PY -m scripts.bench --suite sft-lora --model "$BIG" --device cuda --seq-len 2048 \
+    # forward and backward on the GPU (float32 and bf16 autocast); the image's own pytest plugins are left out (they
+    # may not suit the pytest carried here)
+    spawn fused-lora 180 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 FTUNE_TEST_HOME="${FTUNE_HOME:-}" \
+      "$PY" -m pytest -q -p no:cacheprovider tests/peft/test_fused_lora.py -k cuda
+    spawn train-liger 180 "${FT[@]}" "${TINY[@]}" trainer.liger=true output_dir="$WORK/runs/liger"
+    spawn train-offload 180 "${FT[@]}" "${TINY[@]}" trainer.activation_offload=true output_dir="$WORK/runs/offload"
+  fi
+}
+qlora_tiny() {
+  spawn train-qlora 240 "${FT[@]}" "${TINY[@]}" peft=qlora peft.r=16 output_dir="$WORK/runs/qlora"
+}
+bench_sft_lora() {  # alone on the machine: its timings are the point
+  if [ "$DEV" = cuda ]; then
+    step bench-1b-sft-lora 420 "$PY" -m scripts.bench --suite sft-lora --model "$BIG" --device cuda --seq-len 2048 \
       --batch-size 8 --packing on --examples 2000 --steps 20 --out "$WORK/bench"
   else
-    step bench-tiny-sft-lora 420 $PY -m scripts.bench --suite sft-lora --model "$BIG" --device cpu --seq-len 256 \
+    step bench-tiny-sft-lora 420 "$PY" -m scripts.bench --suite sft-lora --model "$BIG" --device cpu --seq-len 256 \
       --batch-size 2 --packing on --examples 64 --steps 4 --out "$WORK/bench"
   fi
-elif [ "$PART" = qlora ]; then
-  step train-qlora 240 "${FT[@]}" "${TINY[@]}" peft=qlora peft.r=16 output_dir="$WORK/runs/qlora"
+  copy_bench "$WORK/bench" bench
+}
+qlora_big() {
   big_dir=$($PY -c "from scripts.bench.models import model_dir; print(model_dir('$BIG'))" | tail -n 1)
   step train-qlora-big 300 "${FT[@]}" model=hub model.name_or_path="$big_dir" "${COMMON[@]}" "${BIG_RUN[@]}" \
     peft=qlora peft.r=16 output_dir="$WORK/runs/qlora-big"
-else
-  echo "unknown part $PART (core or qlora)" >&2
-  exit 2
-fi
+}
+bench_more() {  # full fine-tuning and DPO on the random 1B against TRL (CUDA only: on a CPU the 1B is too slow)
+  step bench-1b-full-ft-dpo 420 "$PY" -m scripts.bench --suite full-ft,dpo --model "$BIG" --device cuda \
+    --seq-len 2048 --batch-size 8 --packing on --examples 2000 --steps 20 --out "$WORK/bench-more"
+  copy_bench "$WORK/bench-more" bench-more
+}
+case $PART in
+  core) tiny_checks; wait; bench_sft_lora ;;
+  qlora) qlora_tiny; wait; qlora_big ;;
+  all) tiny_checks; qlora_tiny; wait; bench_sft_lora; qlora_big; [ "$DEV" = cuda ] && bench_more ;;
+  *) echo "unknown part $PART (core, qlora or all)" >&2; exit 2 ;;
+esac
 # Losses of the short runs, side by side: each should fall and none be NaN.
 $PY - "$WORK/runs" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
@@ -110,8 +156,6 @@ for run in sorted(Path(sys.argv[1]).glob("*")):
     losses = [r["loss"] for r in map(json.loads, f.read_text().splitlines()) if "loss" in r] if f.exists() else []
     print(f"{run.name:10s} losses {[round(x, 3) for x in losses]}")
 EOF
-if [ -f "$WORK/bench/summary.md" ]; then
-  cp "$WORK/bench/summary.md" "$OUT/bench.md" && cp "$WORK/bench/summary.json" "$OUT/bench.json"
-fi
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d bench 2>/dev/null)
+# shellcheck disable=SC2046
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d bench bench-more 2>/dev/null)
 echo "ftune gpu_check: results in $OUT, runs in $WORK"

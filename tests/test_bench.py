@@ -186,7 +186,7 @@ def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     """scripts/gpu_check.sh with GPU_CHECK_DEVICE=cpu: every step runs (tiny models), the short runs' losses fall, and
-    OUT holds only the few files a results-limited transfer brings back."""
+    OUT holds only the few files a results-limited transfer brings back. The tiny runs go side by side, as on a GPU."""
     import ast
     import os
     import subprocess
@@ -195,7 +195,8 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     if not (data / "gsm8k" / "train.jsonl").is_file():  # the script trains on GSM8K, offline
         pytest.skip("needs GSM8K: FTUNE_DATA_DIR=DIR with DIR/gsm8k/train.jsonl (make test-slow passes ../shared/data)")
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "PY": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "PY": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_PARALLEL": "1"}
     for part in ("core", "qlora"):
         r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), part], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
