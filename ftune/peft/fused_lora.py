@@ -30,17 +30,23 @@ from ftune.peft.dropout import FastDropout, as_factor, keep_and_scale
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, kept_scale: float, dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, kept_scale: float, dtype,
+                native_p: float = 0.0):
         w, a, b = (t if t.dtype == dtype else t.to(dtype) for t in (weight, lora_a, lora_b))
         x_in = x.reshape(-1, x.shape[-1])
         x2 = x_in.to(dtype)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         # dropped out in the input's own dtype, then cast, as peft's dropout and autocast's cast of lora_A's input
-        xd = x2 if keep is None else keep_and_scale(x_in, keep.view_as(x_in), kept_scale).to(dtype)
+        if native_p:  # nn.Dropout's own kernel: the mask and the scaled input in one pass
+            xd, keep = torch.native_dropout(x_in, native_p, True)
+            xd = xd.to(dtype)
+        else:
+            xd = x2 if keep is None else keep_and_scale(x_in, keep.view_as(x_in), kept_scale).to(dtype)
         z = torch.mm(xd, a.t())
         y.addmm_(z, b.t(), alpha=scaling)
         ctx.save_for_backward(xd, z, keep, w, a, b)
         ctx.scaling, ctx.kept_scale, ctx.x_shape, ctx.x_dtype = scaling, kept_scale, x.shape, x.dtype
+        ctx.native = bool(native_p)
         ctx.grad_dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], w.shape[0])
 
@@ -59,12 +65,14 @@ class _LoraLinear(torch.autograd.Function):
             dx = torch.mm(dy2, w)
             if keep is None:
                 dx.addmm_(dz, a)
+            elif ctx.native:  # typed kernel: mixed-dtype addcmul_ takes a slow path on CUDA
+                dx.add_(torch.ops.aten.native_dropout_backward(torch.mm(dz, a), keep, ctx.kept_scale))
             else:
                 dx.addcmul_(torch.mm(dz, a), as_factor(keep).view_as(dx), value=ctx.kept_scale)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             d_bias = dy2.sum(0).to(bias_dtype)
-        return dx, None, d_bias, d_a, d_b, None, None, None, None
+        return dx, None, d_bias, d_a, d_b, None, None, None, None, None
 
 
 def _no_hooks(*modules: torch.nn.Module) -> bool:
@@ -85,13 +93,18 @@ def eligible(layer: torch.nn.Module) -> bool:
     return all(type(d) in (FastDropout, torch.nn.Dropout, torch.nn.Identity) for d in layer.lora_dropout.values())
 
 
-def _keep_mask(drop: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """The dropout's boolean keep-mask for x and the scale of kept elements; (None, 1) when nothing is dropped."""
+def _keep_mask(drop: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
+    """(keep, kept_scale, native_p): the dropout's boolean keep-mask for x and the scale of kept elements, (None, 1,
+    0) when nothing is dropped. FastDropout on a CPU draws its mask here; any other dropout (and FastDropout off the
+    CPU, which is F.dropout there) returns native_p = p, and the fused function draws the mask with
+    torch.native_dropout, the kernel nn.Dropout itself runs: the same mask as peft's for the same generator state.
+    On an H200 (Llama-3.2-1B, LoRA on all linear layers, 16k tokens a step) the separate bernoulli_, x * mask, scale
+    and the backward's mixed-dtype addcmul_ took about 65 of the step's 419 ms of GPU time (torch.profiler)."""
     if isinstance(drop, torch.nn.Identity) or not drop.training or drop.p == 0:
-        return None, 1.0
+        return None, 1.0, 0.0
     if isinstance(drop, FastDropout) and x.device.type == "cpu":
-        return drop.keep_mask(x), drop.scale
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - drop.p), 1 / (1 - drop.p)
+        return drop.keep_mask(x), drop.scale, 0.0
+    return None, 1 / (1 - drop.p), float(drop.p)
 
 
 def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -111,10 +124,10 @@ def forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         dtype = x.dtype
     else:
         return fallback(layer, x, *args, **kwargs)
-    keep, kept_scale = _keep_mask(drop, x)
+    keep, kept_scale, native_p = _keep_mask(drop, x)
     with torch.autocast(device, enabled=False):
         return _LoraLinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, float(layer.scaling[name]),
-                                 keep, kept_scale, dtype)
+                                 keep, kept_scale, dtype, native_p)
 
 
 def use_fused_lora(model: torch.nn.Module) -> int:
