@@ -11,14 +11,17 @@
 #       TRL). Needs .device/ (about 30 MB).
 # qlora: QLoRA 4-bit (bitsandbytes) on CUDA, tiny model and the random 1B. Needs .device/ and .device-qlora/ (the
 #       bitsandbytes wheel, slimmed to 7 MB by `make device-pack`).
-# all: core, qlora, then (on CUDA) the full fine-tuning and DPO suites on the random 1B against TRL.
+# all: core and qlora; on CUDA also SFT-LoRA without packing (64 rows a step, grouped by length: TRL's packing is
+#       padding-free, cheap only with FlashAttention's varlen kernels) after the packed suite, and at the end the full
+#       fine-tuning and DPO suites on the random 1B against TRL.
 # Each step has its own time limit and log; a failing step does not stop the next. GPU_CHECK_BUDGET=SECONDS caps
 # the steps' time together: a step gets at most what is left and is skipped when less than a minute is. OUT receives
 # seven files at most: summary.txt (every step's command, exit status, seconds and last lines, more of them when it
 # failed; the short runs' losses), env.txt (GPU and package versions), bench.md and bench.json (the SFT-LoRA table,
-# copied as soon as it exists), bench-more.md / .json (full-ft and DPO) and logs.tar.gz (every log); the runs
-# themselves stay in a scratch directory (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the
-# same steps on a CPU with tiny models (a check of this script itself, not of the GPU).
+# copied as soon as it exists), bench-padded.md and bench-more.md (SFT-LoRA unpacked; full-ft and DPO; their JSON is
+# in the logs) and logs.tar.gz (every log and suite file); the runs themselves stay in a scratch directory
+# (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the same steps on a CPU with tiny models
+# (a check of this script itself, not of the GPU).
 set -u
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT [core|qlora|all]}
 PART=${2:-core}
@@ -70,9 +73,10 @@ PARALLEL=${GPU_CHECK_PARALLEL:-$([ "$DEV" = cuda ] && echo 1 || echo 0)}
 spawn() {
   if [ "$PARALLEL" = 1 ]; then step "$@" & else step "$@"; fi
 }
-copy_bench() {  # copy_bench DIR NAME: the suite's table into OUT as soon as it exists
+copy_bench() {  # copy_bench DIR NAME: the suite's table into OUT as soon as it exists (the JSON for the first only)
   if [ -f "$1/summary.md" ]; then
-    cp "$1/summary.md" "$OUT/$2.md" && cp "$1/summary.json" "$OUT/$2.json"
+    cp "$1/summary.md" "$OUT/$2.md"
+    [ "$2" = bench ] && cp "$1/summary.json" "$OUT/$2.json"
   fi
 }
 
@@ -136,6 +140,13 @@ qlora_big() {
   step train-qlora-big 300 "${FT[@]}" model=hub model.name_or_path="$big_dir" "${COMMON[@]}" "${BIG_RUN[@]}" \
     peft=qlora peft.r=16 output_dir="$WORK/runs/qlora-big"
 }
+bench_padded() {  # SFT-LoRA without packing, 64 rows a step grouped by length: TRL's default packing is padding-free,
+  # one flattened row that only FlashAttention's variable-length kernels attend to cheaply (SDPA masks the whole row)
+  step bench-1b-sft-lora-padded 300 "$PY" -m scripts.bench --suite sft-lora --model "$BIG" --device cuda \
+    --seq-len 2048 --batch-size 64 --packing off --group-by-length --examples 2000 --steps 20 \
+    --out "$WORK/bench-padded"
+  copy_bench "$WORK/bench-padded" bench-padded
+}
 bench_more() {  # full fine-tuning and DPO on the random 1B against TRL (CUDA only: on a CPU the 1B is too slow)
   step bench-1b-full-ft-dpo 420 "$PY" -m scripts.bench --suite full-ft,dpo --model "$BIG" --device cuda \
     --seq-len 2048 --batch-size 8 --packing on --examples 2000 --steps 20 --out "$WORK/bench-more"
@@ -144,7 +155,8 @@ bench_more() {  # full fine-tuning and DPO on the random 1B against TRL (CUDA on
 case $PART in
   core) tiny_checks; wait; bench_sft_lora ;;
   qlora) qlora_tiny; wait; qlora_big ;;
-  all) tiny_checks; qlora_tiny; wait; bench_sft_lora; qlora_big; [ "$DEV" = cuda ] && bench_more ;;
+  all) tiny_checks; qlora_tiny; wait; bench_sft_lora; [ "$DEV" = cuda ] && bench_padded; qlora_big
+       [ "$DEV" = cuda ] && bench_more ;;
   *) echo "unknown part $PART (core, qlora or all)" >&2; exit 2 ;;
 esac
 # Losses of the short runs, side by side: each should fall and none be NaN.
@@ -157,5 +169,5 @@ for run in sorted(Path(sys.argv[1]).glob("*")):
     print(f"{run.name:10s} losses {[round(x, 3) for x in losses]}")
 EOF
 # shellcheck disable=SC2046
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d bench bench-more 2>/dev/null)
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d bench bench-padded bench-more 2>/dev/null)
 echo "ftune gpu_check: results in $OUT, runs in $WORK"
