@@ -107,7 +107,7 @@ def test_model_matmul_shapes_add_up_to_the_flops_formula(tmp_path, peft, per_par
 
 
 def test_suite_table_verdict():
-    from scripts.bench.__main__ import suite_rows, table
+    from scripts.bench.__main__ import legend_text, suite_rows, table
 
     def result(fw, tps, mem, mfu):
         return {"framework": fw, "packing": False, "tokens_per_s": tps, "peak_memory_mib": mem, "mfu": mfu}
@@ -126,6 +126,12 @@ def test_suite_table_verdict():
     f, _ = suite_rows("sft-lora", gpu)  # GPU: 1.4x >= 1.3x and 46% >= 45%; memory is not part of the GPU target
     assert f["target_met"] is True
     assert "no (speed, memory, MFU)" in table(suite_rows("full-ft", slow), markdown=True)
+    # a GPU's packed TRL rows are padding-free: the legend says what they measure on SDPA; not on a CPU or unpacked
+    packed = {"meta": {"device": "cuda"}, "results": [{**r, "packing": True} for r in gpu["results"]]}
+    assert "padding-free" in legend_text("cuda", suite_rows("sft-lora", packed))
+    assert "padding-free" not in legend_text("cuda", suite_rows("sft-lora", gpu))
+    assert "padding-free" not in legend_text("cpu", suite_rows("sft-lora", {**packed, "meta": {"device": "cpu"}}))
+    assert "at <= TRL's peak memory" in legend_text("cpu", []) and "memory" not in legend_text("cuda", [])
 
 
 def test_repeats_run_in_abba_order_and_combine_to_the_median(monkeypatch):

@@ -207,6 +207,18 @@ def hardware(suites: dict) -> str:
             f"trl {v['trl']}")
 
 
+def legend_text(device: str | None, rows: list[dict]) -> str:
+    """The line under the table: the targets of this device, and what a GPU's packed TRL rows measure."""
+    t = TARGETS.get(device or "cpu")
+    text = (f"target ({device or 'cpu'}): ftune >= {t['speedup']}x TRL's useful tokens/s"
+            + (" at <= TRL's peak memory" if t["memory"] else "") + f", MFU >= {100 * t['mfu']:.0f}% of the "
+            f"measured matmul peak; ratios compare the same packing setting")
+    if device == "cuda" and any(r.get("tool") == "trl packed" for r in rows):
+        text += ("; TRL's packing is padding-free (one flattened row a step), cheap only with FlashAttention's "
+                 "variable-length kernels: on SDPA its attention covers the whole row (compare the unpacked rows)")
+    return text
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -228,10 +240,7 @@ def main(argv=None) -> int:
             curves["nproc"] = nproc_curve(a, common_args(a), run_engine)
     rows = [row for name, data in suites.items() for row in suite_rows(name, data)]
     device = next((d["meta"]["device"] for d in suites.values() if "meta" in d), None)
-    t = TARGETS.get(device or "cpu")
-    legend = (f"target ({device or 'cpu'}): ftune >= {t['speedup']}x TRL's useful tokens/s"
-              + (" at <= TRL's peak memory" if t["memory"] else "") + f", MFU >= {100 * t['mfu']:.0f}% of the "
-              f"measured matmul peak; ratios compare the same packing setting")
+    legend = legend_text(device, rows)
     hw = hardware(suites)
     text = "\n".join(x for x in [table(rows) if rows else "", legend if rows else "", f"hardware: {hw}"] if x)
     print("\n" + text)
