@@ -175,6 +175,8 @@ class Trainer:
             cfg.output_dir = str(self.out)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_from = _resume_point(cfg, self.ckpt_root)
+        if self.resume_from is not None:
+            self.acc = engine_state.keep_resumed_precision(self.acc, cfg, self.resume_from)
         # How the checkpoint's optimizer state goes back: the engine's own load, through DeepSpeed's universal
         # checkpoint (DeepSpeed partitions for another number of processes or ZeRO stage), or from another engine.
         self.resume_how = (engine_state.NATIVE if self.resume_from is None

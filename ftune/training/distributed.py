@@ -151,6 +151,7 @@ def engine_record(acc) -> dict:
     engine = "deepspeed" if ds else "fsdp2" if acc.is_fsdp2 else "ddp"
     return {"engine": engine, "processes": acc.num_processes,
             "zero_stage": acc.state.deepspeed_plugin.zero_stage if ds else None,
+            "mixed_precision": acc.mixed_precision,  # what trainer.mixed_precision=auto chose, kept on resume
             # torch's optimizer state is keyed by position; the names saved beside it let another engine place it
             **({"param_names": True} if engine == "ddp" else {})}
 

@@ -21,17 +21,45 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftune.config import ConfigError
-from ftune.training.distributed import engine_record, full_parameters, is_sharded, reshard_all
+from ftune.training.distributed import check_state, engine_record, full_parameters, is_sharded, plugins, reshard_all
 
 log = logging.getLogger(__name__)
 
 
-ENGINE_FILE = "engine.json"  # in every checkpoint: the engine and world size that wrote it
+ENGINE_FILE = "engine.json"  # in every checkpoint: the engine, world size and precision that wrote it
 DS_DIR, DS_TAG = "deepspeed", "state"  # DeepSpeed's own checkpoint inside ftune's: <checkpoint>/deepspeed/state/
 FSDP2_OPTIM_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint's shards of the optimizer state
 
 
 NATIVE, UNIVERSAL, CONVERT = "native", "universal", "convert"  # how a checkpoint's optimizer state is loaded
+
+
+def keep_resumed_precision(acc, cfg, path: Path):
+    """The Accelerator for resuming from checkpoint `path` under trainer.mixed_precision=auto: the precision the
+    checkpoint trained with where it differs from this machine's choice (one run keeps one arithmetic, on whichever
+    machine it continues), unless this device cannot run it; `acc` itself otherwise. A checkpoint that did not record
+    its precision (an earlier ftune) keeps this machine's choice. An explicit precision is never changed."""
+    import json
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    record = path / ENGINE_FILE
+    if cfg.trainer.mixed_precision != "auto" or not record.exists():
+        return acc
+    wrote = json.loads(record.read_text()).get("mixed_precision")
+    if wrote in (None, acc.mixed_precision):
+        return acc
+    if wrote == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        log.warning("trainer.mixed_precision=auto: %s trained with bf16 autocast, which this GPU does not run; it "
+                    "continues in %s.", path, acc.mixed_precision)
+        return acc
+    log.info("trainer.mixed_precision=auto: %s as %s trained (this machine alone would choose %s; set "
+             "trainer.mixed_precision explicitly to change it).", wrote, path, acc.mixed_precision)
+    AcceleratorState._reset_state()  # the process group stays
+    acc = Accelerator(mixed_precision=wrote, **plugins(cfg.trainer))
+    check_state(cfg, acc)
+    return acc
 
 
 def check_resume(acc, path: Path) -> str:

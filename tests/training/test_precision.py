@@ -107,3 +107,37 @@ def test_every_process_takes_rank_0s_choice(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [[2, "bf16", True], [2, "no", False]]
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_trained_with(tmp_path, monkeypatch):
+    """Resumed on a machine where auto would choose otherwise, the run continues in the checkpoint's precision; an
+    explicit choice, and auto from a checkpoint that did not record it (an earlier ftune), take this machine's."""
+    out = tmp_path / "run"
+
+    def train(fast: str, *overrides: str):
+        monkeypatch.setattr(precision, "cpu_rates", lambda: (100.0, 500.0) if fast == "bf16" else (500.0, 100.0))
+        return run(make_cfg(out, "trainer.save_every=1", *overrides))
+
+    def recorded(step: int):
+        return json.loads((out / "checkpoints" / f"checkpoint-{step}" / "engine.json").read_text())
+
+    train("bf16", "trainer.mixed_precision=auto", "trainer.max_steps=3")
+    assert recorded(2)["mixed_precision"] == "bf16"
+    resumed = train("fp32", "trainer.mixed_precision=auto", "trainer.max_steps=4", "trainer.resume=auto")
+    with resumed.acc.autocast():
+        assert torch.is_autocast_enabled("cpu")
+    assert recorded(3)["mixed_precision"] == "bf16"
+    assert json.loads((out / "summary.json").read_text())["mixed_precision"] == "bf16"
+
+    explicit = train("bf16", "trainer.mixed_precision=no", "trainer.max_steps=5", "trainer.resume=auto")
+    assert explicit.acc.mixed_precision == "no" and recorded(4)["mixed_precision"] == "no"
+    from ftune.training import distributed as dist
+
+    real = dist.engine_record  # checkpoint-5 written as an earlier ftune wrote it, without its precision
+    monkeypatch.setattr(dist, "engine_record",
+                        lambda acc: {k: v for k, v in real(acc).items() if k != "mixed_precision"})
+    train("fp32", "trainer.mixed_precision=auto", "trainer.max_steps=6", "trainer.resume=auto")
+    assert "mixed_precision" not in recorded(5)
+    monkeypatch.setattr(dist, "engine_record", real)
+    assert train("bf16", "trainer.mixed_precision=auto", "trainer.max_steps=7",
+                 "trainer.resume=auto").acc.mixed_precision == "bf16"  # nothing recorded: this machine's choice
