@@ -524,7 +524,10 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     from ftune.cli import run_reporting_errors
 
-    run_reporting_errors(train, cfg)
+    try:
+        run_reporting_errors(train, cfg)
+    finally:
+        dist.end_process_group()  # the process ends here
 
 
 if __name__ == "__main__":

@@ -143,4 +143,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ftune.training.distributed import end_process_group
+
+    try:
+        main()
+    finally:
+        end_process_group()

@@ -260,3 +260,18 @@ def test_resume_under_two_processes_continues_the_same_trajectory(tmp_path):
     torch.testing.assert_close(torch.tensor(losses(cut)[-4:]), torch.tensor(losses(full)[-4:]), rtol=0, atol=0)
     for k, v in adapter(full).items():
         assert torch.equal(adapter(cut)[k], v), k
+
+
+def test_a_process_takes_its_group_down_at_the_end(tmp_path):
+    """end_process_group (the last thing `ftune train` does): the group is destroyed, and a process without one is
+    left alone."""
+    code = ("import torch.distributed as d\n"
+            "from ftune.training.distributed import end_process_group\n"
+            "end_process_group()\n"  # no group yet: nothing to do
+            f"d.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+            "assert d.is_initialized()\n"
+            "end_process_group()\n"
+            "assert not d.is_initialized()\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -202,6 +202,14 @@ def make_accelerator(cfg):
     return acc
 
 
+def end_process_group() -> None:
+    """Take the process group (torchrun, accelerate launch) down before the interpreter exits, where gloo's threads
+    may otherwise abort the exit ("terminate called without an active exception") and NCCL warns. Only at the end of
+    a process: a second run in the same process (a sweep, the tests) keeps using the group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def planned_device() -> str:
     """The device type accelerate will train on: torch's current accelerator (cuda, mps, xpu, ...) unless
     ACCELERATE_USE_CPU keeps every process on the CPU."""

@@ -97,6 +97,7 @@ for fast in ("bf16", "fp32"):  # rank 0 times `fast` faster; rank 1 the other on
     with acc.autocast():
         seen.append([acc.num_processes, acc.mixed_precision, torch.is_autocast_enabled("cpu")])
 (out / f"rank{{rank}}.json").write_text(json.dumps(seen))
+dist.end_process_group()
 """
 
 
