@@ -245,3 +245,29 @@ def test_ftune_overrides_and_trls_allocator_reach_the_children(monkeypatch, tmp_
         a.trl_malloc = choice
         eng.bench_trl(a, True, "fp32", {"PATH": "/bin"}, tmp_path, tmp_path)
     assert seen == [None, eng.TRL_REUSE_TUNABLES]
+
+
+def test_slim_wheel_keeps_the_cpu_and_matching_libraries_and_their_record(tmp_path):
+    """scripts/slim_wheel.py (make device-pack's bitsandbytes wheel): libraries matching neither the pattern nor _cpu
+    go, with their RECORD lines; every other file stays byte for byte."""
+    import zipfile
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from slim_wheel import slim
+
+    files = {"pkg/__init__.py": b"x = 1\n", "pkg/libpkg_cpu.so": b"cpu", "pkg/libpkg_cuda130.so": b"c130",
+             "pkg/libpkg_cuda128.so": b"c128", "pkg/libpkg_rocm64.so": b"rocm", "pkg/data/notlib.so": b"keep"}
+    record = "".join(f"{name},sha256=x,{len(data)}\n" for name, data in files.items()) + "pkg-1.dist-info/RECORD,,\n"
+    wheel = tmp_path / "pkg-1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("pkg-1.dist-info/RECORD", record)
+    assert sorted(slim(wheel, "cuda13")) == ["pkg/libpkg_cuda128.so", "pkg/libpkg_rocm64.so"]
+    with zipfile.ZipFile(wheel) as z:
+        kept = {name: z.read(name) for name in z.namelist()}
+    so = {"pkg/libpkg_cpu.so", "pkg/libpkg_cuda130.so", "pkg/data/notlib.so"}
+    assert {n for n in kept if n.endswith(".so")} == so
+    assert all(kept[n] == files[n] for n in kept if n in files)
+    lines = kept["pkg-1.dist-info/RECORD"].decode().splitlines()
+    assert [line.split(",")[0] for line in lines] == [n for n in files if n in kept] + ["pkg-1.dist-info/RECORD"]
