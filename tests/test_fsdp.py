@@ -154,9 +154,11 @@ def test_combinations_the_running_engine_cannot_support(tmp_path):
 
 
 def fake_acc(engine: str, processes: int = 2, stage: int | None = None) -> SimpleNamespace:
-    """What check_resume / check_engine_limits read of an Accelerator: ddp | fsdp2 | ds (DeepSpeed, ZeRO `stage`)."""
+    """What check_resume / check_engine_limits / engine_record read of an Accelerator: ddp | fsdp2 | ds (DeepSpeed,
+    ZeRO `stage`)."""
     kind = {"ddp": DistributedType.MULTI_CPU, "fsdp2": DistributedType.FSDP, "ds": DistributedType.DEEPSPEED}
     return SimpleNamespace(is_fsdp2=engine == "fsdp2", distributed_type=kind[engine], num_processes=processes,
+                           mixed_precision="no",
                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
 
 
