@@ -154,11 +154,13 @@ def deepspeed_resumed(tmp_path: Path, stage: int, *overrides: str) -> tuple[Path
     deepspeed_run(full, stage, *overrides, "trainer.batch_size=6", "trainer.max_steps=4", "trainer.save_every=2")
     ckpt = full / "checkpoints" / "checkpoint-2"
     assert verify(ckpt) is None  # in ftune's manifest, written after every rank's files
+    bf16 = "trainer.mixed_precision=bf16" in overrides
     assert json.loads((ckpt / "engine.json").read_text()) == {"engine": "deepspeed", "processes": 2,
-                                                              "zero_stage": stage}
+                                                              "zero_stage": stage,
+                                                              "mixed_precision": "bf16" if bf16 else "no"}
     # DeepSpeed's own checkpoint: each rank's partition of the optimizer state and of the float32 master weights
     # (named bf16_zero_pp_rank_... under DeepSpeed's bf16)
-    prefix = "bf16_" if "trainer.mixed_precision=bf16" in overrides else ""
+    prefix = "bf16_" if bf16 else ""
     assert {f"{prefix}zero_pp_rank_{k}_mp_rank_00_optim_states.pt" for k in (0, 1)} <= {
         p.name for p in (ckpt / "deepspeed" / "state").iterdir()}
     deepspeed_run(cut, stage, *overrides, "trainer.batch_size=6", "trainer.max_steps=4", f"trainer.resume={ckpt}")
