@@ -192,14 +192,22 @@ def make_accelerator(cfg):
             from accelerate.utils import broadcast_object_list
 
             mp, why = broadcast_object_list([mp, why], from_process=0)
-        if mp != acc.mixed_precision:
-            from accelerate.state import AcceleratorState
-
-            AcceleratorState._reset_state()  # the process group stays
-            acc = Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+        acc = with_precision(acc, cfg, mp)
     log.info(why)
     check_state(cfg, acc)
     return acc
+
+
+def with_precision(acc, cfg, mp: str):
+    """`acc` itself, or, where its mixed precision is not `mp`, a new Accelerator with `mp` (accelerate keeps one
+    state per process: it is reset first; the process group stays)."""
+    if mp == acc.mixed_precision:
+        return acc
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
 
 
 def end_process_group() -> None:

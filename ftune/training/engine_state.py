@@ -21,7 +21,15 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftune.config import ConfigError
-from ftune.training.distributed import check_state, engine_record, full_parameters, is_sharded, plugins, reshard_all
+from ftune.training import precision
+from ftune.training.distributed import (
+    check_state,
+    engine_record,
+    full_parameters,
+    is_sharded,
+    reshard_all,
+    with_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +49,19 @@ def keep_resumed_precision(acc, cfg, path: Path):
     its precision (an earlier ftune) keeps this machine's choice. An explicit precision is never changed."""
     import json
 
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     record = path / ENGINE_FILE
     if cfg.trainer.mixed_precision != "auto" or not record.exists():
         return acc
     wrote = json.loads(record.read_text()).get("mixed_precision")
     if wrote in (None, acc.mixed_precision):
         return acc
-    if wrote == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if wrote == "bf16" and acc.device.type == "cuda" and not precision.gpu_runs_bf16():
         log.warning("trainer.mixed_precision=auto: %s trained with bf16 autocast, which this GPU does not run; it "
                     "continues in %s.", path, acc.mixed_precision)
         return acc
     log.info("trainer.mixed_precision=auto: %s as %s trained (this machine alone would choose %s; set "
              "trainer.mixed_precision explicitly to change it).", wrote, path, acc.mixed_precision)
-    AcceleratorState._reset_state()  # the process group stays
-    acc = Accelerator(mixed_precision=wrote, **plugins(cfg.trainer))
+    acc = with_precision(acc, cfg, wrote)
     check_state(cfg, acc)
     return acc
 

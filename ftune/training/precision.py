@@ -52,13 +52,18 @@ def cpu_choice(fp32: float, bf16: float) -> str:
     return "bf16" if bf16 >= CPU_MARGIN * fp32 else "no"
 
 
+def gpu_runs_bf16() -> bool:
+    """Whether this CUDA GPU runs bf16 natively (emulated bf16, before Ampere, is slow and does not count)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve(requested: str, device: str) -> tuple[str, str]:
     """(the precision Accelerator gets, why) for `trainer.mixed_precision=requested` on a `device` ('cuda', 'cpu',
     ...). Anything but "auto" is kept as it is."""
     if requested != "auto":
         return requested, f"trainer.mixed_precision={requested}"
     if device == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 (before Ampere) is slow
+        if gpu_runs_bf16():
             return "bf16", "trainer.mixed_precision=auto: bf16 (this GPU supports it)"
         return "no", ("trainer.mixed_precision=auto: float32 (this GPU has no bf16; fp16 with a loss scale is "
                       "trainer.mixed_precision=fp16)")
