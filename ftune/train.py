@@ -205,6 +205,12 @@ class Trainer:
                      if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
         compute = torch.bfloat16 if self.acc.mixed_precision == "bf16" else torch.float32  # auto resolved
         model, _, _ = load_model(cfg.model, self.peft.quantization_config(compute), model_dir)
+        if self.acc.device.type == "cpu" and not t.compile:
+            # Packed rows: attention per example, not the whole row under a mask (measured 1.22x tok/s on a CPU).
+            # Not yet on GPUs: one kernel launch per example there may cost more than the masked FLOPs it saves.
+            from ftune.models.packed_attention import use_packed_attention
+
+            use_packed_attention(model)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

@@ -56,6 +56,8 @@ def test_packed_equals_unpacked(tmp_path):
     from ftune.objectives.sft import SFT
 
     t = run(make_cfg(tmp_path / "p", "trainer.max_steps=1", "peft.dropout=0"))
+    # On a CPU the trainer computes attention per packed example (ftune.models.packed_attention), not under a mask.
+    assert t.model.config._attn_implementation == "ftune_sdpa"
     rows = t.data.train[:4]
     packed = pack(rows, max_length=sum(len(r["input_ids"]) for r in rows))
     assert len(packed) == 1

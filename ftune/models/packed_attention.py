@@ -1,0 +1,103 @@
+"""Attention over packed rows that computes each example's own causal block, not the whole row under a mask.
+
+Packed rows restart `position_ids` at every example. With `attn_implementation="sdpa"`, transformers then builds a
+4D block-causal mask and SDPA computes the full T x T score matrix of the row, most of it masked out: on a 2,048-token
+row of ~250-token examples, ~8x the attention work that the examples need, and a masked SDPA leaves the fused causal
+kernels. This variant (registered with transformers' AttentionInterface as "ftune_sdpa", so every model that takes
+`attn_implementation` uses it) skips the mask in training forwards and runs transformers' own SDPA forward once per
+example with `is_causal=True`: the FLOPs of FlashAttention's variable-length kernel, on any device, with the maths of
+SDPA. Everything else (a 2D padding mask, a KV cache, decoding, sliding windows, torch.compile) goes through the stock
+"sdpa" path unchanged.
+
+Written here because transformers' variable-length path needs the flash-attn package (CUDA only) and torch's own
+varlen attention is CUDA-only too; this one runs and is tested on a CPU.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+NAME = "ftune_sdpa"
+
+_last: tuple[weakref.ref | None, int, list] = (None, -1, [])
+
+
+def _segments(position_ids: torch.Tensor, batch: int, length: int) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) spans of its examples: a new one wherever position_ids do not step by 1 (transformers'
+    `find_packed_sequence_indices` rule). Cached for the tensor object (unchanged since), which every layer of a
+    forward shares."""
+    global _last
+    ref, version, spans = _last
+    if ref is not None and ref() is position_ids and version == position_ids._version:
+        return spans
+    pos = position_ids.expand(batch, length)
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    spans = []
+    for row in starts.cpu().tolist():
+        s = [i for i, new in enumerate(row) if new] + [length]
+        spans.append(list(zip(s[:-1], s[1:])))
+    _last = (weakref.ref(position_ids), position_ids._version, spans)
+    return spans
+
+
+def _plain_causal_forward() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    b, _, t, _ = query.shape
+    if (attention_mask is not None or position_ids is None or position_ids.dim() != 2 or key.shape[2] != t
+            or t == 1 or is_causal is False or not getattr(module, "is_causal", True) or not _plain_causal_forward()):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    spans = _segments(position_ids, b, t)
+    if all(len(row) == 1 for row in spans):  # no packing: one call, as stock sdpa
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=True, **kwargs)
+    rows = []
+    for i, row in enumerate(spans):
+        parts = [sdpa_attention_forward(module, query[i:i + 1, :, s:e], key[i:i + 1, :, s:e], value[i:i + 1, :, s:e],
+                                        None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+                 for s, e in row]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def packed_sdpa_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    """No mask for a training forward (no padding mask, no cache) of a model without sliding windows: the attention
+    above then separates the examples. Otherwise transformers' SDPA mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    config = kwargs.get("config")
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    sliding = sliding or any(k != "full_attention" for k in (getattr(config, "layer_types", None) or []))
+    if (attention_mask is None and q_length == kv_length and kwargs.get("q_offset", 0) == 0
+            and kwargs.get("kv_offset", 0) == 0 and not sliding and _plain_causal_forward()):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask,
+                     **kwargs)
+
+
+def register() -> str:
+    """Make "ftune_sdpa" known to transformers (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, packed_sdpa_forward)
+    AttentionMaskInterface.register(NAME, packed_sdpa_mask)
+    return NAME
+
+
+def use_packed_attention(model) -> bool:
+    """Switch a model loaded with "sdpa" to the per-example variant; returns whether it did."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation(register())
+    return True
