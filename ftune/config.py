@@ -31,6 +31,9 @@ class ModelConfig:
     name_or_path: str = MISSING
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    # Packed rows in training: "per_example" runs SDPA once per example (ftune/models/packed_attention.py), "masked"
+    # runs it over the whole row under transformers' block mask; "auto": per_example on a CPU, masked on a GPU.
+    packed_attention: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -140,6 +143,7 @@ class GenerateSchema:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.packed_attention": ("auto", "per_example", "masked"),
     "data.source": ("gsm8k", "gsm_symbolic", "jsonl", "hub", "hh_rlhf"),
     "data.format": ("auto", "prompt_completion", "messages", "alpaca"),
     "data.truncation": ("drop", "truncate", "error"),
@@ -356,6 +360,10 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if cfg.data.packing and not getattr(objective_cls, "can_pack", False):
         raise ConfigError(f"data.packing=true does not work with {cfg.objective._target_} (it needs one example per "
                           f"row). Set data.packing=false.")
+    if cfg.model.packed_attention == "per_example" and cfg.model.attn_implementation != "sdpa":
+        raise ConfigError(f"model.packed_attention=per_example runs SDPA once per packed example, but "
+                          f"model.attn_implementation={cfg.model.attn_implementation}. Set "
+                          f"model.attn_implementation=sdpa, or model.packed_attention=auto.")
     if cfg.data.packing and cfg.data.get("group_by_length"):
         raise ConfigError("data.packing=true and data.group_by_length=true: packed rows are already full, so there "
                           "is no padding to save. Keep one (packing for objectives that pack, group_by_length for "

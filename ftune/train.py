@@ -205,9 +205,12 @@ class Trainer:
                      if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
         compute = torch.bfloat16 if self.acc.mixed_precision == "bf16" else torch.float32  # auto resolved
         model, _, _ = load_model(cfg.model, self.peft.quantization_config(compute), model_dir)
-        if self.acc.device.type == "cpu" and not t.compile:
-            # Packed rows: attention per example, not the whole row under a mask (measured 1.22x tok/s on a CPU).
-            # Not yet on GPUs: one kernel launch per example there may cost more than the masked FLOPs it saves.
+        packed_attention = cfg.model.packed_attention
+        if packed_attention == "auto":
+            # Per example on a CPU (1.05-1.7x tok/s on packed rows there). Not yet by default on GPUs: there one kernel
+            # launch per example may cost more than the masked FLOPs it saves (scripts/gpu_check.sh attention).
+            packed_attention = "per_example" if self.acc.device.type == "cpu" and not t.compile else "masked"
+        if packed_attention == "per_example":
             from ftune.models.packed_attention import use_packed_attention
 
             use_packed_attention(model)

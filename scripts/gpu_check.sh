@@ -3,7 +3,7 @@
 #
 #   make device-pack                                # on a machine with the package index: the Python wheels the GPU
 #                                                   # image may lack, the tokenizer cache and the data (see Makefile)
-#   bash scripts/gpu_check.sh OUT [core|qlora|all]  # on the GPU machine, from the repository root, with them beside it
+#   bash scripts/gpu_check.sh OUT [core|qlora|attention|all]  # on the GPU machine, from the repository root, with them beside it
 #
 # core: the loop on CUDA with the tiny model (bf16 + packed SDPA, torch.compile, gradient checkpointing, Liger,
 #       activation offloading) and the fused LoRA layer against peft's (pytest), side by side; then, alone, the
@@ -11,6 +11,9 @@
 #       TRL). Needs .device/ (about 30 MB).
 # qlora: QLoRA 4-bit (bitsandbytes) on CUDA, tiny model and the random 1B. Needs .device/ and .device-qlora/ (the
 #       bitsandbytes wheel, slimmed to 7 MB by `make device-pack`).
+# attention: packed rows with attention per example (model.packed_attention=per_example, the CPU default) against
+#       the whole row under transformers' mask (masked, the GPU default): ftune alone on the random 1B, tokens/s of
+#       each in the step logs (about 3 minutes on an H200). Its correctness test runs in core.
 # all: core and qlora; on CUDA also SFT-LoRA without packing (64 rows a step, grouped by length: TRL's packing is
 #       padding-free, cheap only with FlashAttention's varlen kernels) after the packed suite, and at the end the full
 #       fine-tuning and DPO suites on the random 1B against TRL.
@@ -23,7 +26,7 @@
 # (GPU_CHECK_WORK, default a new temporary one). GPU_CHECK_DEVICE=cpu runs the same steps on a CPU with tiny models
 # (a check of this script itself, not of the GPU).
 set -u
-OUT=${1:?usage: bash scripts/gpu_check.sh OUT [core|qlora|all]}
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT [core|qlora|attention|all]}
 PART=${2:-core}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 PY=${PY:-python3}
@@ -117,7 +120,7 @@ tiny_checks() {  # the loop on the tiny model with each GPU feature; on CUDA als
     # forward and backward on the GPU (float32 and bf16 autocast); the image's own pytest plugins are left out (they
     # may not suit the pytest carried here)
     spawn fused-lora 180 env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 FTUNE_TEST_HOME="${FTUNE_HOME:-}" \
-      "$PY" -m pytest -q -p no:cacheprovider tests/peft/test_fused_lora.py -k cuda
+      "$PY" -m pytest -q -p no:cacheprovider tests/peft/test_fused_lora.py tests/test_packed_attention.py -k cuda
     spawn train-liger 180 "${FT[@]}" "${TINY[@]}" trainer.liger=true output_dir="$WORK/runs/liger"
     spawn train-offload 180 "${FT[@]}" "${TINY[@]}" trainer.activation_offload=true output_dir="$WORK/runs/offload"
   fi
@@ -152,12 +155,31 @@ bench_more() {  # full fine-tuning and DPO on the random 1B against TRL (CUDA on
     --seq-len 2048 --batch-size 8 --packing on --examples 2000 --steps 20 --out "$WORK/bench-more"
   copy_bench "$WORK/bench-more" bench-more
 }
+bench_attention() {  # packed rows: attention per example against the whole row under a mask, ftune alone, each alone
+  local how size
+  if [ "$DEV" = cuda ]; then size=(--seq-len 2048 --batch-size 8 --examples 2000 --steps 12)
+  else size=(--seq-len 256 --batch-size 2 --examples 64 --steps 4); fi
+  for how in per_example masked; do
+    step "bench-attention-$how" 240 "$PY" scripts/bench_train.py --model "$BIG" --device "$DEV" --packing on \
+      "${size[@]}" --only ftune --ftune-override model.packed_attention=$how --out "$WORK/bench-attention/$how.json"
+  done
+  $PY - "$WORK/bench-attention" <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+from pathlib import Path
+for how in ("per_example", "masked"):
+    f = Path(sys.argv[1]) / f"{how}.json"
+    r = json.loads(f.read_text())["results"][0] if f.exists() else {}
+    print(f"attention {how:12s} tok/s {r.get('tokens_per_s')}  peak MiB {r.get('peak_memory_mib')}  "
+          f"loss {r.get('mean_loss')}  exit {r.get('exit_code')}")
+EOF
+}
 case $PART in
   core) tiny_checks; wait; bench_sft_lora ;;
   qlora) qlora_tiny; wait; qlora_big ;;
+  attention) bench_attention ;;
   all) tiny_checks; qlora_tiny; wait; bench_sft_lora; [ "$DEV" = cuda ] && bench_padded; qlora_big
        [ "$DEV" = cuda ] && bench_more ;;
-  *) echo "unknown part $PART (core, qlora or all)" >&2; exit 2 ;;
+  *) echo "unknown part $PART (core, qlora, attention or all)" >&2; exit 2 ;;
 esac
 # Losses of the short runs, side by side: each should fall and none be NaN.
 $PY - "$WORK/runs" <<'EOF' | tee -a "$SUMMARY"
@@ -169,5 +191,5 @@ for run in sorted(Path(sys.argv[1]).glob("*")):
     print(f"{run.name:10s} losses {[round(x, 3) for x in losses]}")
 EOF
 # shellcheck disable=SC2046
-tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d bench bench-padded bench-more 2>/dev/null)
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs $(cd "$WORK" && ls -d bench bench-padded bench-more bench-attention 2>/dev/null)
 echo "ftune gpu_check: results in $OUT, runs in $WORK"

@@ -203,13 +203,18 @@ def test_gpu_check_script_runs_its_steps_on_a_cpu(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "PY": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_PARALLEL": "1"}
-    for part in ("core", "qlora"):
+    for part in ("core", "qlora", "attention"):
         r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), part], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     statuses = [line.split()[1] for line in summary.splitlines() if line.strip().startswith("exit ")]
-    assert len(statuses) == 6 and set(statuses) == {"0"}, summary
+    assert len(statuses) == 8 and set(statuses) == {"0"}, summary
+    # the attention part: both ways of attending over packed rows train the same (one line each, equal mean losses)
+    attention = {line.split()[1]: line.split() for line in summary.splitlines() if line.startswith("attention ")}
+    assert set(attention) == {"per_example", "masked"}, summary
+    loss = {how: float(words[words.index("loss") + 1]) for how, words in attention.items()}
+    assert loss["per_example"] == pytest.approx(loss["masked"], rel=1e-4), loss
     losses = {line.split()[0]: ast.literal_eval(line.split(" losses ")[1])
               for line in summary.splitlines() if " losses " in line}
     assert set(losses) >= {"bf16", "compile", "ckpt", "qlora", "qlora-big"}

@@ -38,17 +38,23 @@ def _forward_backward(model, ids, pos):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_packed_rows_match_masked_sdpa_in_values_and_gradients(monkeypatch):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_packed_rows_match_masked_sdpa_in_values_and_gradients(monkeypatch, device):
     stock, ours = _tiny()
-    ids = torch.randint(0, 100, POS.shape)
-    want, want_grads = _forward_backward(stock, ids, POS)
-    got, got_grads = _forward_backward(ours, ids, POS)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    stock, ours, pos = stock.to(device), ours.to(device), POS.to(device)
+    ids = torch.randint(0, 100, POS.shape, device=device)
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=1e-4, atol=1e-4)
+    want, want_grads = _forward_backward(stock, ids, pos)
+    got, got_grads = _forward_backward(ours, ids, pos)
+    torch.testing.assert_close(got, want, **tol)
     for name, g in got_grads.items():
-        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6 if device == "cpu" else 1e-5)
     # The comparison can fail: one span per row (examples attending to each other) gives other logits.
     monkeypatch.setattr(packed_attention, "_segments", lambda p, b, t: [[(0, t)]] * b)
-    leaky, _ = _forward_backward(ours, ids, POS)
+    leaky, _ = _forward_backward(ours, ids, pos)
     assert (leaky[:2] - want[:2]).abs().max() > 1e-3
     torch.testing.assert_close(leaky[2], want[2])  # the unpacked row is the same either way
 

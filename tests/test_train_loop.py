@@ -72,6 +72,18 @@ def test_packed_equals_unpacked(tmp_path):
     assert abs(float(leaky_loss) - float(unpacked)) > 1e-3
 
 
+def test_packed_training_per_example_equals_the_masked_path(tmp_path):
+    """model.packed_attention: the default on a CPU (per example) and the masked whole-row path train alike."""
+    common = ["data.packing=true", "data.max_length=1024", "trainer.batch_size=2", "trainer.max_steps=3",
+              "peft.dropout=0"]
+    a = run(make_cfg(tmp_path / "a", *common))
+    assert min(r["position_ids"].count(0) for r in a.data.train) >= 3  # several examples in every row
+    b = run(make_cfg(tmp_path / "b", *common, "model.packed_attention=masked"))
+    assert (a.model.config._attn_implementation, b.model.config._attn_implementation) == ("ftune_sdpa", "sdpa")
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     """Crash right after checkpoint-3, resume with trainer.resume=auto: the losses of steps 4-6 and the final adapter
     equal the uninterrupted run bit for bit (LoRA dropout on, so RNG state must be restored too)."""
