@@ -213,7 +213,9 @@ class Trainer:
         if packed_attention == "per_example":
             from ftune.models.packed_attention import use_packed_attention
 
-            use_packed_attention(model)
+            if use_packed_attention(model):
+                log.info("model.packed_attention=%s: packed rows attend per example (SDPA per example, no row mask)",
+                         cfg.model.packed_attention)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()

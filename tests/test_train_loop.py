@@ -82,6 +82,10 @@ def test_packed_training_per_example_equals_the_masked_path(tmp_path):
     assert (a.model.config._attn_implementation, b.model.config._attn_implementation) == ("ftune_sdpa", "sdpa")
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")),
                                rtol=1e-5, atol=1e-5)
+    # gradient checkpointing recomputes the attention in the backward pass: the same trajectory again
+    run(make_cfg(tmp_path / "c", *common, "trainer.gradient_checkpointing=true"))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "c")), torch.tensor(losses(tmp_path / "b")),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
