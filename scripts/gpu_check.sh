@@ -3,7 +3,8 @@
 #
 #   make device-pack                                # on a machine with the package index: the Python wheels the GPU
 #                                                   # image may lack, the tokenizer cache and the data (see Makefile)
-#   bash scripts/gpu_check.sh OUT [core|qlora|attention|all]  # on the GPU machine, from the repository root, with them beside it
+#   bash scripts/gpu_check.sh OUT [core|qlora|attention|all]  # on the GPU machine, from the repository root, with
+#                                                   # them beside it
 #
 # core: the loop on CUDA with the tiny model (bf16 + packed SDPA, torch.compile, gradient checkpointing, Liger,
 #       activation offloading) and the fused LoRA layer against peft's (pytest), side by side; then, alone, the
@@ -12,8 +13,9 @@
 # qlora: QLoRA 4-bit (bitsandbytes) on CUDA, tiny model and the random 1B. Needs .device/ and .device-qlora/ (the
 #       bitsandbytes wheel, slimmed to 7 MB by `make device-pack`).
 # attention: packed rows with attention per example (model.packed_attention=per_example, the CPU default) against
-#       the whole row under transformers' mask (masked, the GPU default): ftune alone on the random 1B, tokens/s of
-#       each in the step logs (about 3 minutes on an H200). Its correctness test runs in core.
+#       the whole row under transformers' mask (masked, the GPU default): ftune alone on the random 1B, one line
+#       each in summary.txt (tokens/s, peak memory, mean loss; about 3 minutes on an H200). Its correctness test
+#       runs in core.
 # all: core and qlora; on CUDA also SFT-LoRA without packing (64 rows a step, grouped by length: TRL's packing is
 #       padding-free, cheap only with FlashAttention's varlen kernels) after the packed suite, and at the end the full
 #       fine-tuning and DPO suites on the random 1B against TRL.

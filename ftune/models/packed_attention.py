@@ -63,7 +63,8 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
     # unbind + split, not slicing: their backward passes are one stack and one cat, where every slice's backward
-    # would zero-fill a full-size gradient (measured: ~5% of a packed 2,048-token step at SmolLM2's shapes).
+    # would zero-fill a full-size gradient (one SmolLM2 layer's attention forward + backward, 2 x 1,024 tokens in
+    # 256-token examples, on a 2-core CPU: 50.8 ms sliced, 40.6 split).
     gqa = key.shape[1] != heads
     rows = []
     for row, q, k, v in zip(spans, query.unbind(0), key.unbind(0), value.unbind(0)):
