@@ -36,8 +36,8 @@ def _segments(position_ids: torch.Tensor, batch: int, length: int) -> list[list[
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
     spans = []
-    for row in starts.cpu().tolist():
-        s = [i for i, new in enumerate(row) if new] + [length]
+    for row in starts.cpu():
+        s = row.nonzero().flatten().tolist() + [length]
         spans.append(list(zip(s[:-1], s[1:])))
     _last = (weakref.ref(position_ids), position_ids._version, spans)
     return spans
