@@ -88,6 +88,20 @@ def test_sliding_window_models_keep_the_stock_mask():
     assert (_forward_backward(no_window, ids, POS)[0] - _forward_backward(stock, ids, POS)[0]).abs().max() > 1e-3
 
 
+def test_a_model_specific_mask_overlay_is_kept():
+    """A model that widens the causal mask (an `or_mask_function`, e.g. bidirectional image tokens) gets transformers'
+    mask, overlay included; a plain training forward gets none."""
+    from transformers.masking_utils import create_causal_mask
+
+    _, ours = _tiny()
+    embeds = torch.zeros(3, 12, 64)
+    assert create_causal_mask(ours.config, embeds, None, None, position_ids=POS) is None
+    both_ways = create_causal_mask(ours.config, embeds, None, None, position_ids=POS,
+                                   or_mask_function=lambda b, h, q, kv: (q < 2) & (kv < 2))
+    assert both_ways is not None and bool(both_ways[0, 0, 0, 1])  # position 0 sees position 1
+    assert not bool(both_ways[0, 0, 2, 3])  # and the rest stays causal
+
+
 def test_under_torch_compile_the_stock_mask_and_attention_are_used(monkeypatch):
     """Mask and attention decide alike: while compiling, both take the stock path (no data-dependent Python loop)."""
     stock, ours = _tiny()

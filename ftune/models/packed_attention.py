@@ -78,15 +78,18 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 
 
 def packed_sdpa_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
-    """No mask for a training forward (no padding mask, no cache) of a model without sliding windows: the attention
-    above then separates the examples. Otherwise transformers' SDPA mask."""
+    """No mask for a training forward (no padding mask, no cache) of a model without sliding windows or a model-specific
+    mask overlay: the attention above then separates the examples. Otherwise transformers' SDPA mask. (transformers
+    marks an overlay, a model's own `or_mask_function` / `and_mask_function` such as bidirectional attention over
+    image tokens, by asking for `use_vmap`; such a mask is more than causal-per-example and is kept.)"""
     from transformers.masking_utils import sdpa_mask
 
     config = kwargs.get("config")
     sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
     sliding = sliding or any(k != "full_attention" for k in (getattr(config, "layer_types", None) or []))
     if (attention_mask is None and q_length == kv_length and kwargs.get("q_offset", 0) == 0
-            and kwargs.get("kv_offset", 0) == 0 and not sliding and _plain_causal_forward()):
+            and kwargs.get("kv_offset", 0) == 0 and not sliding and not kwargs.get("use_vmap", False)
+            and _plain_causal_forward()):
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask,
                      **kwargs)
