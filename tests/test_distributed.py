@@ -87,6 +87,7 @@ def test_masked_thought_masks_each_example_as_one_process_does(tmp_path):
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow  # the same split of items over the processes runs in the default suite for GSM8K's answers
 def test_pso_offline_samples_are_split_over_the_processes(tmp_path, monkeypatch):
     """Every rank holds the same rows, so under data parallelism each samples every other prompt and the answers are
     gathered back in order: the cached samples equal one process's (greedy) and each rank generated half of them."""
@@ -146,7 +147,8 @@ def _task_data(tmp_path: Path, task: str) -> tuple[list[str], int]:
             "eval.limit=3", "eval.max_new_tokens=4", "eval.batch_size=2"], 6
 
 
-@pytest.mark.parametrize("task", ["preference", pytest.param("many_shot", marks=pytest.mark.slow)])
+@pytest.mark.slow  # as the PSO test above: GSM8K's split is the default suite's
+@pytest.mark.parametrize("task", ["preference", "many_shot"])
 def test_preference_and_many_shot_evals_are_split_over_the_processes(tmp_path, task):
     """Like GSM8K's: each process scores or answers a share of the task's items, and rank 0 records them all, equal to
     one process's records (log-probs up to float noise, since the shares are batched differently)."""

@@ -23,6 +23,7 @@ BASE = ["model=tiny_random", "data.size=64", "data.eval_size=0", "data.packing=f
         "trainer.scheduler=constant", "trainer.batch_size=4", "trainer.max_steps=3"]
 
 
+@pytest.mark.slow  # the default suite launches with accelerate in tests/test_multinode.py (two machines, accelerate)
 def test_accelerate_launch_equals_ftune_nproc(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
