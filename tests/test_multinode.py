@@ -1,7 +1,8 @@
 """Two machines, simulated on this one: one launcher per node, as a user runs them on each machine (accelerate's
 `--num_machines 2 --machine_rank K` with configs/accelerate/ddp_multinode.yaml, or torchrun's `--nnodes 2 --node_rank
 K`), each started in a directory of its own and with its own FTUNE_HOME (a machine-local cache), meeting over a TCP
-rendezvous on 127.0.0.1. What a second machine adds over `--nproc 2` on one: each launcher's Hydra picks its own
+rendezvous on 127.0.0.1 (or, in a slow test, from two network namespaces over a virtual Ethernet link). What a second
+machine adds over `--nproc 2` on one: each launcher's Hydra picks its own
 default output_dir (relative to its own launch directory), transformers writes weights only on global rank 0 (the
 second machine still builds its own cache), and the run directory may sit on storage the other machine cannot see."""
 
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,37 +39,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_nodes(tmp_path: Path, launcher: str, args: list[str], node1_prefix: list[str] = ()) -> list[tuple]:
+def launch_nodes(tmp_path: Path, launcher: str, args: list[str], node1_prefix: list[str] = (),
+                 prefixes: tuple[list[str], list[str]] = ((), ()), master: str = "127.0.0.1", env: dict | None = None,
+                 timeout: float = 300, stop_after_first: bool = False) -> list[tuple]:
     """Start node 0 and node 1 together (one process each), each in tmp_path/nodeK with FTUNE_HOME tmp_path/nodeK/home;
-    return [(returncode, stdout, stderr)] per node."""
+    `prefixes` (and `node1_prefix`) go before each node's command; return [(returncode, stdout, stderr)] per node.
+    `stop_after_first`: the other node is stopped once one has ended."""
     port = free_port()
     procs = []
     for k in (0, 1):
         node = tmp_path / f"node{k}"
         node.mkdir(exist_ok=True)
-        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "FTUNE_HOME": str(node / "home"),
-               "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "0"}
+        node_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "FTUNE_HOME": str(node / "home"),
+                    "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "0", **(env or {})}
         if launcher == "accelerate":
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(configs_dir() / "accelerate" / "ddp_multinode.yaml"), "--num_machines", "2",
-                   "--num_processes", "2", "--machine_rank", str(k), "--main_process_ip", "127.0.0.1",
+                   "--num_processes", "2", "--machine_rank", str(k), "--main_process_ip", master,
                    "--main_process_port", str(port), "--dynamo_backend", "no"]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}",
-                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
-        cmd = [*(node1_prefix if k == 1 else ()), *cmd, "-m", "ftune.train", *args]
-        procs.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    out = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append((p.returncode, stdout, stderr))
-    return out
+                   "--nproc_per_node=1", f"--master_addr={master}", f"--master_port={port}"]
+        cmd = [*prefixes[k], *(node1_prefix if k == 1 else ()), *cmd, "-m", "ftune.train", *args]
+        # output to files: a worker outliving its launcher would hold a pipe open
+        with open(tmp_path / f"node{k}.stdout", "w") as out, open(tmp_path / f"node{k}.stderr", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=node, env=node_env, stdout=out, stderr=err, text=True))
+    try:
+        if stop_after_first:
+            deadline = time.monotonic() + timeout
+            while all(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(procs[0].args, timeout)
+                time.sleep(0.5)
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:  # SIGTERM: torch's launcher then stops its workers, which run in sessions of their own
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return [(p.returncode, (tmp_path / f"node{k}.stdout").read_text(), (tmp_path / f"node{k}.stderr").read_text())
+            for k, p in enumerate(procs)]
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", pytest.param("torchrun", marks=pytest.mark.slow)])
@@ -141,3 +159,107 @@ def test_resume_on_two_machines_continues_the_same_trajectory(tmp_path):
     w_full, w_cut = (load_file(r / "final" / "adapter_model.safetensors") for r in (full, cut))
     for k, v in w_full.items():
         assert torch.equal(w_cut[k], v), k
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a virtual Ethernet pair: hosts 10.77.0.1 and 10.77.0.2, each with its own
+    loopback (the hostname resolves to 127.0.0.1 in both, as on many machines), sharing this file system. Yields the
+    command prefix that runs a process on each."""
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2's `ip` to make network namespaces")
+    tag = f"ft{os.getpid() % 100000}"
+    names, links = (f"{tag}a", f"{tag}b"), (f"{tag}x", f"{tag}y")
+    steps = [["netns", "add", names[0]], ["netns", "add", names[1]],
+             ["link", "add", links[0], "type", "veth", "peer", "name", links[1]]]
+    for k in (0, 1):
+        steps += [["link", "set", links[k], "netns", names[k]],
+                  ["-n", names[k], "addr", "add", f"10.77.0.{k + 1}/24", "dev", links[k]],
+                  ["-n", names[k], "link", "set", links[k], "up"], ["-n", names[k], "link", "set", "lo", "up"]]
+    try:
+        for step in steps:
+            r = subprocess.run(["ip", *step], capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make two network namespaces here (ip {' '.join(step)}: {r.stderr.strip()})")
+        yield tuple(["ip", "netns", "exec", n] for n in names)
+    finally:
+        for n in names:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+@pytest.mark.slow
+def test_two_hosts_on_their_own_network_train_like_one_process(tmp_path, two_hosts):
+    """Two machines that reach each other only over a network (the test above shares one loopback): ftune points gloo
+    at the interface routing to MASTER_ADDR, where gloo alone would bind to the hostname's 127.0.0.1 and each machine
+    would tell the other to connect there."""
+    args = [*BASE, "trainer.batch_size=2", f"output_dir={tmp_path / 'run'}"]
+    nodes = launch_nodes(tmp_path, "accelerate", args, prefixes=two_hosts, master="10.77.0.1")
+    for k, (rc, _, err) in enumerate(nodes):
+        assert rc == 0, f"node {k}:\n{err[-3000:]}"
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "GLOO_SOCKET_IFNAME=" in log and "(10.77.0.1, the route to MASTER_ADDR=10.77.0.1)" in log
+    one = tmp_path / "one"
+    r = ftune("train", *BASE, "trainer.batch_size=4", f"output_dir={one}", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "run")), torch.tensor(losses(one)), rtol=0, atol=2e-5)
+
+    # The same machines with gloo held to the loopback: no group forms, and the rank whose connection is refused says
+    # what to set. (gloo decides by port which rank of a pair connects; the other would wait for gloo's own timeout,
+    # half an hour, and is stopped.)
+    nodes = launch_nodes(tmp_path, "accelerate", [*BASE, f"output_dir={tmp_path / 'lo'}"], prefixes=two_hosts,
+                         master="10.77.0.1", env={"GLOO_SOCKET_IFNAME": "lo"}, timeout=120, stop_after_first=True)
+    said = [err for rc, _, err in nodes if rc != 0 and "could not connect to each other over gloo" in err]
+    assert len(said) == 1, "\n".join(err[-2000:] for _, _, err in nodes)
+    assert "set GLOO_SOCKET_IFNAME on every machine" in said[0]
+
+
+def _a_non_loopback_address() -> tuple[str, str] | None:
+    """(interface, IPv4 address) of the interface this machine's default route leaves by, or None."""
+    from ftune.training.distributed import _interface_with_address
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up, nothing is sent
+            ip = sock.getsockname()[0]
+    except OSError:
+        return None
+    name = None if ip.startswith("127.") else _interface_with_address(ip)
+    return (name, ip) if name else None
+
+
+def test_gloo_is_pointed_at_the_interface_that_reaches_the_main_machine(monkeypatch):
+    from ftune.training.distributed import choose_gloo_interface
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # one machine: gloo's own choice is right
+    assert choose_gloo_interface() is None and "GLOO_SOCKET_IFNAME" not in os.environ
+    found = _a_non_loopback_address()
+    if found is None:
+        pytest.skip("this machine has no network interface besides the loopback")
+    name, ip = found
+    monkeypatch.setenv("MASTER_ADDR", ip)  # the main machine is this one, seen from the network
+    assert choose_gloo_interface() == name and os.environ["GLOO_SOCKET_IFNAME"] == name
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the user's own choice stays
+    assert choose_gloo_interface() is None and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no group to form
+    assert choose_gloo_interface() is None and "GLOO_SOCKET_IFNAME" not in os.environ
+
+
+def test_a_group_that_cannot_connect_is_said_with_the_fix(monkeypatch):
+    import accelerate
+
+    from ftune.config import ConfigError
+    from ftune.training import distributed
+
+    def no_mesh(**kwargs):
+        raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:152] timed out connecting: SO_ERROR: Connection "
+                           "refused, remote=[127.0.0.1]:18354")
+
+    monkeypatch.setattr(accelerate, "Accelerator", no_mesh)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    cfg = type("Cfg", (), {"trainer": type("T", (), {"distributed": "ddp"})()})()
+    with pytest.raises(ConfigError, match=r"could not connect to each other over gloo .*remote=\[127.0.0.1\].*"
+                                          r"\(now lo\): set GLOO_SOCKET_IFNAME on every machine"):
+        distributed._accelerator(cfg, "no")

@@ -175,16 +175,75 @@ def plugins(t) -> dict:
     return {}
 
 
+def _interface_with_address(ip: str) -> str | None:
+    """The name of this machine's network interface holding the IPv4 address `ip` (Linux: SIOCGIFADDR per interface)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address on this interface
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    return None
+
+
+def choose_gloo_interface() -> str | None:
+    """Set GLOO_SOCKET_IFNAME, where it is unset, to the interface that reaches MASTER_ADDR; returns the name set.
+
+    gloo binds each process to the address its machine's hostname resolves to. On many machines (Debian and Ubuntu's
+    `127.0.1.1 <hostname>` line in /etc/hosts, containers) that is a loopback address, so with ranks on several
+    machines each tells the others to connect to 127.0.x.x and the group never forms ("Gloo connectFullMesh failed
+    ... Connection refused, remote=[127.0.0.1]"). The interface the kernel routes MASTER_ADDR through is the one the
+    other machines can reach. Nothing is set for one machine (MASTER_ADDR a loopback address), an IPv6 or unresolvable
+    MASTER_ADDR, or an interface that cannot be named; torch and gloo offer no such choice themselves."""
+    master = os.environ.get("MASTER_ADDR")
+    if os.environ.get("GLOO_SOCKET_IFNAME") or not master or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    try:
+        master_ip = socket.getaddrinfo(master, None, socket.AF_INET)[0][4][0]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((master_ip, 9))  # UDP: no packet is sent; the kernel picks the route and the source address
+            local_ip = sock.getsockname()[0]
+        name = None if local_ip.startswith("127.") else _interface_with_address(local_ip)
+    except (OSError, IndexError):
+        return None
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+        log.info("GLOO_SOCKET_IFNAME=%s (%s, the route to MASTER_ADDR=%s); set it yourself to choose another",
+                 name, local_ip, master)
+    return name
+
+
+def _accelerator(cfg, mp: str):
+    """Accelerator(...), which joins the process group: a group that cannot connect is said with the fix."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+    except RuntimeError as e:
+        if "connectFullMesh" not in str(e):
+            raise
+        raise ConfigError(
+            f"The training processes could not connect to each other over gloo ({str(e).strip().splitlines()[-1]}). "
+            f"gloo binds each process to the address of its machine's hostname ({socket.gethostname()} here) or to "
+            f"the interface in GLOO_SOCKET_IFNAME (now {os.environ.get('GLOO_SOCKET_IFNAME', 'unset')}): set "
+            f"GLOO_SOCKET_IFNAME on every machine to the network interface the other machines reach it through "
+            f"(`ip -br addr` lists them), or map the hostname to that interface's address in /etc/hosts.") from e
+
+
 def make_accelerator(cfg):
     """The Accelerator for `trainer.distributed`, after the checks. With trainer.distributed=ddp and an engine chosen
     by `accelerate launch --config_file ...` (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED), accelerate builds
     that engine from its environment; ftune then follows `acc.distributed_type`, never the config value."""
-    from accelerate import Accelerator
-
     check_device(cfg)
+    choose_gloo_interface()
     requested, planned = cfg.trainer.mixed_precision, planned_device()
     mp, why = precision.resolve(requested, planned)
-    acc = Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+    acc = _accelerator(cfg, mp)
     if requested == "auto":
         if acc.device.type != planned:  # accelerate placed the run elsewhere than torch's own accelerator
             mp, why = precision.resolve(requested, acc.device.type)
