@@ -209,7 +209,7 @@ def choose_gloo_interface() -> str | None:
             sock.connect((master_ip, 9))  # UDP: no packet is sent; the kernel picks the route and the source address
             local_ip = sock.getsockname()[0]
         name = None if local_ip.startswith("127.") else _interface_with_address(local_ip)
-    except (OSError, IndexError):
+    except (OSError, IndexError, ImportError):  # ImportError: no fcntl (Windows)
         return None
     if name:
         os.environ["GLOO_SOCKET_IFNAME"] = name
