@@ -262,11 +262,10 @@ def with_precision(acc, cfg, mp: str):
     state per process: it is reset first; the process group stays)."""
     if mp == acc.mixed_precision:
         return acc
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+    return _accelerator(cfg, mp)
 
 
 def end_process_group() -> None:
