@@ -39,11 +39,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_nodes(tmp_path: Path, launcher: str, args: list[str], node1_prefix: list[str] = (),
-                 prefixes: tuple[list[str], list[str]] = ((), ()), master: str = "127.0.0.1", env: dict | None = None,
-                 timeout: float = 300, stop_after_first: bool = False) -> list[tuple]:
+def launch_nodes(tmp_path: Path, launcher: str, args: list[str], prefixes: tuple[list[str], list[str]] = ((), ()),
+                 master: str = "127.0.0.1", env: dict | None = None, timeout: float = 300,
+                 stop_after_first: bool = False) -> list[tuple]:
     """Start node 0 and node 1 together (one process each), each in tmp_path/nodeK with FTUNE_HOME tmp_path/nodeK/home;
-    `prefixes` (and `node1_prefix`) go before each node's command; return [(returncode, stdout, stderr)] per node.
+    `prefixes` go before each node's command; return [(returncode, stdout, stderr)] per node.
     `stop_after_first`: the other node is stopped once one has ended."""
     port = free_port()
     procs = []
@@ -60,7 +60,7 @@ def launch_nodes(tmp_path: Path, launcher: str, args: list[str], node1_prefix: l
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}",
                    "--nproc_per_node=1", f"--master_addr={master}", f"--master_port={port}"]
-        cmd = [*prefixes[k], *(node1_prefix if k == 1 else ()), *cmd, "-m", "ftune.train", *args]
+        cmd = [*prefixes[k], *cmd, "-m", "ftune.train", *args]
         # output to files: a worker outliving its launcher would hold a pipe open
         with open(tmp_path / f"node{k}.stdout", "w") as out, open(tmp_path / f"node{k}.stderr", "w") as err:
             procs.append(subprocess.Popen(cmd, cwd=node, env=node_env, stdout=out, stderr=err, text=True))
@@ -127,7 +127,7 @@ def test_a_run_directory_the_other_machine_cannot_see_is_refused(tmp_path):
     shared.mkdir()
     script = f'mount -t tmpfs tmpfs {shared} && exec "$@"'
     nodes = launch_nodes(tmp_path, "torchrun", [*BASE, "trainer.batch_size=2", f"output_dir={shared / 'run'}"],
-                         node1_prefix=["unshare", "--mount", "sh", "-c", script, "sh"])
+                         prefixes=((), ["unshare", "--mount", "sh", "-c", script, "sh"]))
     for k, (rc, _, err) in enumerate(nodes):
         assert rc != 0, f"node {k} trained"
         said = f"output_dir={shared / 'run'} is not shared: rank 1 on {socket.gethostname()} cannot see"
