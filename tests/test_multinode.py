@@ -41,10 +41,11 @@ def free_port() -> int:
 
 def launch_nodes(tmp_path: Path, launcher: str, args: list[str], prefixes: tuple[list[str], list[str]] = ((), ()),
                  master: str = "127.0.0.1", env: dict | None = None, timeout: float = 300,
-                 stop_after_first: bool = False) -> list[tuple]:
+                 stop_after_first: bool = False, node_args: tuple[list[str], list[str]] = ((), ())) -> list[tuple]:
     """Start node 0 and node 1 together (one process each), each in tmp_path/nodeK with FTUNE_HOME tmp_path/nodeK/home;
-    `prefixes` go before each node's command; return [(returncode, stdout, stderr)] per node.
-    `stop_after_first`: the other node is stopped once one has ended."""
+    `prefixes` go before each node's command, `node_args` after the launcher's own arguments; return [(returncode,
+    stdout, stderr)] per node. `launcher`: accelerate, torchrun (static rendezvous at `master`) or torchrun-c10d (the
+    c10d rendezvous, its store on node 0). `stop_after_first`: the other node is stopped once one has ended."""
     port = free_port()
     procs = []
     for k in (0, 1):
@@ -57,10 +58,14 @@ def launch_nodes(tmp_path: Path, launcher: str, args: list[str], prefixes: tuple
                    str(configs_dir() / "accelerate" / "ddp_multinode.yaml"), "--num_machines", "2",
                    "--num_processes", "2", "--machine_rank", str(k), "--main_process_ip", master,
                    "--main_process_port", str(port), "--dynamo_backend", "no"]
-        else:
+        elif launcher == "torchrun":
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={k}",
                    "--nproc_per_node=1", f"--master_addr={master}", f"--master_port={port}"]
-        cmd = [*prefixes[k], *cmd, "-m", "ftune.train", *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint={master}:{port}", f"--rdzv_id=test{port}",
+                   f"--rdzv_conf=is_host={int(k == 0)}"]
+        cmd = [*prefixes[k], *cmd, *node_args[k], "-m", "ftune.train", *args]
         # output to files: a worker outliving its launcher would hold a pipe open
         with open(tmp_path / f"node{k}.stdout", "w") as out, open(tmp_path / f"node{k}.stderr", "w") as err:
             procs.append(subprocess.Popen(cmd, cwd=node, env=node_env, stdout=out, stderr=err, text=True))
@@ -213,6 +218,28 @@ def test_two_hosts_on_their_own_network_train_like_one_process(tmp_path, two_hos
     assert "set GLOO_SOCKET_IFNAME on every machine" in said[0]
 
 
+@pytest.mark.slow
+def test_torchrun_c10d_on_two_hosts_needs_each_machine_named_by_address(tmp_path, two_hosts):
+    """torchrun's c10d rendezvous publishes rank 0's hostname as MASTER_ADDR, 127.0.0.1 on the other host here: that
+    host's process is refused at once with the fix (it would wait 30 minutes for a main process on itself), and with
+    the fix, `--local_addr` on each machine, the two train like one process with the global batch."""
+    nodes = launch_nodes(tmp_path, "torchrun-c10d", [*BASE, f"output_dir={tmp_path / 'named'}"], prefixes=two_hosts,
+                         master="10.77.0.1", timeout=180, stop_after_first=True)
+    said = [err for rc, _, err in nodes if rc != 0 and "a loopback address, and nothing listens there" in err]
+    assert len(said) == 1, "\n".join(err[-2000:] for _, _, err in nodes)
+    assert "`--local_addr <its own IP>` on every machine" in said[0]
+
+    args = [*BASE, "trainer.batch_size=2", f"output_dir={tmp_path / 'run'}"]
+    nodes = launch_nodes(tmp_path, "torchrun-c10d", args, prefixes=two_hosts, master="10.77.0.1",
+                         node_args=(["--local_addr=10.77.0.1"], ["--local_addr=10.77.0.2"]))
+    for k, (rc, _, err) in enumerate(nodes):
+        assert rc == 0, f"node {k}:\n{err[-3000:]}"
+    one = tmp_path / "one"
+    r = ftune("train", *BASE, "trainer.batch_size=4", f"output_dir={one}", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "run")), torch.tensor(losses(one)), rtol=0, atol=2e-5)
+
+
 def _a_non_loopback_address() -> tuple[str, str] | None:
     """(interface, IPv4 address) of the interface this machine's default route leaves by, or None."""
     from ftune.training.distributed import _interface_with_address
@@ -245,6 +272,35 @@ def test_gloo_is_pointed_at_the_interface_that_reaches_the_main_machine(monkeypa
     monkeypatch.delenv("GLOO_SOCKET_IFNAME")
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no group to form
     assert choose_gloo_interface() is None and "GLOO_SOCKET_IFNAME" not in os.environ
+
+
+def test_a_main_address_that_means_this_machine_is_refused_at_once(monkeypatch):
+    """torchrun's c10d rendezvous publishes the main machine's hostname as MASTER_ADDR; where it resolves to a loopback
+    address on another machine, that machine's processes would wait 30 minutes for a main process on themselves."""
+    from ftune.config import ConfigError
+    from ftune.training.distributed import check_main_address
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = listener.getsockname()[1]
+        monkeypatch.setenv("MASTER_ADDR", "localhost")
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))  # nothing listens there
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        with pytest.raises(ConfigError, match=r"MASTER_ADDR=localhost is .*127\.0\.0\.1.* a loopback address, and "
+                                              r"nothing listens there .* only 1 of the run's 2 processes .*"
+                                              r"`--local_addr <its own IP>` on every machine"):
+            check_main_address(probe_timeout=2)
+        monkeypatch.setenv("MASTER_PORT", str(busy))  # several "machines" on one host: the main process is here
+        check_main_address(probe_timeout=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # every process on this machine
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    check_main_address(probe_timeout=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.255.255.1")  # an address of the network: torch connects, nothing is probed
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed a non-loopback address"))
+    check_main_address(probe_timeout=2)
 
 
 def test_a_group_that_cannot_connect_is_said_with_the_fix(monkeypatch):

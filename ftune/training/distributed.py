@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import re
@@ -191,6 +192,42 @@ def _interface_with_address(ip: str) -> str | None:
     return None
 
 
+def check_main_address(probe_timeout: float = 5.0) -> None:
+    """Refuse at once a run spread over several machines whose MASTER_ADDR means "this machine" on this one.
+
+    torchrun's c10d rendezvous (`--rdzv_backend c10d --rdzv_endpoint HOST:PORT`) publishes the main machine's own name
+    (`socket.getfqdn()`) as MASTER_ADDR unless its `--local_addr` is given. Where that name resolves to a loopback
+    address on the other machines (containers; /etc/hosts lines such as `127.0.0.1 localhost <hostname>`), their
+    processes look for the main process on themselves and wait, without a word, for torch's timeout (30 minutes). A
+    loopback MASTER_ADDR with nothing listening at MASTER_PORT, while some of the run's processes are on other
+    machines (WORLD_SIZE > LOCAL_WORLD_SIZE), is that case; several "machines" on one host find the listener and pass.
+    """
+    master, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if not master or not port.isdigit() or not 0 < local < world:
+        return
+    try:
+        addresses = {a[4][0] for a in socket.getaddrinfo(master, int(port), type=socket.SOCK_STREAM)}
+    except OSError:  # unresolvable: torch says so itself, at once
+        return
+    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return
+    try:
+        socket.create_connection((master, int(port)), timeout=probe_timeout).close()
+        return
+    except OSError:
+        pass
+    raise ConfigError(
+        f"MASTER_ADDR={master} is {', '.join(sorted(addresses))} on this machine ({socket.gethostname()}), a loopback "
+        f"address, and nothing listens there at MASTER_PORT={port}; yet only {local} of the run's {world} processes "
+        f"are on this machine. The main machine was named by an address that means \"this machine\" here, so this "
+        f"process would wait for torch's timeout (30 minutes). torchrun's c10d rendezvous publishes the hostname of "
+        f"whichever machine becomes rank 0: give torchrun `--local_addr <its own IP>` on every machine. Or launch "
+        f"with an address every machine reaches (torchrun `--master_addr IP --node_rank K`, accelerate "
+        f"`--main_process_ip IP`), or make each hostname resolve to its machine's network address everywhere "
+        f"(/etc/hosts, DNS).")
+
+
 def choose_gloo_interface() -> str | None:
     """Set GLOO_SOCKET_IFNAME, where it is unset, to the interface that reaches MASTER_ADDR; returns the name set.
 
@@ -240,6 +277,7 @@ def make_accelerator(cfg):
     by `accelerate launch --config_file ...` (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED), accelerate builds
     that engine from its environment; ftune then follows `acc.distributed_type`, never the config value."""
     check_device(cfg)
+    check_main_address()
     choose_gloo_interface()
     requested, planned = cfg.trainer.mixed_precision, planned_device()
     mp, why = precision.resolve(requested, planned)
