@@ -317,6 +317,14 @@ def validate_common(cfg: DictConfig) -> None:
             _positive(cfg, "data.limit")
         if cfg.data.source == "jsonl" and not cfg.data.path:
             raise ConfigError("data=jsonl needs `data.path=FILE.jsonl` (your training file).")
+        if cfg.data.source in ("gsm_symbolic", "hub") and cfg.data.path:
+            what = ("generates its problems" if cfg.data.source == "gsm_symbolic"
+                    else f"loads data.hub_id={cfg.data.hub_id} from the Hugging Face hub")
+            raise ConfigError(
+                f"data.path={cfg.data.path} would be ignored: data.source={cfg.data.source} {what} and reads no file. "
+                f"For your own file use `data=jsonl data.path={cfg.data.path}` ({{prompt, completion}}, {{messages}} "
+                f"or alpaca records; preference pairs {{prompt, chosen, rejected}}); for a local copy of GSM8K, "
+                f"`data=gsm8k data.path=DIR`; or drop data.path.")
     if "eval" in cfg:
         _positive(cfg, "eval.batch_size")
         _positive(cfg, "eval.max_new_tokens")

@@ -88,6 +88,10 @@ def test_required_argument_missing_is_reported(compose):
     (["model.dtype=float64"], r"model\.dtype='float64' is not one of"),
     (["data.truncation=cut"], r"data\.truncation='cut' is not one of drop, truncate, error"),
     (["data=jsonl"], r"data=jsonl needs `data\.path"),
+    (["data.path=mine.jsonl"], r"data\.path=mine\.jsonl would be ignored: data\.source=gsm_symbolic generates its "
+                               r"problems .*`data=jsonl data\.path=mine\.jsonl`"),
+    (["data.source=hub", "data.hub_id=org/set", "data.path=mine.jsonl"],
+     r"data\.path=mine\.jsonl would be ignored: data\.source=hub loads data\.hub_id=org/set"),
     (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be > 0"),
     (["trainer.warmup_ratio=1.0"], r"trainer\.warmup_ratio=1\.0"),
     (["trainer.mixed_precision=fp16", "model.dtype=bfloat16"], r"trainer\.mixed_precision=fp16"),
