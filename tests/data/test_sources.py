@@ -231,3 +231,19 @@ def test_gsm_symbolic_deterministic_and_splits_differ():
     assert questions.isdisjoint(e["messages"][0]["content"] for e in test)
     assert [e["messages"] for e in other] != [e["messages"] for e in train_a]
     assert all("####" in e["answer"] for e in train_a)
+
+
+def test_a_size_for_generated_problems_on_a_file_is_said_to_be_ignored(tmp_path, caplog):
+    """data.size counts the problems gsm_symbolic generates; kept from a recipe with data=jsonl it changes nothing,
+    and the warning names data.limit, which does."""
+    from ftune.data.pipeline import load_train_examples
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)])
+    with caplog.at_level("WARNING", logger="ftune.data.pipeline"):
+        train, _, _ = load_train_examples(data_cfg(source="jsonl", path=path, size=2, eval_size=0), seed=0)
+    assert len(train) == 6
+    assert "data.size=2 is ignored" in caplog.text and "set data.limit=N" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftune.data.pipeline"):
+        train, _, _ = load_train_examples(data_cfg(source="jsonl", path=path, limit=2, eval_size=0), seed=0)
+    assert len(train) == 2 and "is ignored" not in caplog.text
