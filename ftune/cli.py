@@ -67,6 +67,14 @@ def run_reporting_errors(fn, cfg):
         kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model", SaveError: "save"}[type(e)]
         print(f"ftune: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # gloo's timeout at a collective: said with what to look at and the setting
+        from ftune.training.distributed import collective_timeout_said
+
+        said = collective_timeout_said(e, cfg)
+        if said is None:
+            raise
+        print(f"ftune: distributed error: {said}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:

@@ -78,6 +78,7 @@ class TrainerConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     distributed: str = "ddp"
+    dist_timeout: int = 1800
     compile: bool = False
     cpu_malloc: str = "auto"
     liger: bool = False
@@ -342,6 +343,7 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
                 "trainer.eval_every", "trainer.save_every"):
         _positive(cfg, key, allow_zero=True)
     _positive(cfg, "trainer.keep_last")
+    _positive(cfg, "trainer.dist_timeout")
     _positive(cfg, "trainer.profile_steps", allow_zero=True)
     _positive(cfg, "trainer.profile_from")
     if t.profile_steps and t.max_steps > 0 and t.profile_from + t.profile_steps - 1 > t.max_steps:

@@ -93,6 +93,7 @@ def test_required_argument_missing_is_reported(compose):
     (["data.source=hub", "data.hub_id=org/set", "data.path=mine.jsonl"],
      r"data\.path=mine\.jsonl would be ignored: data\.source=hub loads data\.hub_id=org/set"),
     (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be > 0"),
+    (["trainer.dist_timeout=0"], r"trainer\.dist_timeout=0 must be > 0"),
     (["trainer.warmup_ratio=1.0"], r"trainer\.warmup_ratio=1\.0"),
     (["trainer.mixed_precision=fp16", "model.dtype=bfloat16"], r"trainer\.mixed_precision=fp16"),
     (["+selection.budget=5"], r"selection: keys \['budget'\] are set but `selection\._target_` is null"),

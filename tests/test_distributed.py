@@ -197,6 +197,22 @@ def test_processes_that_would_not_sync_are_refused(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_process_kept_waiting_past_dist_timeout_says_why(tmp_path):
+    """Rank 0 reads the training file first while rank 1 waits at the barrier after it; the file is a named pipe no
+    one writes, so rank 0 never comes. trainer.dist_timeout=3 reaches the process group (torch's own timeout is 30
+    minutes on gloo) and rank 1's gloo timeout is said with the setting and what to look at."""
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    r = ftune("train", "--nproc", "2", *BASE, "data=jsonl", f"data.path={fifo}", "trainer.dist_timeout=3",
+              f"output_dir={tmp_path / 'run'}", cwd=tmp_path, timeout=180)
+    assert r.returncode == 2 and time.monotonic() - start < 120
+    assert "ftune.train FAILED" not in r.stderr  # the paragraph is the report: torchrun's is not printed
+    assert ("ftune: distributed error: rank 1 of 2 waited 3 s (trainer.dist_timeout=3) for the other processes at a "
+            "collective operation") in r.stderr, r.stderr[-3000:]
+    assert "raise trainer.dist_timeout (seconds)" in r.stderr
+
+
 def signalled_launch(tmp_path: Path, send) -> tuple[subprocess.CompletedProcess, Path]:
     """`ftune train --nproc 2` in a session of its own, `send(launcher_pid)` once the first step is logged; saves take
     4 s more (FTUNE_TEST_SAVE_PAUSE), so signals sent on while the ranks save would find them in it."""

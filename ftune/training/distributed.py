@@ -19,6 +19,7 @@ plain data parallelism and ignores the plugin, so ftune refuses those engines th
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import ipaddress
 import logging
@@ -258,9 +259,13 @@ def choose_gloo_interface() -> str | None:
 def _accelerator(cfg, mp: str):
     """Accelerator(...), which joins the process group: a group that cannot connect is said with the fix."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
+    # torch waits 10 minutes (NCCL) or 30 (gloo) at a collective; rank 0 alone downloading or converting a large model
+    # and tokenizing a large dataset, while the others wait at the barrier after it, can take longer.
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=getattr(cfg.trainer, "dist_timeout", 1800)))
     try:
-        return Accelerator(mixed_precision=mp, **plugins(cfg.trainer))
+        return Accelerator(mixed_precision=mp, kwargs_handlers=[timeout], **plugins(cfg.trainer))
     except RuntimeError as e:
         if "connectFullMesh" not in str(e):
             raise
@@ -270,6 +275,22 @@ def _accelerator(cfg, mp: str):
             f"the interface in GLOO_SOCKET_IFNAME (now {os.environ.get('GLOO_SOCKET_IFNAME', 'unset')}): set "
             f"GLOO_SOCKET_IFNAME on every machine to the network interface the other machines reach it through "
             f"(`ip -br addr` lists them), or map the hostname to that interface's address in /etc/hosts.") from e
+
+
+def collective_timeout_said(e: BaseException, cfg) -> str | None:
+    """The fix for gloo's "Timed out waiting Nms for recv operation" (a process waited trainer.dist_timeout at a
+    collective), or None for any other error. (NCCL's watchdog ends a timed-out process itself, with its own log.)"""
+    found = re.search(r"Timed out waiting (\d+)ms for \w+ operation", str(e))
+    if not found or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    waited = int(found.group(1)) / 1000
+    setting = getattr(getattr(cfg, "trainer", None), "dist_timeout", "unset")
+    return (f"rank {rank} of {world} waited {waited:g} s (trainer.dist_timeout={setting}) for the other processes at a "
+            f"collective operation, and they did not come ({found.group(0)}). Either another process was still busy "
+            f"(rank 0 converts or downloads the model and fills the tokenization cache before the others start; "
+            f"evaluation and saving can be long too) or it failed: look at the other processes' output for an error. "
+            f"To wait longer, raise trainer.dist_timeout (seconds).")
 
 
 def make_accelerator(cfg):
