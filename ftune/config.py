@@ -306,7 +306,17 @@ def check_overrides(command: str, overrides: list[str]) -> None:
                                   f"Valid keys of {parts[0]}: {', '.join(known)}.")
 
 
+# What a value left `???` by its config group (model=hub) should be.
+REQUIRED_HINTS = {"model.name_or_path": "a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local model directory"}
+
+
 def validate_common(cfg: DictConfig) -> None:
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        said = "; ".join(f"`{k}=...` ({REQUIRED_HINTS[k]})" if k in REQUIRED_HINTS else f"`{k}=...`" for k in missing)
+        them = "it" if len(missing) == 1 else "them"
+        raise ConfigError(f"{', '.join(missing)} must be set: the config leaves {them} to you. Add {said} to the "
+                          f"command line.")
     _check_schema_keys(cfg)
     for key in CHOICES:
         if OmegaConf.select(cfg, key, default=None) is not None:
@@ -318,6 +328,15 @@ def validate_common(cfg: DictConfig) -> None:
             _positive(cfg, "data.limit")
         if cfg.data.source == "jsonl" and not cfg.data.path:
             raise ConfigError("data=jsonl needs `data.path=FILE.jsonl` (your training file).")
+        if cfg.data.source == "hub" and not cfg.data.hub_id:
+            raise ConfigError("data=hub needs `data.hub_id=ORG/NAME` (a dataset on the Hugging Face hub, such as "
+                              "tatsu-lab/alpaca).")
+        if cfg.data.source in ("gsm_symbolic", "jsonl") and cfg.data.hub_id:
+            raise ConfigError(
+                f"data.hub_id={cfg.data.hub_id} would be ignored: data.source={cfg.data.source} reads "
+                f"{'generated problems' if cfg.data.source == 'gsm_symbolic' else 'data.path'}. For a dataset on the "
+                f"Hugging Face hub use `data=hub data.hub_id={cfg.data.hub_id}` (data.hub_config for its "
+                f"configuration, data.split for its split); or drop data.hub_id.")
         if cfg.data.source in ("gsm_symbolic", "hub") and cfg.data.path:
             what = ("generates its problems" if cfg.data.source == "gsm_symbolic"
                     else f"loads data.hub_id={cfg.data.hub_id} from the Hugging Face hub")

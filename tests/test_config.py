@@ -54,6 +54,29 @@ def test_default_config_validates(compose):
     assert targets["selection"] is None
 
 
+def test_a_hub_dataset_group_validates_and_loads_from_the_hub(compose, monkeypatch):
+    """data=hub with its id passes the checks and reaches datasets.load_dataset(hub_id, hub_config, split)."""
+    import datasets
+
+    from ftune.data import sources
+    from ftune.data.pipeline import load_train_examples
+
+    cfg = compose(["data=hub", "data.hub_id=org/set", "data.hub_config=main", "data.eval_size=0"])
+    validate_train(cfg)
+    asked = []
+
+    def load_dataset(*args, **kwargs):
+        asked.append((args, kwargs))
+        return [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+
+    monkeypatch.setattr(sources, "_hub_offline", lambda: False)
+    monkeypatch.setattr("ftune.models.loading._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    train, _, stats = load_train_examples(cfg.data, seed=0)
+    assert asked == [(("org/set", "main"), {"split": "train"})]
+    assert [ex["messages"][-1]["content"] for ex in train] == ["a0", "a1", "a2"] and stats["origin"] == "org/set"
+
+
 @pytest.mark.parametrize(("group", "option"), PLUGGABLE)
 def test_every_pluggable_target_checks(compose, group, option):
     cfg = compose([f"{group}={option}"])
@@ -94,6 +117,11 @@ def test_required_argument_missing_is_reported(compose):
      r"data\.path=mine\.jsonl would be ignored: data\.source=hub loads data\.hub_id=org/set"),
     (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be > 0"),
     (["trainer.dist_timeout=0"], r"trainer\.dist_timeout=0 must be > 0"),
+    (["model=hub"], r"model\.name_or_path must be set: the config leaves it to you\. Add "
+                    r"`model\.name_or_path=\.\.\.` \(a hub id such as"),
+    (["data=hub"], r"data=hub needs `data\.hub_id=ORG/NAME` \(a dataset on the Hugging Face hub"),
+    (["data.hub_id=tatsu-lab/alpaca"], r"data\.hub_id=tatsu-lab/alpaca would be ignored: data\.source=gsm_symbolic "
+                                       r"reads generated problems\. .*`data=hub data\.hub_id=tatsu-lab/alpaca`"),
     (["trainer.warmup_ratio=1.0"], r"trainer\.warmup_ratio=1\.0"),
     (["trainer.mixed_precision=fp16", "model.dtype=bfloat16"], r"trainer\.mixed_precision=fp16"),
     (["+selection.budget=5"], r"selection: keys \['budget'\] are set but `selection\._target_` is null"),
