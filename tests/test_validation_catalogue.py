@@ -238,7 +238,7 @@ DATA_CASES = [
     Case("missing-file", SFT[:1] + ["data.path={tmp}/nope.jsonl"], "data",
          r"nope\.jsonl: no such file\. Check data\.path"),
     Case("missing-eval-file", [*SFT, "data.eval_split={tmp}/held_out.jsonl"], "data",
-         r"held_out\.jsonl: no such file\. Check data\.path"),
+         r"held_out\.jsonl: no such file\. Check data\.eval_split"),
     Case("json-array-file", SFT[:1] + ["data.path={data}"], "data",
          r"data\.jsonl:1: expected a JSON object, got list\. The file must be JSON Lines",
          data=json.dumps(SFT_ROWS[:3]) + "\n"),

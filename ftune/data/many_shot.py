@@ -53,7 +53,7 @@ def _raw_rows(cfg, split: str, seed: int) -> tuple[list[dict], str]:
     if cfg.source == "jsonl":
         # As for SFT data: data.split names the training file's split; any other split is a path to its own file.
         path = Path(cfg.path if split == cfg.split else split).expanduser()
-        return read_jsonl(path), str(path)
+        return read_jsonl(path, "data.path" if split == cfg.split else "data.eval_split"), str(path)
     if cfg.source == "hub":
         if not cfg.hub_id:
             raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")

@@ -101,7 +101,7 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             rows, origin = _load_hub(cfg.hub_id or "Anthropic/hh-rlhf", cfg.hub_config, split, hint), cfg.hub_id
     elif cfg.source == "jsonl":
         path = Path(cfg.path if split == cfg.split else split).expanduser()
-        rows, origin = read_jsonl(path), str(path)
+        rows, origin = read_jsonl(path, "data.path" if split == cfg.split else "data.eval_split"), str(path)
     elif cfg.source == "hub" and cfg.hub_id:
         rows, origin = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy."), cfg.hub_id
     else:

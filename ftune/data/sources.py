@@ -28,8 +28,9 @@ class DataError(ValueError):
     """Bad or missing data; the message names the file (and line) and the fix."""
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parse a .jsonl (or .jsonl.gz) file; malformed lines raise DataError with file:line."""
+def read_jsonl(path: Path, key: str = "data.path") -> list[dict]:
+    """Parse a .jsonl (or .jsonl.gz) file; malformed lines raise DataError with file:line (`key`: the setting that
+    named the file, for a missing one)."""
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     try:
@@ -51,7 +52,7 @@ def read_jsonl(path: Path) -> list[dict]:
         raise DataError(f"{path}:{_first_non_utf8_line(path, opener)}: not UTF-8 text. Re-encode the file as UTF-8 "
                         f"(e.g. `iconv -f latin1 -t utf-8`).") from None
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file. Check data.path (relative paths resolve against "
+        raise DataError(f"{path}: no such file. Check {key} (relative paths resolve against "
                         f"{Path.cwd()}).") from None
     return rows
 
@@ -185,7 +186,7 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
     elif source == "jsonl":
         # data.split names the training file's split; any other split (data.eval_split) is a path to its own file.
         path = Path(cfg.path if split == cfg.split else split).expanduser()
-        rows, origin = read_jsonl(path), str(path)
+        rows, origin = read_jsonl(path, "data.path" if split == cfg.split else "data.eval_split"), str(path)
     elif source == "hub":
         if not cfg.hub_id:
             raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")
