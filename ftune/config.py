@@ -311,6 +311,9 @@ REQUIRED_HINTS = {"model.name_or_path": "a hub id such as Qwen/Qwen2.5-0.5B-Inst
 
 
 def validate_common(cfg: DictConfig) -> None:
+    seed = OmegaConf.select(cfg, "seed", default=None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed} must be in [0, 2**32) (numpy's seeds).")
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
         said = "; ".join(f"`{k}=...` ({REQUIRED_HINTS[k]})" if k in REQUIRED_HINTS else f"`{k}=...`" for k in missing)
@@ -365,6 +368,7 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     _positive(cfg, "trainer.dist_timeout")
     _positive(cfg, "trainer.profile_steps", allow_zero=True)
     _positive(cfg, "trainer.profile_from")
+    _positive(cfg, "trainer.adam_eps")  # 0: an untouched parameter's update is 0/0, NaN after the first step
     if t.profile_steps and t.max_steps > 0 and t.profile_from + t.profile_steps - 1 > t.max_steps:
         raise ConfigError(f"trainer.profile_from={t.profile_from} with trainer.profile_steps={t.profile_steps} would "
                           f"record past trainer.max_steps={t.max_steps}: lower profile_from or profile_steps.")

@@ -83,14 +83,15 @@ def refuse_existing_run(argv: list[str]) -> None:
     if any(a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
         return
     out, resume = _given(argv, "output_dir"), _given_resume(argv)
-    if out:
+    if out and "${" not in out:
         _check_fresh(Path(out), resume)
+        _check_writable(Path(out))  # Hydra makes it next, and would fail with a traceback
 
 
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks check the same directory at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -117,6 +117,8 @@ def test_required_argument_missing_is_reported(compose):
      r"data\.path=mine\.jsonl would be ignored: data\.source=hub loads data\.hub_id=org/set"),
     (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be > 0"),
     (["trainer.dist_timeout=0"], r"trainer\.dist_timeout=0 must be > 0"),
+    (["trainer.adam_eps=0"], r"trainer\.adam_eps=0\.0 must be > 0"),
+    (["seed=-1"], r"seed=-1 must be in \[0, 2\*\*32\)"),
     (["model=hub"], r"model\.name_or_path must be set: the config leaves it to you\. Add "
                     r"`model\.name_or_path=\.\.\.` \(a hub id such as"),
     (["data=hub"], r"data=hub needs `data\.hub_id=ORG/NAME` \(a dataset on the Hugging Face hub"),

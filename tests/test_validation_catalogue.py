@@ -118,6 +118,8 @@ CONFIG_CASES = [
     Case("lift-target-typo", [*SFT, "peft=lift", "peft.target_modules=[up_proj,dwn_proj]"], "config",
          r"peft\.target_modules \['dwn_proj'\] match no module"),
     Case("lora-dropout-one", [*SFT, "peft.dropout=1.0"], "config", r"peft\.dropout=1\.0 must be in \[0, 1\)"),
+    Case("lora-alpha-zero", [*SFT, "peft.alpha=0"], "config",
+         r"peft\.alpha=0(\.0)? must be > 0 \(the update is scaled by alpha / r"),
     Case("lora-bias-unknown", [*SFT, "peft.bias=some"], "config", r"peft\.bias='some' must be none, all or lora_only"),
     Case("packing-with-dpo", [*DPO, "data.packing=true"], "config",
          r"data\.packing=true does not work with ftune\.objectives\.dpo\.DPO.*Set data\.packing=false"),

@@ -97,6 +97,8 @@ class LoRA:
                  fused: bool = True):
         if r < 1:
             raise ConfigError(f"peft.r={r} must be >= 1.")
+        if alpha <= 0:  # the update is scaled by alpha / r: 0 leaves the model as it is, and nothing trains
+            raise ConfigError(f"peft.alpha={alpha} must be > 0 (the update is scaled by alpha / r; 2 x r is usual).")
         if not 0 <= dropout < 1:
             raise ConfigError(f"peft.dropout={dropout} must be in [0, 1).")
         if bias not in ("none", "all", "lora_only"):
