@@ -265,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
             from ftune.train import refuse_existing_run
 
             refuse_existing_run(rest)
+        elif command in ("eval", "select"):
+            from ftune.train import refuse_unwritable_output_dir
+
+            refuse_unwritable_output_dir(rest)
     except ConfigError as e:
         print(f"ftune: config error: {e}", file=sys.stderr)
         sys.exit(2)

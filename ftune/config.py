@@ -348,6 +348,9 @@ def validate_common(cfg: DictConfig) -> None:
                 f"For your own file use `data=jsonl data.path={cfg.data.path}` ({{prompt, completion}}, {{messages}} "
                 f"or alpaca records; preference pairs {{prompt, chosen, rejected}}); for a local copy of GSM8K, "
                 f"`data=gsm8k data.path=DIR`; or drop data.path.")
+    if "max_new_tokens" in cfg:  # ftune generate
+        _positive(cfg, "max_new_tokens")
+        _positive(cfg, "temperature", allow_zero=True)
     if "eval" in cfg:
         _positive(cfg, "eval.batch_size")
         _positive(cfg, "eval.max_new_tokens")

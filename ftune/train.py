@@ -80,12 +80,23 @@ def refuse_existing_run(argv: list[str]) -> None:
     (the run's recorded config) into the run directory before the job runs, so a refused rerun would otherwise
     replace the config of the run it refuses to touch. Sweeps (`-m`, which write into output_dir/K) and the printing
     flags (`--cfg`, `--info`, `--help`) are left alone; the Trainer checks again whatever path the config resolves."""
-    if any(a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help") for a in argv):
+    if any(a in HYDRA_FLAGS for a in argv):
         return
     out, resume = _given(argv, "output_dir"), _given_resume(argv)
     if out and "${" not in out:
         _check_fresh(Path(out), resume)
-        _check_writable(Path(out))  # Hydra makes it next, and would fail with a traceback
+    refuse_unwritable_output_dir(argv)
+
+
+HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
+
+
+def refuse_unwritable_output_dir(argv: list[str]) -> None:
+    """An `output_dir=` given on the command line that cannot be made or written: Hydra makes it before the job runs
+    and would end in a traceback."""
+    out = _given(argv, "output_dir")
+    if out and "${" not in out and not any(a in HYDRA_FLAGS for a in argv):
+        _check_writable(Path(out))
 
 
 def _check_writable(out: Path) -> None:

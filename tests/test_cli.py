@@ -187,10 +187,11 @@ def test_an_output_dir_that_cannot_be_made_is_refused_before_hydra(tmp_path):
     """Hydra makes the run directory before the job starts and would end in a FileNotFoundError traceback."""
     (tmp_path / "a_file").write_text("not a directory")
     run = tmp_path / "a_file" / "run"
-    r = ftune("train", *TINY, f"output_dir={run}", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert f"ftune: config error: output_dir={run} is not writable (Not a directory). Choose another" in r.stderr
-    assert "Traceback" not in r.stderr
+    for command in (["train", *TINY], ["eval", "model=tiny_random"]):
+        r = ftune(*command, f"output_dir={run}", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"ftune: config error: output_dir={run} is not writable (Not a directory). Choose another" in r.stderr
+        assert "Traceback" not in r.stderr
 
 
 def test_a_resumed_run_keeps_the_first_runs_recorded_config(tmp_path):

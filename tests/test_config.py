@@ -136,6 +136,17 @@ def test_validate_train_rejects(compose, overrides, pattern):
         validate_train(cfg)
 
 
+@pytest.mark.parametrize(("overrides", "pattern"), [
+    (["max_new_tokens=0"], r"max_new_tokens=0 must be > 0"),
+    (["temperature=-1"], r"temperature=-1\.0 must be >= 0"),
+])
+def test_generate_rejects(compose, overrides, pattern):
+    from ftune.config import validate_common
+
+    with pytest.raises(ConfigError, match=pattern):
+        validate_common(compose(["prompt=hi", *overrides], config_name="generate"))
+
+
 def test_peft_rank_suggests_r(compose):
     with pytest.raises(ConfigError, match=r"peft\.rank: .*Did you mean 'r'\?"):
         validate_train(compose(["+peft.rank=4"]))

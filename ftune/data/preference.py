@@ -79,14 +79,18 @@ def to_pair(row: dict, where: str) -> dict:
 
 
 def _hh_path(cfg, split: str) -> Path | None:
-    candidates = []
-    if cfg.path:
+    if cfg.path:  # the user's own copy, or an error: never FTUNE_DATA_DIR's or the hub's in its place
         p = Path(cfg.path).expanduser()
-        candidates += [p] if p.is_file() else [p / f"{split}.jsonl.gz", p / f"{split}.jsonl"]
-    if os.environ.get("FTUNE_DATA_DIR"):
-        d = Path(os.environ["FTUNE_DATA_DIR"]).expanduser() / "hh-rlhf-harmless"
-        candidates += [d / f"{split}.jsonl.gz", d / f"{split}.jsonl"]
-    return next((c for c in candidates if c.is_file()), None)
+        mine = [p] if p.is_file() else [p / f"{split}.jsonl.gz", p / f"{split}.jsonl"]
+        if not any(c.is_file() for c in mine):
+            raise DataError(f"data.path={cfg.path}: neither a file nor a directory with {split}.jsonl.gz or "
+                            f"{split}.jsonl. Point it at your copy of the pairs, or drop it to read "
+                            f"FTUNE_DATA_DIR/hh-rlhf-harmless/ or the hub.")
+        return next(c for c in mine if c.is_file())
+    if not os.environ.get("FTUNE_DATA_DIR"):
+        return None
+    d = Path(os.environ["FTUNE_DATA_DIR"]).expanduser() / "hh-rlhf-harmless"
+    return next((c for c in (d / f"{split}.jsonl.gz", d / f"{split}.jsonl") if c.is_file()), None)
 
 
 def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:

@@ -98,19 +98,18 @@ def _load_hub(hub_id: str, hub_config: str | None, split: str, hint: str) -> lis
 
 
 def _gsm8k_rows(cfg, split: str) -> tuple[list[dict], str]:
-    candidates = []
-    if cfg.path:
-        p = Path(cfg.path).expanduser()
-        candidates.append(p if p.suffix in (".jsonl", ".gz") else p / f"{split}.jsonl")
-    if os.environ.get("FTUNE_DATA_DIR"):
-        candidates.append(Path(os.environ["FTUNE_DATA_DIR"]).expanduser() / "gsm8k" / f"{split}.jsonl")
-    for c in candidates:
-        if c.is_file():
-            return read_jsonl(c), str(c)
     hint = ("Point data.path at a directory with {train,test}.jsonl (fields question, answer), or set "
             "FTUNE_DATA_DIR=DIR with DIR/gsm8k/{train,test}.jsonl.")
-    if cfg.path and not candidates[0].exists():
-        raise DataError(f"data.path={cfg.path}: {candidates[0]} does not exist. {hint}")
+    if cfg.path:  # the user's own copy, or an error: never FTUNE_DATA_DIR's or the hub's in its place
+        p = Path(cfg.path).expanduser()
+        mine = p if p.suffix in (".jsonl", ".gz") else p / f"{split}.jsonl"
+        if not mine.is_file():
+            raise DataError(f"data.path={cfg.path}: {mine} does not exist. {hint}")
+        return read_jsonl(mine), str(mine)
+    if os.environ.get("FTUNE_DATA_DIR"):
+        shared = Path(os.environ["FTUNE_DATA_DIR"]).expanduser() / "gsm8k" / f"{split}.jsonl"
+        if shared.is_file():
+            return read_jsonl(shared), str(shared)
     return _load_hub(cfg.hub_id or "openai/gsm8k", cfg.hub_config or "main", split, hint), cfg.hub_id
 
 

@@ -232,9 +232,10 @@ def test_hh_rlhf_from_data_path_file_and_dir_before_data_dir(tmp_path, monkeypat
     for path in (f, f.parent):
         pairs, stats = load_pairs(hh_cfg(path=str(path)), "test", seed=0)
         assert stats["origin"] == str(f) and len(pairs) == 2
-    # A data.path without the split's file falls back to FTUNE_DATA_DIR.
-    pairs, stats = load_pairs(hh_cfg(path=str(tmp_path / "empty")), "test", seed=0)
-    assert stats["origin"] == str(decoy) and len(pairs) == 1
+    # A data.path without the split's file is an error, not FTUNE_DATA_DIR's copy in its place.
+    with pytest.raises(DataError, match=r"data\.path=.*empty: neither a file nor a directory with test\.jsonl\.gz"):
+        load_pairs(hh_cfg(path=str(tmp_path / "empty")), "test", seed=0)
+    assert load_pairs(hh_cfg(), "test", seed=0)[1]["origin"] == str(decoy)
 
 
 def test_hh_rlhf_offline_without_a_local_copy_names_the_fix(tmp_path, monkeypatch):
@@ -242,7 +243,7 @@ def test_hh_rlhf_offline_without_a_local_copy_names_the_fix(tmp_path, monkeypatc
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"cannot load 'Anthropic/hh-rlhf' split 'test': offline.*data\.path.*"
                                         r"FTUNE_DATA_DIR=DIR with DIR/hh-rlhf-harmless/test\.jsonl\.gz"):
-        load_pairs(hh_cfg(path=str(tmp_path / "nothing")), "test", seed=0)
+        load_pairs(hh_cfg(), "test", seed=0)
 
 
 @pytest.mark.parametrize("source", ["gsm8k", "gsm_symbolic"])

@@ -200,6 +200,14 @@ def test_gsm8k_data_path_missing_split_file(tmp_path, monkeypatch):
         load_conversations(data_cfg(source="gsm8k", path=str(tmp_path / "nowhere")), "train", seed=0)
 
 
+def test_gsm8k_data_path_is_never_replaced_by_ftune_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", GSM_ROWS)
+    monkeypatch.setenv("FTUNE_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=r"data\.path=.*mine.*train\.jsonl does not exist"):
+        load_conversations(data_cfg(source="gsm8k", path=str(tmp_path / "mine")), "train", seed=0)
+
+
 def test_gsm8k_from_ftune_data_dir(tmp_path, monkeypatch):
     (tmp_path / "gsm8k").mkdir()
     write_jsonl(tmp_path / "gsm8k" / "test.jsonl", GSM_ROWS[:2])
