@@ -358,6 +358,27 @@ def validate_common(cfg: DictConfig) -> None:
             _positive(cfg, "eval.limit")
 
 
+def _check_eval_data(d: DictConfig, e: DictConfig) -> None:
+    """Where the GSM8K-style eval of a training run would read nothing, or its own training file."""
+    from pathlib import Path
+
+    scored = e.task == "gsm8k" and (e.at_start or e.at_end) and e.split != d.split
+    if d.source == "gsm8k" and d.path and Path(d.path).suffix in (".jsonl", ".gz"):
+        same = [f"eval.split={e.split}"] if scored else []
+        same += [f"data.eval_split={d.eval_split}"] if d.eval_split and d.eval_split != d.split else []
+        if same:
+            raise ConfigError(
+                f"data.path={d.path} is one file, read for every split, so {' and '.join(same)} would score the model "
+                f"on its own training examples. Point data.path at a directory holding {d.split}.jsonl and "
+                f"{e.split if scored else d.eval_split}.jsonl (GSM8K's layout), or use data=jsonl with "
+                f"data.eval_split=PATH and eval.split=PATH.")
+    if d.source == "jsonl" and scored and not Path(e.split).expanduser().is_file():
+        raise ConfigError(
+            f"eval.split={e.split}: with data=jsonl the eval task reads eval.split as the path of a JSONL file of "
+            f"questions and answers, and {e.split} is no file. Set eval.split=PATH.jsonl (your held-out examples), "
+            f"or turn the eval off (eval=none).")
+
+
 def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     """All checks that need no model: choices, ranges, targets, and combinations that cannot work together."""
     validate_common(cfg)
@@ -413,6 +434,7 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if kind == "sft" and cfg.data.source in pair_sources:
         raise ConfigError(f"data={cfg.data.source} holds preference pairs, but objective {cfg.objective._target_} "
                           f"trains on prompt/response examples. Use objective=dpo, or another data set.")
+    _check_eval_data(cfg.data, cfg.eval)
     quantize = cfg.peft.get("quantize")
     if quantize is not None and quantize not in ("4bit", "8bit"):
         raise ConfigError(f"peft.quantize={quantize!r} must be null, 4bit or 8bit.")

@@ -118,6 +118,13 @@ def test_required_argument_missing_is_reported(compose):
     (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be > 0"),
     (["trainer.dist_timeout=0"], r"trainer\.dist_timeout=0 must be > 0"),
     (["trainer.adam_eps=0"], r"trainer\.adam_eps=0\.0 must be > 0"),
+    (["data=gsm8k", "data.path=mine/train.jsonl", "eval=gsm8k", "eval.at_end=true"],
+     r"data\.path=mine/train\.jsonl is one file, read for every split, so eval\.split=test would score the model on "
+     r"its own training examples\. Point data\.path at a directory holding train\.jsonl and test\.jsonl"),
+    (["data=gsm8k", "data.path=mine/train.jsonl", "eval=none", "data.eval_split=test"],
+     r"so data\.eval_split=test would score"),
+    (["data=jsonl", "data.path=mine.jsonl", "eval=gsm8k", "eval.at_end=true"],
+     r"eval\.split=test: with data=jsonl the eval task reads eval\.split as the path of a JSONL file"),
     (["seed=-1"], r"seed=-1 must be in \[0, 2\*\*32\)"),
     (["model=hub"], r"model\.name_or_path must be set: the config leaves it to you\. Add "
                     r"`model\.name_or_path=\.\.\.` \(a hub id such as"),
