@@ -199,7 +199,7 @@ def check_main_address(probe_timeout: float = 5.0) -> None:
     torchrun's c10d rendezvous (`--rdzv_backend c10d --rdzv_endpoint HOST:PORT`) publishes the main machine's own name
     (`socket.getfqdn()`) as MASTER_ADDR unless its `--local_addr` is given. Where that name resolves to a loopback
     address on the other machines (containers; /etc/hosts lines such as `127.0.0.1 localhost <hostname>`), their
-    processes look for the main process on themselves and wait, without a word, for torch's timeout (30 minutes). A
+    processes look for the main process on themselves and wait, without a word, for trainer.dist_timeout (30 min). A
     loopback MASTER_ADDR with nothing listening at MASTER_PORT, while some of the run's processes are on other
     machines (WORLD_SIZE > LOCAL_WORLD_SIZE), is that case; several "machines" on one host find the listener and pass.
     """
@@ -222,7 +222,7 @@ def check_main_address(probe_timeout: float = 5.0) -> None:
         f"MASTER_ADDR={master} is {', '.join(sorted(addresses))} on this machine ({socket.gethostname()}), a loopback "
         f"address, and nothing listens there at MASTER_PORT={port}; yet only {local} of the run's {world} processes "
         f"are on this machine. The main machine was named by an address that means \"this machine\" here, so this "
-        f"process would wait for torch's timeout (30 minutes). torchrun's c10d rendezvous publishes the hostname of "
+        f"process would wait out trainer.dist_timeout. torchrun's c10d rendezvous publishes the hostname of "
         f"whichever machine becomes rank 0: give torchrun `--local_addr <its own IP>` on every machine. Or launch "
         f"with an address every machine reaches (torchrun `--master_addr IP --node_rank K`, accelerate "
         f"`--main_process_ip IP`), or make each hostname resolve to its machine's network address everywhere "
