@@ -60,11 +60,13 @@ def run_reporting_errors(fn, cfg):
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "output_dir" in cfg:
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # sweep job k writes to <output_dir>/k
     from ftune.training.checkpoint import SaveError
+    from ftune.training.watchdog import TrainingError
 
     try:
         return fn(cfg)
-    except (ConfigError, DataError, ModelLoadError, SaveError) as e:
-        kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model", SaveError: "save"}[type(e)]
+    except (ConfigError, DataError, ModelLoadError, SaveError, TrainingError) as e:
+        kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model", SaveError: "save",
+                TrainingError: "training"}[type(e)]
         print(f"ftune: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:  # gloo's timeout at a collective: said with what to look at and the setting

@@ -30,7 +30,7 @@ from ftune.training import cpu_malloc, engine_state
 from ftune.training import distributed as dist
 from ftune.training.metrics import MetricsLog, plot_loss
 from ftune.training.profiling import step_profiler
-from ftune.training.watchdog import SpikeGuard
+from ftune.training.watchdog import SpikeGuard, TrainingError
 
 log = logging.getLogger("ftune")
 register_configs()
@@ -448,18 +448,21 @@ class Trainer:
             finite, limit = math.isfinite(step_loss) and math.isfinite(float(grad_norm)), self.spikes.threshold()
             if finite and self.spikes.is_spike(step_loss):
                 log.warning("step %d: loss %.4f > trainer.spike_factor x recent median = %.4f; step skipped.",
-                            self.step, step_loss, limit)
+                            self.step + 1, step_loss, limit)  # counted from 1, as in metrics.jsonl
             elif finite:
                 self.optimizer.step()
                 bad_in_a_row = 0
             else:
                 self.skipped += 1
                 bad_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient (loss=%s); step skipped.", self.step, step_loss)
+                log.warning("step %d: non-finite loss or gradient (loss=%s); step skipped.", self.step + 1,
+                            step_loss)
                 if bad_in_a_row >= 3:
                     ids = [r.get("ids", r.get("id")) for rs in rows for r in rs]
-                    raise RuntimeError(f"3 non-finite steps in a row (last at step {self.step}, examples {ids[:8]}). "
-                                       f"Lower trainer.lr, enable trainer.max_grad_norm, or check these examples.")
+                    raise TrainingError(
+                        f"3 non-finite steps in a row (last at step {self.step + 1}, examples {ids[:8]}). Lower "
+                        f"trainer.lr, enable trainer.max_grad_norm, or check these examples. Checkpoints already "
+                        f"written are complete and untouched.")
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1

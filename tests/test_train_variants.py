@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_missing_local_model_dir_is_named(tmp_path):
         resolve_model_dir(str(tmp_path / "nope"))
 
 
-def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     """A NaN loss skips the step (weights untouched, counted); three in a row stop with the examples' ids."""
     from ftune.objectives.sft import SFT
     from ftune.train import Trainer
@@ -133,8 +134,15 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters() if p.requires_grad)
 
     monkeypatch.setattr(SFT, "__call__", lambda self, model, batch: (real(self, model, batch)[0] * float("nan"), {}))
-    with pytest.raises(RuntimeError, match="3 non-finite steps in a row.*examples"):
-        run(make_cfg(tmp_path / "n2", "trainer.max_steps=5", "trainer.batch_size=2"))
+    from ftune.cli import run_reporting_errors
+    from ftune.train import train
+
+    with pytest.raises(SystemExit) as exc:  # said as one paragraph, not a traceback
+        run_reporting_errors(train, make_cfg(tmp_path / "n2", "trainer.max_steps=5", "trainer.batch_size=2"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"ftune: training error: 3 non-finite steps in a row \(last at step 3, examples \[.*\]\)\. "
+                     r"Lower trainer\.lr", err), err
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, monkeypatch):

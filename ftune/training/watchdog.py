@@ -16,6 +16,10 @@ import statistics
 from collections import deque
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on for a reason the user can fix (the message says how): `ftune` says it in a paragraph."""
+
+
 class SpikeGuard:
     """`is_spike(loss)` -> True if the step should be skipped; accepted losses enter the history."""
 
