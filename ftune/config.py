@@ -49,7 +49,7 @@ class DataConfig:
     eval_size: int = 64
     size: int | None = None
     format: str = "auto"
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: Any = None  # renames {ours: theirs}; null, not {}: Hydra cannot add keys to a {} node
     keep_fields: list[str] = field(default_factory=list)  # raw columns carried with each example (e.g. a domain)
     system_prompt: str | None = None
     limit: int | None = None
@@ -329,6 +329,11 @@ def validate_common(cfg: DictConfig) -> None:
             _positive(cfg, key, allow_zero=key == "data.eval_size")
         if cfg.data.limit is not None:
             _positive(cfg, "data.limit")
+        fields = cfg.data.get("fields")
+        if fields is not None and not (isinstance(fields, DictConfig) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in fields.items())):
+            raise ConfigError(f"data.fields={fields!r} must map our field names to yours, e.g. "
+                              f"data.fields='{{prompt: question, completion: answer}}'.")
         if cfg.data.source == "jsonl" and not cfg.data.path:
             raise ConfigError("data=jsonl needs `data.path=FILE.jsonl` (your training file).")
         if cfg.data.source == "hub" and not cfg.data.hub_id:

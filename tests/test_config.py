@@ -41,6 +41,13 @@ def test_recipe_values_reach_the_config(compose):
     assert gsm.data.source == "gsm8k" and gsm.trainer.grad_accum == 4 and gsm.eval.at_end is True
 
 
+def test_fields_are_renamed_from_the_command_line(compose):
+    """The README's `data.fields='{prompt: question, completion: answer}'` (Hydra cannot add keys to a `{}` node)."""
+    cfg = compose(["data=jsonl", "data.path=x.jsonl", "data.fields={prompt: question, completion: answer}"])
+    validate_train(cfg)
+    assert dict(cfg.data.fields) == {"prompt": "question", "completion": "answer"}
+
+
 def test_command_line_beats_recipe(compose):
     cfg = compose(["+recipe=quickstart", "trainer.max_steps=7", "model=tiny_random", "data=jsonl",
                    "data.path=x.jsonl"])
@@ -118,6 +125,7 @@ def test_required_argument_missing_is_reported(compose):
     (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be > 0"),
     (["trainer.dist_timeout=0"], r"trainer\.dist_timeout=0 must be > 0"),
     (["trainer.adam_eps=0"], r"trainer\.adam_eps=0\.0 must be > 0"),
+    (["data.fields=5"], r"data\.fields=5 must map our field names to yours"),
     (["data=gsm8k", "data.path=mine/train.jsonl", "eval=gsm8k", "eval.at_end=true"],
      r"data\.path=mine/train\.jsonl is one file, read for every split, so eval\.split=test would score the model on "
      r"its own training examples\. Point data\.path at a directory holding train\.jsonl and test\.jsonl"),
