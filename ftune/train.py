@@ -83,6 +83,10 @@ def refuse_existing_run(argv: list[str]) -> None:
     if any(a in HYDRA_FLAGS for a in argv):
         return
     out, resume = _given(argv, "output_dir"), _given_resume(argv)
+    if out is None and resume == "auto":
+        raise ConfigError("trainer.resume=auto continues the run in output_dir, but no output_dir was given: this run "
+                          "would start in a new outputs/<date>/<time> with nothing to continue. Add output_dir=<that "
+                          "run's directory> (`ftune train` prints it at the end of a run and when it stops).")
     if out and "${" not in out:
         _check_fresh(Path(out), resume)
     refuse_unwritable_output_dir(argv)

@@ -194,6 +194,15 @@ def test_an_output_dir_that_cannot_be_made_is_refused_before_hydra(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+def test_resume_auto_without_an_output_dir_is_refused(tmp_path):
+    """Without output_dir a run gets a fresh outputs/<date>/<time>: trainer.resume=auto would find nothing there and
+    train from the start."""
+    r = ftune("train", *TINY, "trainer.resume=auto", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "trainer.resume=auto continues the run in output_dir, but no output_dir was given" in r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_resumed_run_keeps_the_first_runs_recorded_config(tmp_path):
     """`.hydra/config.yaml` records how the first steps were trained; a resumed run records its own config (here a
     longer max_steps) in `.hydra/resume-<time>/` instead of overwriting it."""
