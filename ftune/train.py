@@ -65,6 +65,14 @@ def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
         if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key):
             raise ConfigError(f"trainer.resume: {path} was trained with {key}={OmegaConf.select(saved, key)}, this "
                               f"run has {OmegaConf.select(cfg, key)}. Resume with the same {key}, or start afresh.")
+    # The method's other settings shape or scale what was trained (r, alpha, targets, ...); dropout and the fused
+    # kernel may change.
+    was, now = (OmegaConf.to_container(c.peft, resolve=True) for c in (saved, cfg))
+    changed = [f"peft.{k}={was.get(k)!r} (this run: {now.get(k)!r})" for k in sorted(set(was) | set(now))
+               if k not in ("dropout", "fused") and was.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"trainer.resume: {path} was trained with {', '.join(changed)}. A resumed run keeps the "
+                          f"method's settings: resume with the same ones, or start a new run in another output_dir.")
     return path
 
 

@@ -58,14 +58,15 @@ DPO = ["objective=dpo", "data=jsonl", "data.path={tmp}/good_pairs.jsonl"]
 
 
 # ------------------------------------------------------------------------------------------ checkpoint fixtures
-def _fake_checkpoint(root: Path, step: int, model: str, peft: str = "ftune.peft.lora.LoRA") -> Path:
-    """A complete checkpoint directory (manifest and all) recording the given model and PEFT method."""
+def _fake_checkpoint(root: Path, step: int, model: str, peft: str | dict = "ftune.peft.lora.LoRA") -> Path:
+    """A complete checkpoint directory (manifest and all) recording the given model and PEFT method (its `_target_`,
+    or its whole config)."""
     tmp = root / f".tmp-checkpoint-{step}"
     tmp.mkdir(parents=True)
     (tmp / "adapter_model.safetensors").write_bytes(b"weights")
     (tmp / ckpt.STATE).write_bytes(b"state")
-    (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml({"model": {"name_or_path": model},
-                                                             "peft": {"_target_": peft}}))
+    (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml({
+        "model": {"name_or_path": model}, "peft": peft if isinstance(peft, dict) else {"_target_": peft}}))
     return ckpt.finalize(tmp, root / f"checkpoint-{step}")
 
 
@@ -79,6 +80,13 @@ def other_model_in_run(tmp: Path) -> None:
 
 def other_peft_ckpt(tmp: Path) -> None:
     _fake_checkpoint(tmp / "old" / "checkpoints", 4, "tiny_random", peft="ftune.peft.full.FullFineTune")
+
+
+def other_rank_ckpt(tmp: Path) -> None:
+    from ftune.paths import configs_dir
+
+    lora = OmegaConf.to_container(OmegaConf.load(configs_dir() / "peft" / "lora.yaml"))
+    _fake_checkpoint(tmp / "old" / "checkpoints", 4, "tiny_random", peft={**lora, "r": 8, "dropout": 0.2})
 
 
 def damaged_ckpt(tmp: Path) -> None:
@@ -189,6 +197,9 @@ CONFIG_CASES = [
     Case("resume-other-peft", [*SFT, "trainer.resume={tmp}/old/checkpoints/checkpoint-4"], "config",
          r"was trained with peft\._target_=ftune\.peft\.full\.FullFineTune, this run has ftune\.peft\.lora\.LoRA",
          setup=other_peft_ckpt),
+    Case("resume-other-rank", [*SFT, "trainer.resume={tmp}/old/checkpoints/checkpoint-4"], "config",
+         r"checkpoint-4 was trained with peft\.r=8 \(this run: 16\)\. A resumed run keeps the method's settings",
+         setup=other_rank_ckpt),
     Case("resume-damaged", [*SFT, "trainer.resume={tmp}/old/checkpoints/checkpoint-4"], "config",
          r"the checkpoint is damaged \(adapter_model\.safetensors does not match its checksum\)\. Use an earlier one",
          setup=damaged_ckpt),
