@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
 
-from ftune.data.sources import DataError, read_jsonl
+from ftune.data.sources import DataError
 from ftune.data.tokenize import IGNORE, _ids
 
 log = logging.getLogger(__name__)
@@ -51,9 +50,7 @@ def _raw_rows(cfg, split: str, seed: int) -> tuple[list[dict], str]:
     if cfg.source == "gsm_symbolic":
         return sources._gsm_symbolic_rows(cfg, split, seed)
     if cfg.source == "jsonl":
-        # As for SFT data: data.split names the training file's split; any other split is a path to its own file.
-        path = Path(cfg.path if split == cfg.split else split).expanduser()
-        return read_jsonl(path, "data.path" if split == cfg.split else "data.eval_split"), str(path)
+        return sources.read_split_file(cfg, split)
     if cfg.source == "hub":
         if not cfg.hub_id:
             raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")

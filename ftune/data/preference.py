@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from ftune.data.sources import ROLES, DataError, _load_hub, check_unique_ids, read_jsonl
+from ftune.data.sources import ROLES, DataError, _load_hub, check_unique_ids, read_jsonl, read_split_file
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
                     "FTUNE_DATA_DIR=DIR with DIR/hh-rlhf-harmless/{split}.jsonl.gz.").replace("{split}", split)
             rows, origin = _load_hub(cfg.hub_id or "Anthropic/hh-rlhf", cfg.hub_config, split, hint), cfg.hub_id
     elif cfg.source == "jsonl":
-        path = Path(cfg.path if split == cfg.split else split).expanduser()
-        rows, origin = read_jsonl(path, "data.path" if split == cfg.split else "data.eval_split"), str(path)
+        rows, origin = read_split_file(cfg, split)
     elif cfg.source == "hub" and cfg.hub_id:
         rows, origin = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy."), cfg.hub_id
     else:

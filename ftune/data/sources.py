@@ -57,6 +57,14 @@ def read_jsonl(path: Path, key: str = "data.path") -> list[dict]:
     return rows
 
 
+def read_split_file(cfg, split: str) -> tuple[list[dict], str]:
+    """(rows, origin) of `split` for data.source=jsonl: data.split names the file data.path; any other split (an
+    eval split) is the path of its own file."""
+    own = split == cfg.split
+    path = Path(cfg.path if own else split).expanduser()
+    return read_jsonl(path, "data.path" if own else "data.eval_split"), str(path)
+
+
 def _first_non_utf8_line(path: Path, opener) -> int:
     with opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -183,9 +191,7 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
     elif source == "gsm_symbolic":
         rows, origin = _gsm_symbolic_rows(cfg, split, seed)
     elif source == "jsonl":
-        # data.split names the training file's split; any other split (data.eval_split) is a path to its own file.
-        path = Path(cfg.path if split == cfg.split else split).expanduser()
-        rows, origin = read_jsonl(path, "data.path" if split == cfg.split else "data.eval_split"), str(path)
+        rows, origin = read_split_file(cfg, split)
     elif source == "hub":
         if not cfg.hub_id:
             raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")
