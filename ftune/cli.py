@@ -70,7 +70,7 @@ def run_reporting_errors(fn, cfg):
         print(f"ftune: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:  # gloo's timeout at a collective: said with what to look at and the setting
-        from ftune.training.distributed import collective_timeout_said
+        from ftune.training.network import collective_timeout_said
 
         said = collective_timeout_said(e, cfg)
         if said is None:

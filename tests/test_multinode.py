@@ -242,7 +242,7 @@ def test_torchrun_c10d_on_two_hosts_needs_each_machine_named_by_address(tmp_path
 
 def _a_non_loopback_address() -> tuple[str, str] | None:
     """(interface, IPv4 address) of the interface this machine's default route leaves by, or None."""
-    from ftune.training.distributed import _interface_with_address
+    from ftune.training.network import _interface_with_address
 
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -255,7 +255,7 @@ def _a_non_loopback_address() -> tuple[str, str] | None:
 
 
 def test_gloo_is_pointed_at_the_interface_that_reaches_the_main_machine(monkeypatch):
-    from ftune.training.distributed import choose_gloo_interface
+    from ftune.training.network import choose_gloo_interface
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -278,7 +278,7 @@ def test_a_main_address_that_means_this_machine_is_refused_at_once(monkeypatch):
     """torchrun's c10d rendezvous publishes the main machine's hostname as MASTER_ADDR; where it resolves to a loopback
     address on another machine, that machine's processes would wait 30 minutes for a main process on themselves."""
     from ftune.config import ConfigError
-    from ftune.training.distributed import check_main_address
+    from ftune.training.network import check_main_address
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
