@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType
 
-from ftune.config import ConfigError
+from ftune.config import ConfigError, TrainerConfig
 from ftune.training import network, precision
 
 log = logging.getLogger(__name__)
@@ -183,18 +183,15 @@ def _accelerator(cfg, mp: str):
 
     # torch waits 10 minutes (NCCL) or 30 (gloo) at a collective; rank 0 alone downloading or converting a large model
     # and tokenizing a large dataset, while the others wait at the barrier after it, can take longer.
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=getattr(cfg.trainer, "dist_timeout", 1800)))
+    seconds = getattr(cfg.trainer, "dist_timeout", TrainerConfig.dist_timeout)  # (a plain namespace may lack it)
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=seconds))
     try:
         return Accelerator(mixed_precision=mp, kwargs_handlers=[timeout], **plugins(cfg.trainer))
     except RuntimeError as e:
-        if "connectFullMesh" not in str(e):
+        said = network.connect_failure_said(e)
+        if said is None:
             raise
-        raise ConfigError(
-            f"The training processes could not connect to each other over gloo ({str(e).strip().splitlines()[-1]}). "
-            f"gloo binds each process to the address of its machine's hostname ({socket.gethostname()} here) or to "
-            f"the interface in GLOO_SOCKET_IFNAME (now {os.environ.get('GLOO_SOCKET_IFNAME', 'unset')}): set "
-            f"GLOO_SOCKET_IFNAME on every machine to the network interface the other machines reach it through "
-            f"(`ip -br addr` lists them), or map the hostname to that interface's address in /etc/hosts.") from e
+        raise ConfigError(said) from e
 
 
 def make_accelerator(cfg):

@@ -96,6 +96,18 @@ def choose_gloo_interface() -> str | None:
     return name
 
 
+def connect_failure_said(e: BaseException) -> str | None:
+    """The fix for gloo's "connectFullMesh failed" (the processes could not reach each other while the group formed),
+    or None for any other error."""
+    if "connectFullMesh" not in str(e):
+        return None
+    return (f"The training processes could not connect to each other over gloo ({str(e).strip().splitlines()[-1]}). "
+            f"gloo binds each process to the address of its machine's hostname ({socket.gethostname()} here) or to "
+            f"the interface in GLOO_SOCKET_IFNAME (now {os.environ.get('GLOO_SOCKET_IFNAME', 'unset')}): set "
+            f"GLOO_SOCKET_IFNAME on every machine to the network interface the other machines reach it through "
+            f"(`ip -br addr` lists them), or map the hostname to that interface's address in /etc/hosts.")
+
+
 def collective_timeout_said(e: BaseException, cfg) -> str | None:
     """The fix for gloo's "Timed out waiting Nms for recv operation" (a process waited trainer.dist_timeout at a
     collective), or None for any other error. (NCCL's watchdog ends a timed-out process itself, with its own log.)"""
