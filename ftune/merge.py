@@ -29,6 +29,10 @@ def load_merged(run_dir: str | Path, allow_full: bool = False):
     from ftune.models.runs import _weights_dir
 
     weights = _weights_dir(Path(run_dir).expanduser())
+    if (weights / "ftune_merge.json").exists() and not (weights / "ftune_config.yaml").exists():
+        raise ConfigError(f"{weights} is already a merged model (written by `ftune merge` or `ftune soup`): there is "
+                          f"no adapter to fold in. Use it as it is: model=hub model.name_or_path={weights}, or "
+                          f"AutoModelForCausalLM.from_pretrained('{weights}').")
     if not (weights / "ftune_config.yaml").exists():
         raise ConfigError(f"{weights} has no ftune_config.yaml, so its base model and PEFT method are unknown. Point "
                           f"the path at a directory written by `ftune train`.")
@@ -46,12 +50,33 @@ def load_merged(run_dir: str | Path, allow_full: bool = False):
     return method.merge(base, weights), weights, saved
 
 
-def write_model(model, tokenizer_dir: Path, out: Path, force: bool, info: dict) -> Path:
+def check_output(out: Path, force: bool, sources: list[Path]) -> None:
+    """Refuse an output directory whose replacement would lose something: without --force any existing one; with it,
+    one that holds a source of this merge or soup, or anything but an earlier merge/soup output (ftune_merge.json)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
+    if not out.is_dir() or out.is_symlink():
+        raise ConfigError(f"--out {out} is not a directory; --force replaces only a directory written by an earlier "
+                          f"`ftune merge` or `ftune soup`. Choose another --out.")
+    resolved = out.resolve()
+    for source in sources:
+        source = Path(source).expanduser().resolve()
+        if source == resolved or resolved in source.parents:
+            raise ConfigError(f"--out {out} holds {source}, which this command reads: replacing it would delete that "
+                              f"run. Choose another --out.")
+    if any(out.iterdir()) and not (out / "ftune_merge.json").exists():
+        raise ConfigError(f"--out {out} is not the output of an earlier `ftune merge` or `ftune soup` (it has no "
+                          f"ftune_merge.json), and --force replaces only those, so that nothing else is deleted. "
+                          f"Choose another --out, or remove {out} yourself.")
+
+
+def write_model(model, tokenizer_dir: Path, out: Path, force: bool, info: dict, sources: list[Path]) -> Path:
     """save_pretrained + tokenizer + ftune_merge.json into a temp dir beside `out`, then rename it to `out`."""
     from ftune.models.loading import load_tokenizer
 
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
+    check_output(out, force, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
@@ -73,12 +98,11 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, force: bool = 
 
     run_dir = Path(run_dir).expanduser()
     out = Path(out).expanduser() if out else run_dir / "merged"
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
+    check_output(out, force, [run_dir])
     merged, weights, saved = load_merged(run_dir)
     info = {"source": str(weights.resolve()), "peft": saved.peft._target_, "base": saved.model.name_or_path,
             "dtype": saved.model.dtype}
-    return write_model(merged.to(DTYPES[saved.model.dtype]), weights, out, force, info)
+    return write_model(merged.to(DTYPES[saved.model.dtype]), weights, out, force, info, [run_dir, weights])
 
 
 def main(argv: list[str] | None = None) -> None:

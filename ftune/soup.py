@@ -82,14 +82,13 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
               eval_name: str | None = None, limit: int | None = None, max_new_tokens: int | None = None) -> Path:
     import tempfile
 
-    from ftune.merge import load_merged, write_model
+    from ftune.merge import check_output, load_merged, write_model
     from ftune.models.loading import DTYPES, load_tokenizer
 
     out = Path(out).expanduser()
     if len(run_dirs) < 2:
         raise ConfigError("a soup needs at least two runs: ftune soup RUN_DIR RUN_DIR ... --out DIR.")
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists. Pass --force to replace it, or --out DIR for another directory.")
+    check_output(out, force, [Path(r) for r in run_dirs])
     states, first = [], None
     for run in run_dirs:
         model, weights, saved = load_merged(run, allow_full=True)
@@ -111,7 +110,7 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
     else:
         soup = average(states)
     model.load_state_dict(soup)
-    return write_model(model.to(DTYPES[saved.model.dtype]), weights, out, force, info)
+    return write_model(model.to(DTYPES[saved.model.dtype]), weights, out, force, info, [Path(r) for r in run_dirs])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,30 @@ def test_unmergeable_and_existing_outputs_are_refused(tmp_path):
         merge_run(tmp_path / "p", tmp_path / "taken")
 
 
+def test_force_replaces_only_an_earlier_merge(tmp_path):
+    """--force must not delete the run being merged, a directory above it, or anything that is not a merge output."""
+    run(make_cfg(tmp_path / "r", *TRAIN, "peft.dropout=0"))
+    final = tmp_path / "r" / "final"
+    for out in (tmp_path / "r", tmp_path, final):
+        with pytest.raises(ConfigError, match="which this command reads|no ftune_merge.json"):
+            merge_run(final if out != final else tmp_path / "r", out, force=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="no ftune_merge.json"):
+        merge_run(tmp_path / "r", tmp_path / "notes", force=True)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ConfigError, match="not a directory"):
+        merge_run(tmp_path / "r", tmp_path / "a_file", force=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "a_file").read_text() == "mine"
+    assert (final / "adapter_model.safetensors").exists() and not (tmp_path / "r" / "merged").exists()
+    merged = merge_run(tmp_path / "r")
+    with pytest.raises(ConfigError, match="already a merged model"):
+        merge_run(merged)
+    (tmp_path / "empty").mkdir()
+    assert merge_run(tmp_path / "r", tmp_path / "empty", force=True) == tmp_path / "empty"
+    assert merge_run(tmp_path / "r", merged, force=True) == merged
+
+
 def test_cli_merge_writes_and_force_replaces(tmp_path, capsys):
     from ftune.merge import main
 

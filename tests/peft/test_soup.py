@@ -68,6 +68,9 @@ def test_lora_soup_averages_merged_updates_and_greedy_runs(tmp_path):
     assert all(torch.equal(p, merged[n]) for n, p in same.named_parameters())
     with pytest.raises(ConfigError, match="--force"):
         make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "soup")
+    with pytest.raises(ConfigError, match="which this command reads"):  # --force never deletes an ingredient
+        make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "b", force=True)
+    assert (tmp_path / "b" / "final" / "ftune_config.yaml").exists()
     greedy = make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "greedy", greedy=True, eval_name="gsm8k",
                        limit=2, max_new_tokens=4)
     import json
