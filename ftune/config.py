@@ -263,6 +263,7 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 # would be silently ignored, so it is refused with a suggestion.
 SCHEMA_GROUPS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig, "eval": EvalConfig}
 SCHEMAS = {"train": TrainSchema, "eval": EvalSchema, "generate": GenerateSchema, "select": TrainSchema}
+CONFIG_NAMES = {"train": "train", "eval": "evaluate", "generate": "generate", "select": "train"}
 
 
 def _check_schema_keys(cfg: DictConfig) -> None:
@@ -288,6 +289,7 @@ def check_overrides(command: str, overrides: list[str]) -> None:
     if schema is None or user_dir:
         return  # a user config dir may bring its own groups
     top = [f.name for f in dataclasses.fields(schema)]
+    pluggable = []
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -304,6 +306,44 @@ def check_overrides(command: str, overrides: list[str]) -> None:
             if parts[1] not in known:
                 raise ConfigError(f"{arg}: {parts[0]}.{parts[1]} is not a key.{_suggest(parts[1], known)} "
                                   f"Valid keys of {parts[0]}: {', '.join(known)}.")
+        elif fields is None and len(parts) > 1 and not arg.startswith(("+", "~")):
+            pluggable.append((arg, parts))
+    if pluggable:
+        _check_pluggable_keys(command, overrides, pluggable)
+
+
+def _check_pluggable_keys(command: str, overrides: list[str], dotted: list[tuple[str, list[str]]]) -> None:
+    """`peft.rr=8` with peft=lora: the keys of a pluggable group (peft, objective, selection) are those of the option
+    chosen (by the command line, a recipe or the default), so compose the config without the dotted overrides (Hydra's
+    compose API, ~0.1 s) and look the key up there."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from ftune.paths import configs_dir
+
+    choices = [a for a in overrides if not a.startswith("-") and "=" in a and "." not in a.split("=", 1)[0]]
+    register_configs()
+    outer = get_gh_backup()  # an initialised Hydra around us (a test's compose) is left as it was
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAMES[command], overrides=choices, return_hydra_config=True)
+    except Exception:  # noqa: BLE001 - a bad choice or value: Hydra says which when the command runs
+        return
+    finally:
+        restore_gh_from_backup(outer)
+    for arg, (group, key, *_) in dotted:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or key in node:
+            continue
+        known = [str(k) for k in node if k != "_target_"]
+        target = node.get("_target_")
+        raise ConfigError(
+            f"{arg}: {group}={cfg.hydra.runtime.choices.get(group)} ({target}) has no key '{key}'."
+            f"{_suggest(key, known)} Its keys: {', '.join(known) or 'none'}. Another {group} method may take it "
+            f"(`{group}=NAME`; `ftune {command} --help` lists them); a parameter of {target} that its config leaves "
+            f"out is added with `+{group}.{key}=...`.")
 
 
 # What a value left `???` by its config group (model=hub) should be.

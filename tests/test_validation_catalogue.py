@@ -358,6 +358,12 @@ CLI_CASES = [
     ("objectiv=dpo", r"'objectiv' is not a config group or key of `ftune train`\. Did you mean 'objective'\?"),
     ("trainr.lr=1e-4", r"'trainr' is not a config group .*Did you mean 'trainer'\?"),
     ("+seeds=3", r"'seeds' is not a config group .*Did you mean 'seed'\?"),
+    # The keys of peft / objective / selection are those of the option chosen (command line, recipe or default).
+    ("peft.rr=8", r"peft\.rr=8: peft=lora \(ftune\.peft\.lora\.LoRA\) has no key 'rr'\. Did you mean 'r'\?"),
+    ("peft=qlora peft.bits=4", r"peft=qlora .*has no key 'bits'.*Its keys: r, alpha,.* quantize"),
+    ("peft=none peft.r=8", r"peft=none \(ftune\.peft\.full\.FullFineTune\) has no key 'r'\. Its keys: none"),
+    ("+recipe=lora_gsm8k_kmq selection.budgt=3", r"selection=kmq .*has no key 'budgt'\. Did you mean 'budget'\?"),
+    ("objective=dpo objective.betta=0.2", r"objective=dpo .*has no key 'betta'\. Did you mean 'beta'\?"),
 ]
 
 
@@ -368,7 +374,7 @@ def test_command_line_typos(override, pattern, workdir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the launch directory on sys.path
 
     with pytest.raises(SystemExit) as e:
-        main(["train", "model=tiny_random", override, f"output_dir={workdir}/run"])
+        main(["train", "model=tiny_random", *override.split(), f"output_dir={workdir}/run"])
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.startswith("ftune: config error: ") and len(err.strip().splitlines()) == 1, err
