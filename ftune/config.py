@@ -479,6 +479,11 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
     if kind == "sft" and cfg.data.source in pair_sources:
         raise ConfigError(f"data={cfg.data.source} holds preference pairs, but objective {cfg.objective._target_} "
                           f"trains on prompt/response examples. Use objective=dpo, or another data set.")
+    selection_cls = targets["selection"]
+    if selection_cls is not None and kind != "sft" and not getattr(selection_cls, "any_data_kind", False):
+        raise ConfigError(f"selection {cfg.selection._target_} scores prompt/response examples, but objective "
+                          f"{cfg.objective._target_} trains on '{kind}' data. Use selection=random (any data) or "
+                          f"selection=none; or train with data.limit=N for the first N examples.")
     _check_eval_data(cfg.data, cfg.eval)
     quantize = cfg.peft.get("quantize")
     if quantize is not None and quantize not in ("4bit", "8bit"):

@@ -137,6 +137,9 @@ CONFIG_CASES = [
          r"trains on preference pairs, but data=gsm8k.*Use data=hh_rlhf, or data=jsonl with \{prompt, chosen"),
     Case("sft-on-pair-source", ["data=hh_rlhf"], "config",
          r"data=hh_rlhf holds preference pairs, but objective .*SFT.*Use objective=dpo"),
+    Case("selection-scoring-pairs", [*DPO, "selection=kmq", "selection.budget=2"], "config",
+         r"selection .*KMQ scores prompt/response examples, but objective .*DPO trains on 'preference' data\. "
+         r"Use selection=random"),
     Case("dpo-loss-unknown", [*DPO, "objective.loss=kto"], "config", r"objective\.loss='kto' is not one of sigmoid"),
     Case("dpo-beta-zero", [*DPO, "objective.beta=0"], "config", r"objective\.beta=0 must be > 0"),
     Case("dpo-smoothing-without-cdpo", [*DPO, "objective.label_smoothing=0.1"], "config",
@@ -335,8 +338,9 @@ def test_refused_before_the_model_loads(case, workdir, compose, capsys):
     assert re.search(case.pattern, message, re.DOTALL), f"message does not match {case.pattern!r}:\n{message}"
 
 
-@pytest.mark.parametrize("overrides", [SFT, DPO, ["objective=dpo", "data=hh_rlhf", "data.path={tmp}/hh.jsonl"]],
-                         ids=["sft", "dpo", "hh"])
+@pytest.mark.parametrize("overrides", [SFT, DPO, ["objective=dpo", "data=hh_rlhf", "data.path={tmp}/hh.jsonl"],
+                                       [*DPO, "selection=random", "selection.budget=2"]],
+                         ids=["sft", "dpo", "hh", "dpo-random-selection"])
 def test_baselines_reach_the_model(overrides, workdir, compose):
     """Without the fault, the same configs get as far as loading the model (so the tripwire is what would fire)."""
     from ftune.train import Trainer

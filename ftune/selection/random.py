@@ -10,6 +10,8 @@ from ftune.config import ConfigError
 class RandomSelection:
     """Keep `budget` examples drawn uniformly without replacement (seeded; order of the source kept)."""
 
+    any_data_kind = True  # it never reads a record: preference pairs and many-shot examples are drawn alike
+
     def __init__(self, budget: int):
         if budget < 1:
             raise ConfigError(f"selection.budget={budget} must be >= 1.")
