@@ -49,10 +49,14 @@ def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        path = ckpt.latest_valid(root)
-        if path is None:
+        # The newest of the last intact checkpoint and the run's final/ (saved like a checkpoint, at the end of the
+        # run: a run that kept no checkpoints, or one asked for more steps after it finished, goes on from there).
+        found = [c for c in (ckpt.latest_valid(root), root.parent / "final") if c is not None and c.is_dir()]
+        found = [c for c in found if c.name != "final" or ckpt.verify(c) is None]
+        if not found:
             log.info("trainer.resume=auto: no complete checkpoint in %s; starting from scratch.", root)
             return None
+        path = max(found, key=ckpt.saved_step)
     else:
         path = Path(resume).expanduser()
         if not path.is_dir():

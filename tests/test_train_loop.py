@@ -106,6 +106,23 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_auto_goes_on_from_final_or_a_newer_checkpoint(tmp_path, monkeypatch):
+    """A finished run that kept no checkpoint, asked for more steps with trainer.resume=auto, goes on from its final/
+    (it used to start again from scratch and replace final/); a checkpoint newer than final/ wins over it."""
+    common = ["trainer.scheduler=constant", "trainer.warmup_ratio=0", "trainer.warmup_steps=0", "peft.dropout=0.1",
+              "trainer.batch_size=2"]
+    run(make_cfg(tmp_path / "full", *common, "trainer.max_steps=6"))
+    run(make_cfg(tmp_path / "split", *common, "trainer.max_steps=3"))
+    assert not (tmp_path / "split" / "checkpoints").exists()
+    resumed = run(make_cfg(tmp_path / "split", *common, "trainer.max_steps=6", "trainer.resume=auto"))
+    assert resumed.resume_from.name == "final" and resumed.step == 6
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    crash_after_checkpoint(monkeypatch, make_cfg(tmp_path / "split", *common, "trainer.max_steps=9",
+                                                 "trainer.save_every=1", "trainer.resume=auto"), "checkpoint-7")
+    again = run(make_cfg(tmp_path / "split", *common, "trainer.max_steps=9", "trainer.resume=auto"))
+    assert again.resume_from.name == "checkpoint-7" and again.step == 9
+
+
 def test_resuming_a_checkpoint_with_no_steps_left_says_so_and_saves_it_as_final(tmp_path, capsys):
     from safetensors.torch import load_file
 

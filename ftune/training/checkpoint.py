@@ -128,6 +128,11 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def saved_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint (or final/) was saved at, read without loading its optimizer state."""
+    return int(torch.load(ckpt / STATE, mmap=True, weights_only=False, map_location="cpu")["step"])
+
+
 def step_of(ckpt: Path) -> int:
     m = _NAME.match(ckpt.name)
     if not m:
