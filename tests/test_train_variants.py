@@ -60,6 +60,22 @@ def test_warmup_then_cosine_schedule_values():
     assert lr_lambda("constant", 0, 10)(9) == 1.0
 
 
+def test_warmup_longer_than_the_run_is_said(caplog):
+    from types import SimpleNamespace
+
+    from ftune.training.optim import build_scheduler
+
+    t = SimpleNamespace(warmup_steps=5, warmup_ratio=0.0, scheduler="cosine")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level("WARNING", logger="ftune.training.optim"):
+        build_scheduler(opt, t, 2)
+    assert "covers the whole run of 2 steps" in caplog.text and "0.333 of trainer.lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ftune.training.optim"):
+        build_scheduler(opt, t, 6)
+    assert not caplog.text
+
+
 def test_periodic_eval_loss_logged(tmp_path):
     run(make_cfg(tmp_path / "e", "trainer.max_steps=4", "trainer.eval_every=2", "data.eval_size=4",
                  "trainer.batch_size=2"))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(model: torch.nn.Module, t, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
@@ -45,4 +48,8 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t, total_steps: int):
     warmup = t.warmup_steps if t.warmup_steps > 0 else int(round(t.warmup_ratio * total_steps))
+    if warmup >= total_steps:
+        log.warning("trainer.warmup_steps=%d covers the whole run of %d steps: the learning rate only climbs, to "
+                    "%.3g of trainer.lr at the last step, and never decays. Lower trainer.warmup_steps (or use "
+                    "trainer.warmup_ratio).", warmup, total_steps, total_steps / (warmup + 1))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.scheduler, warmup, total_steps))
