@@ -118,6 +118,28 @@ def test_offline_hub_id_fails_fast(monkeypatch):
     assert time.perf_counter() - start < 5
 
 
+def test_hub_ids_with_dots_resolve_from_the_cache(tmp_path, monkeypatch):
+    """Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B: a dot in a hub id does not make it a local path (it used to be
+    refused as "no such directory", cached or not)."""
+    from ftune.models.loading import ModelLoadError, resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert resolve_model_dir("Qwen/Qwen2.5-0.5B") == snapshot
+    with pytest.raises(ModelLoadError, match="'meta-llama/Llama-3.2-1B' is not in the local hub cache"):
+        resolve_model_dir("meta-llama/Llama-3.2-1B")
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a file. Point it at the model's directory"):
+        resolve_model_dir(str(tmp_path / "weights.safetensors"))
+
+
 def test_missing_local_model_dir_is_named(tmp_path):
     from ftune.models.loading import ModelLoadError, resolve_model_dir
 

@@ -210,8 +210,18 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
             raise ModelLoadError(f"model.name_or_path={name_or_path}: the directory has no config.json. Point it at "
                                  f"a directory written by save_pretrained (or a run's final model).")
         return path
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or path.suffix
-    if looks_local:
+    if path.exists():
+        raise ModelLoadError(f"model.name_or_path={name_or_path} is a file. Point it at the model's directory (its "
+                             f"config.json and weights), or at a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # hub ids may hold dots (Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B): only their own rules tell them apart
+        validate_repo_id(name_or_path)
+        hub_id = not name_or_path.startswith((".", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
         raise ModelLoadError(f"model.name_or_path={name_or_path}: no such directory. Check the path (relative paths "
                              f"resolve against {Path.cwd()}).")
     return _hub_dir(name_or_path, revision)
