@@ -94,14 +94,24 @@ def _hub_offline() -> bool:
 
 
 def _load_hub(hub_id: str, hub_config: str | None, split: str, hint: str) -> list[dict]:
+    """Rows of a hub dataset. Offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE), datasets reads its own cache, as on a
+    cluster whose cache was filled on a machine with network; a dataset not in it fails at once with `hint`."""
     from ftune.models.loading import _hub_reachable
 
-    if _hub_offline() or not _hub_reachable():
-        raise DataError(f"cannot load '{hub_id}' split '{split}': offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set, or "
-                        f"the hub is unreachable). {hint}")
+    offline = _hub_offline()
+    if not offline and not _hub_reachable():
+        raise DataError(f"cannot load '{hub_id}' split '{split}': the Hugging Face hub cannot be reached. With a copy "
+                        f"in the datasets cache, set HF_DATASETS_OFFLINE=1 to read it. {hint}")
     import datasets
 
-    ds = datasets.load_dataset(hub_id, hub_config, split=split)
+    try:
+        ds = datasets.load_dataset(hub_id, hub_config, split=split)
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = ("offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set) and not in the datasets cache" if offline
+                 else "the hub refused it")
+        raise DataError(f"cannot load '{hub_id}'{f' ({hub_config})' if hub_config else ''} split '{split}': {where} "
+                        f"({said}). {hint}") from None
     return [dict(r, _line=i + 1) for i, r in enumerate(ds)]
 
 

@@ -255,3 +255,34 @@ def test_a_size_for_generated_problems_on_a_file_is_said_to_be_ignored(tmp_path,
     with caplog.at_level("WARNING", logger="ftune.data.pipeline"):
         train, _, _ = load_train_examples(data_cfg(source="jsonl", path=path, limit=2, eval_size=0), seed=0)
     assert len(train) == 2 and "is ignored" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ data=hub offline
+def test_hub_dataset_in_the_datasets_cache_loads_offline(tmp_path, monkeypatch):
+    """On a machine without network whose datasets cache holds the dataset (filled elsewhere, HF_DATASETS_OFFLINE=1),
+    data=hub reads the cache; it used to refuse every hub dataset when offline. One not in the cache fails at once."""
+    import shutil
+
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    rows = [{"question": f"What is {i} + 1?", "answer": f"It is {i + 1}.\n#### {i + 1}"} for i in range(3)]
+    # The cache as `load_dataset("someorg/tinymath", "main")` leaves it: ORG___NAME/CONFIG/VERSION/HASH/ holding
+    # dataset_info.json and NAME-SPLIT.arrow (built here through the json builder, then moved into place).
+    datasets.load_dataset("json", data_files={"train": write_jsonl(tmp_path / "t.jsonl", rows)},
+                          cache_dir=str(tmp_path / "build"))
+    built = next(p.parent for p in (tmp_path / "build").rglob("dataset_info.json"))
+    cached = tmp_path / "cache" / "someorg___tinymath" / "main" / "0.0.0" / "0123abcd"
+    shutil.copytree(built, cached)
+    info = json.loads((cached / "dataset_info.json").read_text())
+    (cached / "dataset_info.json").write_text(json.dumps({**info, "config_name": "main"}))
+    (cached / "json-train.arrow").rename(cached / "tinymath-train.arrow")
+
+    examples, _ = load_conversations(data_cfg(source="hub", hub_id="someorg/tinymath", hub_config="main"), "train", 0)
+    assert [e["messages"][-1]["content"] for e in examples] == [r["answer"] for r in rows]
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"cannot load 'someorg/other' \(main\) split 'train': offline .*not in the "
+                                        r"datasets cache"):
+        load_conversations(data_cfg(source="hub", hub_id="someorg/other", hub_config="main"), "train", 0)
+    assert time.perf_counter() - start < 10
