@@ -56,7 +56,7 @@ def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
         if not found:
             log.info("trainer.resume=auto: no complete checkpoint in %s; starting from scratch.", root)
             return None
-        path = max(found, key=ckpt.saved_step)
+        path = max(found, key=ckpt.saved_step) if len(found) > 1 else found[0]
     else:
         path = Path(resume).expanduser()
         if not path.is_dir():

@@ -130,7 +130,11 @@ def prune(root: Path, keep_last: int) -> None:
 
 def saved_step(ckpt: Path) -> int:
     """The optimizer step a checkpoint (or final/) was saved at, read without loading its optimizer state."""
-    return int(torch.load(ckpt / STATE, mmap=True, weights_only=False, map_location="cpu")["step"])
+    try:
+        state = torch.load(ckpt / STATE, mmap=True, weights_only=False, map_location="cpu")
+    except RuntimeError:  # a file torch cannot map (saved in its legacy format): read it whole
+        state = torch.load(ckpt / STATE, weights_only=False, map_location="cpu")
+    return int(state["step"])
 
 
 def step_of(ckpt: Path) -> int:
