@@ -96,7 +96,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     task: str = "gsm8k"
-    split: str = "test"
+    split: str | None = "test"  # eval=gsm8k's split; null for the tasks that score the held-out part of `data`
     limit: int | None = None
     batch_size: int = 16
     max_new_tokens: int = 256
@@ -401,6 +401,13 @@ def validate_common(cfg: DictConfig) -> None:
         _positive(cfg, "eval.max_new_tokens")
         if cfg.eval.limit is not None:
             _positive(cfg, "eval.limit")
+        task, split = cfg.eval.task, cfg.eval.split
+        if task in ("preference", "many_shot") and split is not None:
+            raise ConfigError(f"eval.split={split} is not read by eval={task}: it scores the held-out part of the "
+                              f"data, data.eval_split=SPLIT (a file with data=jsonl) or else the last data.eval_size "
+                              f"examples. Set data.eval_split={split} instead, and drop eval.split.")
+        if task == "gsm8k" and split is None:
+            raise ConfigError("eval=gsm8k needs eval.split, the split of the data it answers (e.g. eval.split=test).")
 
 
 def _check_eval_data(d: DictConfig, e: DictConfig) -> None:

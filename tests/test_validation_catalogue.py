@@ -137,6 +137,9 @@ CONFIG_CASES = [
          r"trains on preference pairs, but data=gsm8k.*Use data=hh_rlhf, or data=jsonl with \{prompt, chosen"),
     Case("sft-on-pair-source", ["data=hh_rlhf"], "config",
          r"data=hh_rlhf holds preference pairs, but objective .*SFT.*Use objective=dpo"),
+    Case("eval-split-with-preference-eval", [*DPO, "eval=preference", "eval.split=validation"], "config",
+         r"eval\.split=validation is not read by eval=preference: it scores the held-out part of the data.*"
+         r"Set data\.eval_split=validation instead"),
     Case("selection-scoring-pairs", [*DPO, "selection=kmq", "selection.budget=2"], "config",
          r"selection .*KMQ scores prompt/response examples, but objective .*DPO trains on 'preference' data\. "
          r"Use selection=random"),
