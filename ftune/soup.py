@@ -89,6 +89,23 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
     if len(run_dirs) < 2:
         raise ConfigError("a soup needs at least two runs: ftune soup RUN_DIR RUN_DIR ... --out DIR.")
     check_output(out, force, [Path(r) for r in run_dirs])
+    given = [f for f, v in (("--eval", eval_name), ("--limit", limit), ("--max-new-tokens", max_new_tokens))
+             if v is not None]
+    if given and not greedy:
+        raise ConfigError(f"{', '.join(given)}: for a greedy soup only (how its candidates are scored); a uniform "
+                          f"soup scores nothing. Add --greedy, or drop {'it' if len(given) == 1 else 'them'}.")
+    for flag, v in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag}={v} must be >= 1.")
+    if eval_name is not None:
+        from ftune.paths import configs_dir
+
+        choices = sorted(p.stem for p in (configs_dir() / "eval").glob("*.yaml"))
+        if eval_name not in choices:
+            from ftune.config import _suggest
+
+            raise ConfigError(f"--eval {eval_name}: no such eval config.{_suggest(eval_name, choices)} Choices: "
+                              f"{', '.join(choices)}.")
     states, first = [], None
     for run in run_dirs:
         model, weights, saved = load_merged(run, allow_full=True)

@@ -68,6 +68,13 @@ def test_lora_soup_averages_merged_updates_and_greedy_runs(tmp_path):
     assert all(torch.equal(p, merged[n]) for n, p in same.named_parameters())
     with pytest.raises(ConfigError, match="--force"):
         make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "soup")
+    with pytest.raises(ConfigError, match="--eval, --limit: for a greedy soup only"):  # was silently ignored
+        make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "u", eval_name="gsm8k", limit=2)
+    with pytest.raises(ConfigError, match="--limit=0 must be >= 1"):  # 0 scored every test example
+        make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "u", greedy=True, eval_name="gsm8k", limit=0)
+    with pytest.raises(ConfigError, match="--eval gsmk: no such eval config. Did you mean 'gsm8k'"):
+        make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "u", greedy=True, eval_name="gsmk")
+    assert not (tmp_path / "u").exists()
     with pytest.raises(ConfigError, match="which this command reads"):  # --force never deletes an ingredient
         make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "b", force=True)
     assert (tmp_path / "b" / "final" / "ftune_config.yaml").exists()
