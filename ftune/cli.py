@@ -69,10 +69,10 @@ def run_reporting_errors(fn, cfg):
                 TrainingError: "training"}[type(e)]
         print(f"ftune: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
-    except RuntimeError as e:  # gloo's timeout at a collective: said with what to look at and the setting
-        from ftune.training.network import collective_timeout_said
+    except RuntimeError as e:  # gloo's timeout at a collective, or a peer gone: said with what to look at
+        from ftune.training.network import collective_timeout_said, peer_closed_said
 
-        said = collective_timeout_said(e, cfg)
+        said = collective_timeout_said(e, cfg) or peer_closed_said(e)
         if said is None:
             raise
         print(f"ftune: distributed error: {said}", file=sys.stderr)

@@ -319,3 +319,33 @@ def test_a_group_that_cannot_connect_is_said_with_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match=r"could not connect to each other over gloo .*remote=\[127.0.0.1\].*"
                                           r"\(now lo\): set GLOO_SOCKET_IFNAME on every machine"):
         distributed._accelerator(cfg, "no")
+
+
+@pytest.mark.slow
+def test_a_machine_that_fails_at_start_up_stops_the_other_with_a_pointer(tmp_path):
+    """The training file exists on node 0 only: node 1 stops with its data error, and node 0, waiting on it at a
+    collective, says that another process ended and where to look (it was a gloo traceback), in seconds."""
+    rows = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}"} for i in range(32)]
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node0" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    start = time.monotonic()
+    nodes = launch_nodes(tmp_path, "torchrun", ["model=tiny_random", "eval=none", "trainer.max_steps=2", "data=jsonl",
+                                                "data.path=train.jsonl", f"output_dir={tmp_path / 'run'}",
+                                                "trainer.dist_timeout=300"], timeout=240)
+    assert time.monotonic() - start < 200  # not trainer.dist_timeout
+    (rc0, _, err0), (rc1, _, err1) = nodes
+    assert rc1 != 0 and "ftune: data error: train.jsonl: no such file" in err1, err1[-3000:]
+    assert rc0 != 0 and ("ftune: distributed error: rank 0 of 2: another training process (at 127.0.0.1:"
+                         in err0), err0[-3000:]
+    assert "read that process's output" in err0 and "Connection closed by peer" not in err0
+
+
+def test_a_process_gone_at_a_collective_is_said():
+    from ftune.training.network import peer_closed_said
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[10.1.2.3]:22238. This is typically caused by a remote worker crashing.")
+    said = peer_closed_said(gloo)
+    assert said.startswith("another training process (at 10.1.2.3:22238) ended while this one waited on it")
+    assert "trainer.resume=auto" in said
+    assert peer_closed_said(RuntimeError("CUDA out of memory")) is None

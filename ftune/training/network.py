@@ -122,3 +122,19 @@ def collective_timeout_said(e: BaseException, cfg) -> str | None:
             f"(rank 0 converts or downloads the model and fills the tokenization cache before the others start; "
             f"evaluation and saving can be long too) or it failed: look at the other processes' output for an error. "
             f"To wait longer, raise trainer.dist_timeout (seconds).")
+
+
+def peer_closed_said(e: BaseException) -> str | None:
+    """What gloo's "Connection closed by peer [ADDR]:PORT" means (another process ended while this one waited on it
+    in a collective, typically after its own error), or None for any other error. Across machines that error is often
+    something true only there: a file missing on that machine, a full disk, a cache it cannot write."""
+    found = re.search(r"Connection (?:closed|reset) by peer \[?([^\]\s]+?)\]?:(\d+)", str(e))
+    if not found:
+        return None
+    me = ""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        me = f"rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}: "
+    return (f"{me}another training process (at {found.group(1)}:{found.group(2)}) ended while this one waited on it, "
+            f"most likely with its own error: read that process's output (on a run across machines, that machine's "
+            f"log) for what to fix. This process stops too; checkpoints already complete are kept, and the run goes on "
+            f"from the newest with trainer.resume=auto.")
