@@ -107,6 +107,7 @@ def launch(nproc: int, args: list[str]) -> int:
 
     import torch
 
+    from ftune.config import with_overrides
     from ftune.training.distributed import gpu_shortage
 
     if short := gpu_shortage(nproc):  # said before any process starts
@@ -120,7 +121,7 @@ def launch(nproc: int, args: list[str]) -> int:
         env["OMP_NUM_THREADS"] = "1" if torch.cuda.is_available() else str(max(1, cores // nproc))
     if not any(a.startswith("output_dir=") for a in args):
         now = datetime.datetime.now()
-        args = [*args, f"output_dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}"]
+        args = with_overrides(args, f"output_dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}")
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, os.getcwd())
     import importlib
 
-    from ftune.config import ConfigError, check_overrides
+    from ftune.config import ConfigError, check_overrides, overrides_first
 
     try:
         check_overrides(command, rest)
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ftune: config error: {e}", file=sys.stderr)
         sys.exit(2)
     nproc, rest = _pop_nproc(rest) if command == "train" else (1, rest)
+    rest = overrides_first(rest)
     if nproc > 1:
         sys.exit(launch(nproc, rest))
     module = importlib.import_module(COMMANDS[command][0])

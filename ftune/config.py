@@ -278,6 +278,24 @@ def _check_schema_keys(cfg: DictConfig) -> None:
                                   f"Valid keys: {', '.join(known)}.")
 
 
+def _is_override(arg: str) -> bool:
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+
+
+def overrides_first(argv: list[str]) -> list[str]:
+    """The overrides (in their order), then Hydra's flags. Hydra reads its overrides as one run of positional
+    arguments, so `a=1 --cfg job b=2` is refused as "unrecognized arguments: b=2"; a flag's value (`job`,
+    `defaults`, a directory) holds no `=`."""
+    return [a for a in argv if _is_override(a)] + [a for a in argv if not _is_override(a)]
+
+
+def with_overrides(argv: list[str], *extra: str) -> list[str]:
+    """`argv` with `extra` overrides added after the user's own, before Hydra's flags."""
+    argv = overrides_first(argv)
+    n = sum(map(_is_override, argv))
+    return [*argv[:n], *extra, *argv[n:]]
+
+
 def check_overrides(command: str, overrides: list[str]) -> None:
     """Command-line overrides whose key no schema field or config group holds, with a "did you mean" hint.
 

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.atomic import write_json_atomic
-from ftune.config import ConfigError, build, register_configs, validate_train
+from ftune.config import ConfigError, build, register_configs, validate_train, with_overrides
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import cpu_malloc, engine_state
@@ -157,12 +157,12 @@ def rank_argv(argv: list[str]) -> list[str]:
     (trainer.resume) records its own config in `.hydra/resume-<UTC time>/`: Hydra would otherwise overwrite the
     earlier run's `.hydra/config.yaml`, the record of how its first steps were trained."""
     if int(os.environ.get("RANK", "0")) != 0:
-        return [*argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        return with_overrides(argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
     out = _given(argv, "output_dir")
     if (out and _given_resume(argv) and _given(argv, "hydra.output_subdir") is None
             and (Path(out) / ".hydra" / "config.yaml").is_file()):
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        return [*argv, f"hydra.output_subdir=.hydra/resume-{stamp}"]
+        return with_overrides(argv, f"hydra.output_subdir=.hydra/resume-{stamp}")
     return argv
 
 

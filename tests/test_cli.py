@@ -50,6 +50,19 @@ def test_recipes_lists_names_and_descriptions(tmp_path):
     assert listed["lora_gsm8k"].startswith("LoRA")
 
 
+def test_overrides_on_both_sides_of_a_hydra_flag(tmp_path):
+    """Hydra alone refuses `a=1 --cfg job b=2` ("unrecognized arguments: b=2"), and so did every override ftune adds
+    for a rank or a resume after a user's flag; overrides are put together, in their order, before the flags."""
+    from ftune.config import overrides_first, with_overrides
+
+    assert overrides_first(["a=1", "--cfg", "job", "b=2", "~c"]) == ["a=1", "b=2", "~c", "--cfg", "job"]
+    added = with_overrides(["+recipe=x", "--cfg", "job"], "output_dir=o")
+    assert added == ["+recipe=x", "output_dir=o", "--cfg", "job"]
+    assert with_overrides(["--info", "defaults"], "x=1") == ["x=1", "--info", "defaults"]
+    cfg = composed("model=tiny_random", "--cfg", "job", "trainer.lr=0.25", "seed=7", cwd=tmp_path)
+    assert cfg["trainer"]["lr"] == 0.25 and cfg["seed"] == 7 and cfg["model"]["name_or_path"] == "tiny_random"
+
+
 def test_help(tmp_path):
     out = ftune("--help", cwd=tmp_path)
     assert out.returncode == 0
