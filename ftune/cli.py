@@ -272,6 +272,10 @@ def main(argv: list[str] | None = None) -> None:
             from ftune.train import refuse_unwritable_output_dir
 
             refuse_unwritable_output_dir(rest)
+        if command in ("eval", "generate"):
+            from ftune.config import refuse_model_beside_run_dir
+
+            refuse_model_beside_run_dir(rest)
     except ConfigError as e:
         print(f"ftune: config error: {e}", file=sys.stderr)
         sys.exit(2)

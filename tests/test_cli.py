@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ftune.paths import recipes_dir
@@ -234,3 +235,22 @@ def test_a_resumed_run_keeps_the_first_runs_recorded_config(tmp_path):
     assert "trainer.resume=auto" in (resumes[0].parent / "overrides.yaml").read_text()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3
+
+
+def test_a_model_beside_a_run_dir_is_refused(tmp_path, capsys, monkeypatch):
+    """The run's recorded base is what eval/generate load: a model named beside run_dir was silently ignored."""
+    from ftune.cli import main
+    from ftune.config import ConfigError, refuse_model_beside_run_dir
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the launch directory on sys.path
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "ftune_config.yaml").write_text("model:\n  name_or_path: tiny_random\n")
+    for command in ("eval", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([command, f"run_dir={tmp_path / 'run'}", "model=smollm2_135m", *(["prompt=hi"] * (command != "eval"))])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "model=smollm2_135m would be ignored" in err and "trained on tiny_random" in err
+    with pytest.raises(ConfigError, match=r"model\.name_or_path=x would be ignored"):
+        refuse_model_beside_run_dir([f"run_dir={tmp_path / 'run' / 'final'}", "model.name_or_path=x"])
+    refuse_model_beside_run_dir([f"run_dir={tmp_path / 'run'}", "model.dtype=bfloat16"])  # a setting, not a model
+    refuse_model_beside_run_dir([f"run_dir={tmp_path}", "model=hub"])  # no recorded base: the model named is it
