@@ -448,12 +448,11 @@ def validate_common(cfg: DictConfig) -> None:
             raise ConfigError("eval=gsm8k needs eval.split, the split of the data it answers (e.g. eval.split=test).")
 
 
-def _check_eval_data(d: DictConfig, e: DictConfig) -> None:
-    """Where the GSM8K-style eval of a training run would read nothing, or its own training file."""
-    from pathlib import Path
-
-    scored = e.task == "gsm8k" and (e.at_start or e.at_end) and e.split != d.split
-    if d.source == "gsm8k" and d.path and Path(d.path).suffix in (".jsonl", ".gz"):
+def check_eval_data(d: DictConfig, e: DictConfig, in_training: bool = True) -> None:
+    """Where the GSM8K-style eval would read nothing, or (in a training run) the run's own training file. With
+    `ftune eval` (in_training=False) a single data.path file is the file to score."""
+    scored = e.task == "gsm8k" and (not in_training or (e.at_start or e.at_end) and e.split != d.split)
+    if in_training and d.source == "gsm8k" and d.path and Path(d.path).suffix in (".jsonl", ".gz"):
         same = [f"eval.split={e.split}"] if scored else []
         same += [f"data.eval_split={d.eval_split}"] if d.eval_split and d.eval_split != d.split else []
         if same:
@@ -465,8 +464,8 @@ def _check_eval_data(d: DictConfig, e: DictConfig) -> None:
     if d.source == "jsonl" and scored and not Path(e.split).expanduser().is_file():
         raise ConfigError(
             f"eval.split={e.split}: with data=jsonl the eval task reads eval.split as the path of a JSONL file of "
-            f"questions and answers, and {e.split} is no file. Set eval.split=PATH.jsonl (your held-out examples), "
-            f"or turn the eval off (eval=none).")
+            f"questions and answers, and {e.split} is no file. Set eval.split=PATH.jsonl (your held-out examples)"
+            f"{', or turn the eval off (eval=none)' if in_training else ''}.")
 
 
 def validate_train(cfg: DictConfig) -> dict[str, type | None]:
@@ -529,7 +528,7 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
         raise ConfigError(f"selection {cfg.selection._target_} scores prompt/response examples, but objective "
                           f"{cfg.objective._target_} trains on '{kind}' data. Use selection=random (any data) or "
                           f"selection=none; or train with data.limit=N for the first N examples.")
-    _check_eval_data(cfg.data, cfg.eval)
+    check_eval_data(cfg.data, cfg.eval)
     quantize = cfg.peft.get("quantize")
     if quantize is not None and quantize not in ("4bit", "8bit"):
         raise ConfigError(f"peft.quantize={quantize!r} must be null, 4bit or 8bit.")

@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ftune.config import ConfigError, register_configs, validate_common
+from ftune.config import ConfigError, check_eval_data, register_configs, validate_common
 from ftune.paths import configs_dir
 
 log = logging.getLogger("ftune")
@@ -25,6 +25,7 @@ def evaluate(cfg: DictConfig) -> dict:
     validate_common(cfg)
     if cfg.eval.task == "none":
         raise ConfigError("eval.task=none: nothing to evaluate. Use eval=gsm8k or eval=preference.")
+    check_eval_data(cfg.data, cfg.eval, in_training=False)
     set_seed(cfg.seed)
     model, tokenizer = load_for_inference(cfg)
     key = f"{tokenizer.name_or_path}|{len(tokenizer)}"

@@ -254,3 +254,27 @@ def test_a_model_beside_a_run_dir_is_refused(tmp_path, capsys, monkeypatch):
         refuse_model_beside_run_dir([f"run_dir={tmp_path / 'run' / 'final'}", "model.name_or_path=x"])
     refuse_model_beside_run_dir([f"run_dir={tmp_path / 'run'}", "model.dtype=bfloat16"])  # a setting, not a model
     refuse_model_beside_run_dir([f"run_dir={tmp_path}", "model=hub"])  # no recorded base: the model named is it
+
+
+def test_eval_of_a_jsonl_file_names_eval_split(tmp_path, capsys, monkeypatch):
+    """`ftune eval data=jsonl` reads eval.split as the file to score; left at `test` it was said as a missing
+    data.eval_split, after the imports. A single data=gsm8k file is scored as it is (no training file to avoid)."""
+    from ftune.cli import main
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2\n#### 2"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "model=tiny_random", "data=jsonl", "data.path=qa.jsonl", f"output_dir={tmp_path / 'e1'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "eval.split=test: with data=jsonl the eval task reads eval.split as the path" in err
+    assert "eval=none" not in err
+    from omegaconf import OmegaConf
+
+    from ftune.config import ConfigError, check_eval_data
+
+    d = OmegaConf.create({"source": "gsm8k", "path": "qa.jsonl", "split": "train", "eval_split": None})
+    e = OmegaConf.create({"task": "gsm8k", "split": "test", "at_start": False, "at_end": True})
+    check_eval_data(d, e, in_training=False)
+    with pytest.raises(ConfigError, match="would score the model on its own training examples"):
+        check_eval_data(d, e)
