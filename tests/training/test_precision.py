@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny import make_cfg, run  # noqa: E402
 from test_distributed import torchrun  # noqa: E402
 
+from ftune.training import checkpoint as ckpt  # noqa: E402
 from ftune.training import precision  # noqa: E402
 
 
@@ -122,23 +123,27 @@ def test_a_resumed_auto_run_keeps_the_precision_it_trained_with(tmp_path, monkey
     def recorded(step: int):
         return json.loads((out / "checkpoints" / f"checkpoint-{step}" / "engine.json").read_text())
 
+    def recorded_final(step: int):  # each resume below goes on from the previous run's final/, saved at its last step
+        assert ckpt.saved_step(out / "final") == step
+        return json.loads((out / "final" / "engine.json").read_text())
+
     train("bf16", "trainer.mixed_precision=auto", "trainer.max_steps=3")
     assert recorded(2)["mixed_precision"] == "bf16"
     resumed = train("fp32", "trainer.mixed_precision=auto", "trainer.max_steps=4", "trainer.resume=auto")
     with resumed.acc.autocast():
         assert torch.is_autocast_enabled("cpu")
-    assert recorded(3)["mixed_precision"] == "bf16"
+    assert resumed.resume_from.name == "final" and recorded_final(4)["mixed_precision"] == "bf16"
     assert json.loads((out / "summary.json").read_text())["mixed_precision"] == "bf16"
 
     explicit = train("bf16", "trainer.mixed_precision=no", "trainer.max_steps=5", "trainer.resume=auto")
-    assert explicit.acc.mixed_precision == "no" and recorded(4)["mixed_precision"] == "no"
+    assert explicit.acc.mixed_precision == "no" and recorded_final(5)["mixed_precision"] == "no"
     from ftune.training import distributed as dist
 
-    real = dist.engine_record  # checkpoint-5 written as an earlier ftune wrote it, without its precision
+    real = dist.engine_record  # final/ at step 6 written as an earlier ftune wrote it, without its precision
     monkeypatch.setattr(dist, "engine_record",
                         lambda acc: {k: v for k, v in real(acc).items() if k != "mixed_precision"})
     train("fp32", "trainer.mixed_precision=auto", "trainer.max_steps=6", "trainer.resume=auto")
-    assert "mixed_precision" not in recorded(5)
+    assert "mixed_precision" not in recorded_final(6)
     monkeypatch.setattr(dist, "engine_record", real)
     assert train("bf16", "trainer.mixed_precision=auto", "trainer.max_steps=7",
                  "trainer.resume=auto").acc.mixed_precision == "bf16"  # nothing recorded: this machine's choice
