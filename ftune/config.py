@@ -297,13 +297,21 @@ def with_overrides(argv: list[str], *extra: str) -> list[str]:
     return [*argv[:n], *extra, *argv[n:]]
 
 
+def given(argv: list[str], key: str) -> str | None:
+    """The value of `key=` (or `+key=`, `++key=`) on the command line, the last one if repeated."""
+    value = None
+    for arg in argv:
+        k, sep, v = arg.partition("=")
+        if sep and k.lstrip("+~") == key:
+            value = v
+    return value
+
+
 def refuse_model_beside_run_dir(overrides: list[str]) -> None:
     """`ftune eval/generate run_dir=RUN model=...`: a run recorded the base model it was trained on, and that base is
     the one loaded, so another model named beside it would be silently ignored."""
-    pairs = (a.partition("=") for a in overrides if "=" in a and not a.startswith("-"))
-    given = {k.lstrip("+"): v for k, _, v in pairs}
-    run_dir = given.get("run_dir")
-    chosen = [f"{k}={given[k]}" for k in ("model", "model.name_or_path") if k in given]
+    run_dir = given(overrides, "run_dir")
+    chosen = [f"{k}={given(overrides, k)}" for k in ("model", "model.name_or_path") if given(overrides, k) is not None]
     if not run_dir or run_dir == "null" or not chosen:
         return
     recorded = next((d / "ftune_config.yaml" for d in (Path(run_dir).expanduser(), Path(run_dir).expanduser() / "final")

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.atomic import write_json_atomic
-from ftune.config import ConfigError, build, register_configs, validate_train, with_overrides
+from ftune.config import ConfigError, build, given, register_configs, validate_train, with_overrides
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import cpu_malloc, engine_state
@@ -94,7 +94,7 @@ def refuse_existing_run(argv: list[str]) -> None:
     flags (`--cfg`, `--info`, `--help`) are left alone; the Trainer checks again whatever path the config resolves."""
     if any(a in HYDRA_FLAGS for a in argv):
         return
-    out, resume = _given(argv, "output_dir"), _given_resume(argv)
+    out, resume = given(argv, "output_dir"), _given_resume(argv)
     if out is None and resume == "auto":
         raise ConfigError("trainer.resume=auto continues the run in output_dir, but no output_dir was given: this run "
                           "would start in a new outputs/<date>/<time> with nothing to continue. Add output_dir=<that "
@@ -110,7 +110,7 @@ HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h"
 def refuse_unwritable_output_dir(argv: list[str]) -> None:
     """An `output_dir=` given on the command line that cannot be made or written: Hydra makes it before the job runs
     and would end in a traceback."""
-    out = _given(argv, "output_dir")
+    out = given(argv, "output_dir")
     if out and "${" not in out and not any(a in HYDRA_FLAGS for a in argv):
         _check_writable(Path(out))
 
@@ -135,19 +135,9 @@ def _check_world_size(seen: int) -> None:
                           f"`ftune train --nproc {launched} ...`, which sets what is needed.")
 
 
-def _given(argv: list[str], key: str) -> str | None:
-    """The value of `key=` (or `+key=`, `++key=`) on the command line, the last one if repeated."""
-    value = None
-    for arg in argv:
-        k, sep, v = arg.partition("=")
-        if sep and k.lstrip("+~") == key:
-            value = v
-    return value
-
-
 def _given_resume(argv: list[str]) -> str | None:
     """`trainer.resume=` from the command line; None when absent or null."""
-    resume = _given(argv, "trainer.resume")
+    resume = given(argv, "trainer.resume")
     return None if resume is None or resume.lower() in ("", "null", "none") else resume
 
 
@@ -158,8 +148,8 @@ def rank_argv(argv: list[str]) -> list[str]:
     earlier run's `.hydra/config.yaml`, the record of how its first steps were trained."""
     if int(os.environ.get("RANK", "0")) != 0:
         return with_overrides(argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
-    out = _given(argv, "output_dir")
-    if (out and _given_resume(argv) and _given(argv, "hydra.output_subdir") is None
+    out = given(argv, "output_dir")
+    if (out and _given_resume(argv) and given(argv, "hydra.output_subdir") is None
             and (Path(out) / ".hydra" / "config.yaml").is_file()):
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         return with_overrides(argv, f"hydra.output_subdir=.hydra/resume-{stamp}")
