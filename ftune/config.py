@@ -311,7 +311,7 @@ def refuse_model_beside_run_dir(overrides: list[str]) -> None:
     """`ftune eval/generate run_dir=RUN model=...`: a run recorded the base model it was trained on, and that base is
     the one loaded, so another model named beside it would be silently ignored."""
     run_dir = given(overrides, "run_dir")
-    chosen = [f"{k}={given(overrides, k)}" for k in ("model", "model.name_or_path") if given(overrides, k) is not None]
+    chosen = [f"{k}={v}" for k in ("model", "model.name_or_path") if (v := given(overrides, k)) is not None]
     if not run_dir or run_dir == "null" or not chosen:
         return
     recorded = next((d / "ftune_config.yaml" for d in (Path(run_dir).expanduser(), Path(run_dir).expanduser() / "final")

@@ -108,16 +108,22 @@ def connect_failure_said(e: BaseException) -> str | None:
             f"(`ip -br addr` lists them), or map the hostname to that interface's address in /etc/hosts.")
 
 
+def _this_rank() -> str:
+    """"rank R of W" in an initialised process group, else ""."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ""
+    return f"rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}"
+
+
 def collective_timeout_said(e: BaseException, cfg) -> str | None:
     """The fix for gloo's "Timed out waiting Nms for recv operation" (a process waited trainer.dist_timeout at a
     collective), or None for any other error. (NCCL's watchdog ends a timed-out process itself, with its own log.)"""
     found = re.search(r"Timed out waiting (\d+)ms for \w+ operation", str(e))
-    if not found or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not found or not _this_rank():
         return None
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     waited = int(found.group(1)) / 1000
     setting = getattr(getattr(cfg, "trainer", None), "dist_timeout", "unset")
-    return (f"rank {rank} of {world} waited {waited:g} s (trainer.dist_timeout={setting}) for the other processes at a "
+    return (f"{_this_rank()} waited {waited:g} s (trainer.dist_timeout={setting}) for the other processes at a "
             f"collective operation, and they did not come ({found.group(0)}). Either another process was still busy "
             f"(rank 0 converts or downloads the model and fills the tokenization cache before the others start; "
             f"evaluation and saving can be long too) or it failed: look at the other processes' output for an error. "
@@ -131,9 +137,7 @@ def peer_closed_said(e: BaseException) -> str | None:
     found = re.search(r"Connection (?:closed|reset) by peer \[?([^\]\s]+?)\]?:(\d+)", str(e))
     if not found:
         return None
-    me = ""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        me = f"rank {torch.distributed.get_rank()} of {torch.distributed.get_world_size()}: "
+    me = f"{_this_rank()}: " if _this_rank() else ""
     return (f"{me}another training process (at {found.group(1)}:{found.group(2)}) ended while this one waited on it, "
             f"most likely with its own error: read that process's output (on a run across machines, that machine's "
             f"log) for what to fix. This process stops too; checkpoints already complete are kept, and the run goes on "
