@@ -15,6 +15,8 @@ COMMANDS = {
     "select": ("ftune.select", "choose a training subset: ftune select selection=kmq selection.budget=N [data=...]"),
     "merge": ("ftune.merge", "fold a run's adapter into its base model: ftune merge RUN_DIR [--out DIR] [--force]"),
     "soup": ("ftune.soup", "average fine-tunes of one base: ftune soup RUN_DIR RUN_DIR ... --out DIR [--greedy]"),
+    "compare": ("ftune.compare", "arms x seeds with intervals: ftune compare +recipe=NAME --arm 'sft:' --arm "
+                "'NAME: key=value ...' --out DIR"),
     "recipes": (None, "list the recipes with their one-line descriptions"),
 }
 
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, os.getcwd())
     import importlib
 
+    if command == "compare":  # its own flags (--arm 'NAME: k=v'): the overrides go to each `ftune train` it runs
+        importlib.import_module("ftune.compare").main(rest)
+        return
     from ftune.config import ConfigError, check_overrides, overrides_first
 
     try:

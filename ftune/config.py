@@ -53,6 +53,8 @@ class DataConfig:
     fields: Any = None  # renames {ours: theirs}; null, not {}: Hydra cannot add keys to a {} node
     keep_fields: list[str] = field(default_factory=list)  # raw columns carried with each example (e.g. a domain)
     system_prompt: str | None = None
+    tasks: Any = None           # data=reasoning_gym: the mixture, [name, ...] or [{name, weight, config}, ...]
+    answer_format: str = "tags"  # data=reasoning_gym: tags | plain | hashes | a template with {answer}
     limit: int | None = None
     max_length: int = 512
     truncation: str = "drop"
@@ -106,6 +108,9 @@ class EvalConfig:
     shots: list[Any] = field(default_factory=lambda: [0, 5, "many"])  # eval=many_shot: in-context examples per prompt
     single_task: str | None = None                                     # eval=many_shot: the data set as one task
     match: str = "auto"                                                # eval=many_shot: answer comparison
+    tasks: Any = None       # eval=reasoning_gym: the tasks scored (null: the training mixture); untrained ones too
+    seed: int = 0           # eval=reasoning_gym: which held-out problems (the same for every training seed)
+    overlap: str = "error"  # eval=reasoning_gym: a held-out question also in training: error | replace
 
 
 @dataclass
@@ -146,14 +151,15 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "model.packed_attention": ("auto", "per_example", "masked"),
-    "data.source": ("gsm8k", "gsm_symbolic", "jsonl", "hub", "hh_rlhf"),
+    "data.source": ("gsm8k", "gsm_symbolic", "reasoning_gym", "jsonl", "hub", "hh_rlhf"),
     "data.format": ("auto", "prompt_completion", "messages", "alpaca"),
     "data.truncation": ("drop", "truncate", "error"),
     "trainer.scheduler": ("cosine", "linear", "constant"),
     "trainer.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "trainer.distributed": ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"),
     "trainer.cpu_malloc": ("auto", "reuse", "system"),
-    "eval.task": ("gsm8k", "preference", "many_shot", "none"),
+    "eval.task": ("gsm8k", "preference", "many_shot", "reasoning_gym", "none"),
+    "eval.overlap": ("error", "replace"),
     "eval.match": ("auto", "exact", "numeric"),
 }
 
@@ -425,14 +431,14 @@ def validate_common(cfg: DictConfig) -> None:
         if cfg.data.source == "hub" and not cfg.data.hub_id:
             raise ConfigError("data=hub needs `data.hub_id=ORG/NAME` (a dataset on the Hugging Face hub, such as "
                               "tatsu-lab/alpaca).")
-        if cfg.data.source in ("gsm_symbolic", "jsonl") and cfg.data.hub_id:
+        if cfg.data.source in ("gsm_symbolic", "reasoning_gym", "jsonl") and cfg.data.hub_id:
             raise ConfigError(
                 f"data.hub_id={cfg.data.hub_id} would be ignored: data.source={cfg.data.source} reads "
-                f"{'generated problems' if cfg.data.source == 'gsm_symbolic' else 'data.path'}. For a dataset on the "
+                f"{'data.path' if cfg.data.source == 'jsonl' else 'generated problems'}. For a dataset on the "
                 f"Hugging Face hub use `data=hub data.hub_id={cfg.data.hub_id}` (data.hub_config for its "
                 f"configuration, data.split for its split); or drop data.hub_id.")
-        if cfg.data.source in ("gsm_symbolic", "hub") and cfg.data.path:
-            what = ("generates its problems" if cfg.data.source == "gsm_symbolic"
+        if cfg.data.source in ("gsm_symbolic", "reasoning_gym", "hub") and cfg.data.path:
+            what = ("generates its problems" if cfg.data.source != "hub"
                     else f"loads data.hub_id={cfg.data.hub_id} from the Hugging Face hub")
             raise ConfigError(
                 f"data.path={cfg.data.path} would be ignored: data.source={cfg.data.source} {what} and reads no file. "
@@ -448,6 +454,9 @@ def validate_common(cfg: DictConfig) -> None:
         if cfg.eval.limit is not None:
             _positive(cfg, "eval.limit")
         task, split = cfg.eval.task, cfg.eval.split
+        if task == "reasoning_gym" and split is not None:
+            raise ConfigError(f"eval.split={split} is not read by eval=reasoning_gym: it draws fresh held-out problems "
+                              f"(eval.tasks, eval.limit, eval.seed). Drop eval.split (eval.split=null).")
         if task in ("preference", "many_shot") and split is not None:
             raise ConfigError(f"eval.split={split} is not read by eval={task}: it scores the held-out part of the "
                               f"data, data.eval_split=SPLIT (a file with data=jsonl) or else the last data.eval_size "
@@ -523,7 +532,7 @@ def validate_train(cfg: DictConfig) -> dict[str, type | None]:
                           "is no padding to save. Keep one (packing for objectives that pack, group_by_length for "
                           "the others).")
     kind = getattr(objective_cls, "data_kind", "sft")
-    pair_sources, sft_sources = ("hh_rlhf",), ("gsm8k", "gsm_symbolic")
+    pair_sources, sft_sources = ("hh_rlhf",), ("gsm8k", "gsm_symbolic", "reasoning_gym")
     if kind == "preference" and cfg.data.source in sft_sources:
         raise ConfigError(f"objective {cfg.objective._target_} trains on preference pairs, but data={cfg.data.source} "
                           f"has prompt/response examples only. Use data=hh_rlhf, or data=jsonl with "

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError, build, given, register_configs, validate_train, with_overrides
+from ftune.data.reasoning_gym import check_config as check_reasoning_gym
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import cpu_malloc, engine_state
@@ -169,6 +170,7 @@ class Trainer:
 
         self.cfg, t = cfg, cfg.trainer
         targets = validate_train(cfg)
+        check_reasoning_gym(cfg)
         self.peft = build(cfg.peft)
         self.objective = build(cfg.objective)
         self.selector = build(cfg.selection) if targets["selection"] else None
@@ -538,6 +540,10 @@ def _summary_text(s: dict, out: Path) -> str:
         keys += ["answer_format"] if "answer_format" in end else []  # answers ending in `#### N`
         shown = [f"{k} {start[k]:.3f} -> {end[k]:.3f}" if k in start else f"{k} {end[k]:.3f}" for k in keys]
         lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
+        if end.get("tasks"):
+            from ftune.eval.tasks import task_table
+
+            lines.append(task_table(s["task_start"], end))
     if s.get("composition"):
         c = s["composition"]
         lines.append(f"  training data ({c['examples']} examples): "

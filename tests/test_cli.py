@@ -88,9 +88,9 @@ def test_unknown_command_suggests(tmp_path):
 
 def test_cfg_job_shows_recipe_and_override_wins(tmp_path):
     cfg = composed("+recipe=quickstart", cwd=tmp_path)
-    assert cfg["trainer"]["max_steps"] == 40 and cfg["data"]["size"] == 400
+    assert cfg["trainer"]["max_steps"] == 80 and cfg["data"]["size"] == 800
     cfg = composed("+recipe=quickstart", "trainer.max_steps=7", cwd=tmp_path)
-    assert cfg["trainer"]["max_steps"] == 7 and cfg["data"]["size"] == 400
+    assert cfg["trainer"]["max_steps"] == 7 and cfg["data"]["size"] == 800
     assert not (tmp_path / "outputs").exists()
 
 

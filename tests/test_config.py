@@ -36,7 +36,7 @@ def test_every_recipe_composes_and_validates(compose, name):
 
 def test_recipe_values_reach_the_config(compose):
     quick = compose(["+recipe=quickstart"])
-    assert quick.trainer.max_steps == 40 and quick.data.size == 400 and quick.data.packing is True
+    assert quick.trainer.max_steps == 80 and quick.data.size == 800 and quick.data.tasks[0].name == "chain_sum"
     gsm = compose(["+recipe=lora_gsm8k"])
     assert gsm.data.source == "gsm8k" and gsm.trainer.grad_accum == 4 and gsm.eval.at_end is True
 

@@ -29,9 +29,11 @@ def load_train_examples(cfg, seed: int, selector=None, kind: str = "sft") -> tup
     """(train, held-out, stats) examples. The held-out part is `data.eval_split`, or else the last
     `data.eval_size` training examples (only when that leaves at least as many to train on)."""
     load = KINDS[kind][0]
-    if cfg.size and cfg.source != "gsm_symbolic":  # e.g. a gsm_symbolic recipe's data.size kept with data=jsonl
-        log.warning("data.size=%s is ignored: it is the number of problems data.source=gsm_symbolic generates, and "
-                    "data.source=%s reads its examples. To train on the first N of them, set data.limit=N.",
+    # e.g. a gsm_symbolic recipe's data.size kept with data=jsonl
+    if cfg.size and cfg.source not in ("gsm_symbolic", "reasoning_gym"):
+        log.warning("data.size=%s is ignored: it is the number of problems data=gsm_symbolic or data=reasoning_gym "
+                    "generates, and data.source=%s reads its examples. To train on the first N of them, set "
+                    "data.limit=N.",
                     cfg.size, cfg.source)
     train, stats = load(cfg, cfg.split, seed)
     held_out: list[dict] = []

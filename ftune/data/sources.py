@@ -1,8 +1,9 @@
 """Read raw examples from a source and turn each into a conversation: {"id", "messages", "answer"?}.
 
-Sources: `gsm8k` (local JSONL or the hub), `gsm_symbolic` (generated offline by reasoning-gym), `jsonl` (your files),
-`hub` (any hub dataset). Formats: prompt/completion, chat `messages`, alpaca instruction/input/output, GSM8K
-question/answer. Bad lines fail with file:line before any model is loaded.
+Sources: `gsm8k` (local JSONL or the hub), `gsm_symbolic` (generated offline by reasoning-gym), `reasoning_gym` (a
+mixture of reasoning-gym tasks, ftune.data.reasoning_gym), `jsonl` (your files), `hub` (any hub dataset). Formats:
+prompt/completion, chat `messages`, alpaca instruction/input/output, GSM8K question/answer. Bad lines fail with
+file:line before any model is loaded.
 """
 
 from __future__ import annotations
@@ -200,6 +201,10 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         rows, origin = _gsm8k_rows(cfg, split)
     elif source == "gsm_symbolic":
         rows, origin = _gsm_symbolic_rows(cfg, split, seed)
+    elif source == "reasoning_gym":
+        from ftune.data.reasoning_gym import training_rows
+
+        rows, origin = training_rows(cfg, seed)
     elif source == "jsonl":
         rows, origin = read_split_file(cfg, split)
     elif source == "hub":
@@ -208,8 +213,8 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         rows = _load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy instead.")
         origin = cfg.hub_id
     else:
-        raise DataError(f"data.source={source!r} holds no prompt/response examples; use gsm8k, gsm_symbolic, jsonl "
-                        f"or hub (hh_rlhf holds preference pairs, for objective=dpo).")
+        raise DataError(f"data.source={source!r} holds no prompt/response examples; use gsm8k, gsm_symbolic, "
+                        f"reasoning_gym, jsonl or hub (hh_rlhf holds preference pairs, for objective=dpo).")
     if not rows:
         raise DataError(f"{origin}: no records at all (an empty file or split '{split}'). Check data.path.")
     if cfg.limit is not None and split == cfg.split:
@@ -234,6 +239,8 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             skipped_empty += 1
             continue
         ex["id"] = row.get("id", f"{split}-{i}")
+        if "task" in row:  # a mixture's task (data=reasoning_gym), for per-task reports and selection.domain_field
+            ex["task"] = row["task"]
         if "tests" in row:  # kept for judges that run the example's tests (objective=s3ft, judge=unit_tests)
             ex["tests"] = row["tests"]
         for name in keep:  # e.g. a source/domain column for selection.domain_field

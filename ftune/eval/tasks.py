@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ftune.atomic import write_json_atomic
-from ftune.eval import gsm8k
+from ftune.eval import gsm8k, stats
 from ftune.eval.generation import generate
 from ftune.eval.many_shot import evaluate_many_shot, many_shot_inputs
 
@@ -49,6 +49,81 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Pa
                "answer_format": marked / n if n else 0.0}
     write_json_atomic(out_dir / "metrics.json", metrics, indent=2)
     return metrics
+
+
+def _accuracy(correct: int, n: int) -> dict:
+    lo, hi = stats.wilson(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci95": [lo, hi]}
+
+
+def evaluate_reasoning_gym(model, tokenizer, examples: list[dict], eval_cfg, out_dir: Path, progress: bool = True,
+                           spread: Callable[[list, Callable[[list], list]], list] | None = None) -> dict:
+    """Greedy answers to held-out reasoning-gym problems (ftune.data.reasoning_gym.eval_problems), each scored by
+    its task's own verifier (`score_answer`); per-task and overall accuracy (full credit) with 95% Wilson intervals,
+    the mean verifier score, and the share of replies in the answer format. Writes predictions.jsonl and
+    metrics.json under `out_dir`. `spread`: see evaluate_gsm8k."""
+    from ftune.data.reasoning_gym import extract, scorer
+
+    prompts = [ex["messages"] for ex in examples]
+
+    def answer(some: list) -> list[str]:
+        return generate(model, tokenizer, some, eval_cfg.max_new_tokens, eval_cfg.batch_size, progress=progress)
+
+    outputs = spread(prompts, answer) if spread else answer(prompts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_task: dict[str, dict] = {}
+    tmp = out_dir / "predictions.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for ex, out in zip(examples, outputs):
+            pred, in_format = extract(out, ex["template"])
+            try:
+                score = float(scorer(ex["spec"]).score_answer(pred, ex["entry"]) or 0.0)
+            except Exception:  # noqa: BLE001 - a verifier that cannot parse an answer scores it wrong
+                score = 0.0
+            t = per_task.setdefault(ex["task"], {"n": 0, "correct": 0, "score": 0.0, "format": 0,
+                                                 "trained": ex["trained"]})
+            t["n"] += 1
+            t["correct"] += score >= 1.0
+            t["score"] += score
+            t["format"] += in_format
+            f.write(json.dumps({"id": ex["id"], "task": ex["task"], "question": ex["messages"][-1]["content"],
+                                "output": out, "prediction": pred, "gold": str(ex["entry"].get("answer")),
+                                "score": score, "correct": score >= 1.0, "in_format": in_format}) + "\n")
+    os.replace(tmp, out_dir / "predictions.jsonl")
+
+    def summary(parts: list[dict]) -> dict:
+        n = sum(p["n"] for p in parts)
+        return {**_accuracy(sum(p["correct"] for p in parts), n),
+                "mean_score": sum(p["score"] for p in parts) / n if n else 0.0,
+                "answer_format": sum(p["format"] for p in parts) / n if n else 0.0}
+
+    metrics = {"task": "reasoning_gym", **summary(list(per_task.values())),
+               "tasks": {name: {**summary([t]), "trained": t["trained"]} for name, t in per_task.items()}}
+    groups = {g: [t for t in per_task.values() if t["trained"] == (g == "trained")] for g in ("trained", "untrained")}
+    if all(groups.values()):  # trained and untrained tasks both scored: transfer / forgetting
+        metrics["groups"] = {g: summary(parts) for g, parts in groups.items()}
+    write_json_atomic(out_dir / "metrics.json", metrics, indent=2)
+    return metrics
+
+
+def task_table(start: dict | None, end: dict) -> str:
+    """Per-task accuracy before -> after (a reasoning-gym eval's metrics), with 95% intervals."""
+    start = start or {}
+
+    def cell(m: dict | None) -> str:
+        if not m:
+            return "-"
+        lo, hi = m["ci95"]
+        return f"{m['correct']}/{m['n']} = {100 * m['accuracy']:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    rows = [(f"{name}{'' if m['trained'] else ' (not trained)'}", start.get("tasks", {}).get(name), m)
+            for name, m in end["tasks"].items()]
+    rows += [(f"[{g}]", start.get("groups", {}).get(g), m) for g, m in end.get("groups", {}).items()]
+    rows.append(("all", start if start.get("tasks") else None, end))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {'task':<{width}}  {'before':<28}  after"]
+    lines += [f"  {name:<{width}}  {cell(a):<28}  {cell(b)}" for name, a, b in rows]
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -114,6 +189,10 @@ def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) ->
     from ftune.data.sources import DataError
     from ftune.data.tokenize import tokenize_examples
 
+    if eval_cfg.task == "reasoning_gym":
+        from ftune.data.reasoning_gym import eval_problems
+
+        return eval_problems(data_cfg, eval_cfg, seed)
     if eval_cfg.task == "gsm8k":
         return task_examples(data_cfg, eval_cfg.split, seed, eval_cfg.limit)
     if eval_cfg.task == "many_shot":
@@ -130,5 +209,6 @@ def run_task(model, tokenizer, inputs: list[dict], eval_cfg, out_dir: Path, prog
              spread: Callable | None = None) -> dict:
     """Dispatch to the task named by `eval.task` and return its metrics (with an `accuracy` key). `spread`: see
     evaluate_gsm8k."""
-    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference, "many_shot": evaluate_many_shot}[eval_cfg.task]
+    fn = {"gsm8k": evaluate_gsm8k, "preference": evaluate_preference, "many_shot": evaluate_many_shot,
+          "reasoning_gym": evaluate_reasoning_gym}[eval_cfg.task]
     return fn(model, tokenizer, inputs, eval_cfg, out_dir, progress=progress, spread=spread)

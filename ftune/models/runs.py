@@ -19,6 +19,12 @@ def _weights_dir(run_dir: Path) -> Path:
                       f"run_dir at a directory written by `ftune train` (the run, its final/ or a checkpoint-N/).")
 
 
+def saved_config(run_dir: str | Path):
+    """The config a run was trained with (ftune_config.yaml beside its weights), or None."""
+    path = _weights_dir(Path(run_dir).expanduser()) / "ftune_config.yaml"
+    return OmegaConf.load(path) if path.is_file() else None
+
+
 def load_from_run(run_dir: str | Path, model_cfg=None):
     """(model, tokenizer) of a finished run; LoRA adapters are attached to their base model with PEFT."""
     from peft import PeftModel

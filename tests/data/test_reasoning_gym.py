@@ -1,0 +1,130 @@
+"""data=reasoning_gym / eval=reasoning_gym: mixtures, seeds, overlap, answer formats, errors before any model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from ftune.config import ConfigError
+from ftune.data import reasoning_gym as rg
+
+SMALL = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # 200 possible questions
+
+
+def data_cfg(tasks, size=60, **kw):
+    return OmegaConf.create({"source": "reasoning_gym", "tasks": tasks, "size": size, "answer_format": "tags",
+                             "system_prompt": None, "eval_split": None, **kw})
+
+
+def eval_cfg(tasks=None, limit=20, overlap="error", seed=0):
+    return OmegaConf.create({"task": "reasoning_gym", "tasks": tasks, "limit": limit, "seed": seed,
+                             "overlap": overlap})
+
+
+def test_mixture_sizes_weights_and_seeds():
+    d = data_cfg(["chain_sum", {"name": "products", "weight": 3, "config": {"max_digits": 2}}], size=40)
+    rows, origin = rg.training_rows(d, seed=0)
+    tasks = [r["task"] for r in rows]
+    assert tasks.count("chain_sum") == 10 and tasks.count("products") == 30 and "seed=0" in origin
+    assert rows[0]["messages"][-1]["content"].startswith("<answer>") and rows[0]["messages"][0]["role"] == "system"
+    again, _ = rg.training_rows(d, seed=0)
+    other, _ = rg.training_rows(d, seed=1)
+    assert again == rows
+    q = lambda rs: {r["messages"][1]["content"] for r in rs}  # noqa: E731
+    assert len(q(rows) & q(other)) < 5  # another seed draws other problems (not the same ones shifted by one)
+
+
+def test_held_out_problems_are_fixed_across_training_seeds_and_disjoint_from_training():
+    d = data_cfg([{"name": "chain_sum", "config": {"max_digits": 3, "min_digits": 2}}], size=200)
+    a = rg.eval_problems(d, eval_cfg(), seed=0)
+    b = rg.eval_problems(d, eval_cfg(), seed=5)
+    assert [p["messages"][-1]["content"] for p in a] == [p["messages"][-1]["content"] for p in b]
+    assert all(p["trained"] for p in a)
+    for s in (0, 5):
+        train = {e["question"] for _, _, e in rg.training_problems(d, s)}
+        assert not train & {p["entry"]["question"] for p in a}
+
+
+def test_overlap_is_an_error_or_replaced():
+    d = data_cfg([{"name": "chain_sum", "config": SMALL}], size=300)
+    with pytest.raises(ConfigError, match="also in the training set.*eval.overlap=replace"):
+        rg.eval_problems(d, eval_cfg(limit=30), seed=0)
+    fresh = rg.eval_problems(d, eval_cfg(limit=10, overlap="replace"), seed=0)
+    train = {e["question"] for _, _, e in rg.training_problems(d, 0)}
+    assert len(fresh) == 10 and not train & {p["entry"]["question"] for p in fresh}
+    big = data_cfg([{"name": "chain_sum", "config": SMALL}], size=3000)
+    with pytest.raises(ConfigError, match="problem space is too small"):
+        rg.eval_problems(big, eval_cfg(limit=50, overlap="replace"), seed=0)
+
+
+def test_untrained_eval_tasks_are_marked():
+    d = data_cfg(["chain_sum"], size=20)
+    probs = rg.eval_problems(d, eval_cfg(["chain_sum", "leg_counting"], limit=6), seed=0)
+    assert {(p["task"], p["trained"]) for p in probs} == {("chain_sum", True), ("leg_counting", False)}
+
+
+@pytest.mark.parametrize(("tasks", "said"), [
+    (["chain_summ"], "no task 'chain_summ'. Closest: chain_sum"),
+    ([{"name": "chain_sum", "config": {"max_term": 3}}], "no setting.*max_term.*accepts: min_terms=2, max_terms=6"),
+    ([{"name": "chain_sum", "weight": 0}], "weight=0.*> 0"),
+    ([{"name": "chain_sum", "weight": -1}], "weight=-1"),
+    ([], "is empty"),
+    ([{"name": "chain_sum", "config": {"min_terms": 5, "max_terms": 2}}], "refuses these settings"),
+    ([{"name": "chain_sum", "difficulty": 3}], "unknown key"),
+])
+def test_bad_mixtures_are_named(tasks, said):
+    with pytest.raises(ConfigError, match=said):
+        rg.parse_tasks(tasks)
+
+
+def test_answer_formats_and_extraction():
+    tags = rg.answer_template("tags")
+    assert rg.extract("so <answer>1</answer> then <answer> 12 </answer>", tags) == ("12", True)
+    assert rg.extract("it is 12", tags) == ("it is 12", False)
+    assert rg.extract("work\n#### 7\nbye", rg.answer_template("hashes")) == ("7", True)
+    assert rg.extract(" 9 ", rg.answer_template("plain")) == ("9", True)
+    assert rg.extract("The answer is 4.", "The answer is {answer}.") == ("4", True)
+    with pytest.raises(ConfigError, match="answer_format"):
+        rg.answer_template("boxed")
+
+
+def test_tasks_without_a_reference_answer_cannot_be_trained_on():
+    with pytest.raises(ConfigError, match="no reference answer"):
+        rg.training_rows(data_cfg(["graph_color"], size=3), seed=0)
+
+
+def test_config_errors_come_before_any_model_loads(compose, tmp_path):
+    from ftune.train import Trainer
+
+    for bad, said in [("data.tasks=[chain_sun]", "Closest: chain_sum"),
+                      ("data.tasks=[{name: chain_sum, weight: 0}]", "weight"),
+                      ("eval.tasks=[leg_countin]", "eval.tasks\\[0\\].*leg_counting"),
+                      ("eval.split=test", "eval.split=test is not read")]:
+        cfg = compose(["model=hub", "model.name_or_path=/nonexistent", "data=reasoning_gym", "eval=reasoning_gym",
+                       f"output_dir={tmp_path / 'run'}", bad])
+        with pytest.raises(ConfigError, match=said):
+            Trainer(cfg)
+
+
+def test_train_and_eval_on_a_mixture_with_the_tiny_model(tmp_path):
+    from tests._tiny import make_cfg, run
+
+    out = tmp_path / "run"
+    cfg = make_cfg(out, "data=reasoning_gym", "eval=reasoning_gym", "data.size=24", "trainer.max_steps=2",
+                   "data.tasks=[chain_sum,{name: products, config: {max_digits: 2}}]",
+                   "eval.tasks=[chain_sum,leg_counting]", "eval.limit=6", "eval.max_new_tokens=4",
+                   "eval.at_start=true", "eval.at_end=true")
+    run(cfg)
+    metrics = json.loads((out / "eval_end" / "metrics.json").read_text())
+    assert metrics["n"] == 6 and set(metrics["tasks"]) == {"chain_sum", "leg_counting"}
+    assert metrics["tasks"]["chain_sum"]["trained"] and not metrics["tasks"]["leg_counting"]["trained"]
+    assert metrics["groups"]["trained"]["n"] == 3
+    preds = [json.loads(x) for x in (out / "eval_end" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 6 and all(set(p) >= {"task", "output", "prediction", "gold", "score", "correct"}
+                                   for p in preds)
+    start = json.loads((out / "eval_start" / "metrics.json").read_text())
+    assert [p["question"] for p in preds] == [json.loads(x)["question"] for x in
+                                              (out / "eval_start" / "predictions.jsonl").read_text().splitlines()]
+    assert start["n"] == 6
