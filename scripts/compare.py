@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -101,13 +100,11 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
     return res
 
 
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+def wilson(p: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion p of n (ftune.eval.stats.wilson takes the count)."""
+    from ftune.eval.stats import wilson as wilson_count
+
+    return wilson_count(p * n, n)
 
 
 def table(results: list[dict], a) -> str:
