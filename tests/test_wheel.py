@@ -74,7 +74,7 @@ def test_wheel_composes_recipe_outside_the_repo(wheel_venv, tmp_path):
     assert Path(info["file"]).is_relative_to(site), info
     assert Path(info["configs"]) == site / "ftune" / "configs"
     assert Path(info["recipes"]) == site / "ftune" / "recipes"
-    assert info["max_steps"] == 40 and info["model"] == "embedded:smollm2-135m-instruct"
+    assert info["max_steps"] == 80 and info["model"] == "embedded:smollm2-135m-instruct"
 
 
 def test_wheel_ships_every_config_and_the_console_script(wheel_venv, tmp_path):
