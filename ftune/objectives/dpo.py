@@ -68,12 +68,19 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+# β when objective.beta is null: each paper's value. DPO (Rafailov et al. 2023) 0.1, as do cDPO and IPO in the reference
+# implementations; SimPO (Meng et al. 2024, Table 7 / the repo's configs) 2.0-2.5, the low end (Mistral-Base; its
+# gamma_beta_ratio 0.5 then gives γ = 1.0, ftune's simpo_gamma default). ORPO has no β.
+BETA_DEFAULTS = {"sigmoid": 0.1, "cdpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
 class DPO:
     """Preference optimisation with `loss` in sigmoid (DPO) | cdpo | ipo | simpo | orpo.
 
     Args:
         loss: the variant (see ftune/objectives/preference.py for each formula and its paper).
-        beta: β, the inverse temperature of the implicit reward (SimPO: the reward scale).
+        beta: β, the inverse temperature of the implicit reward (SimPO: the reward scale); None = the paper's value
+            for `loss` (BETA_DEFAULTS: 0.1 for DPO / cDPO / IPO, 2.0 for SimPO; ORPO does not read it).
         label_smoothing: ε for cdpo (assumed label-flip probability).
         simpo_gamma: SimPO's target reward margin γ.
         orpo_lambda: ORPO's weight λ of the odds-ratio term.
@@ -83,11 +90,13 @@ class DPO:
     can_pack = False
     data_kind = "preference"
 
-    def __init__(self, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+    def __init__(self, loss: str = "sigmoid", beta: float | None = None, label_smoothing: float = 0.0,
                  simpo_gamma: float = 1.0, orpo_lambda: float = 0.1, precompute_ref: bool = False):
         if loss not in LOSSES:
             raise ConfigError(f"objective.loss={loss!r} is not one of {', '.join(LOSSES)}.")
-        if beta <= 0:
+        if beta is None:
+            beta = BETA_DEFAULTS[loss]
+        elif beta <= 0:
             raise ConfigError(f"objective.beta={beta} must be > 0.")
         if not 0 <= label_smoothing < 0.5:
             raise ConfigError(f"objective.label_smoothing={label_smoothing} must be in [0, 0.5).")

@@ -142,6 +142,22 @@ def test_dpo_rejects_bad_settings(kwargs, pattern):
         DPO(**kwargs)
 
 
+@pytest.mark.parametrize(("loss", "beta"), [("sigmoid", 0.1), ("cdpo", 0.1), ("ipo", 0.1), ("simpo", 2.0)])
+def test_beta_default_is_the_papers_for_each_loss(loss, beta):
+    """SimPO's β is a reward scale of 2.0-2.5 (Meng et al. 2024), twenty times DPO's 0.1: an unset objective.beta
+    takes the chosen loss's own value, and a given one is kept."""
+    assert DPO(loss=loss).beta == beta
+    assert DPO(loss=loss, beta=0.5).beta == 0.5
+
+
+def test_dpo_config_leaves_beta_to_the_loss():
+    from omegaconf import OmegaConf
+
+    from ftune.paths import configs_dir
+
+    assert OmegaConf.load(configs_dir() / "objective" / "dpo.yaml").beta is None
+
+
 # ------------------------------------------------------------------------------------------ end to end
 COMMON = ["objective=dpo", "data=jsonl", "data.eval_size=4", "trainer.batch_size=4", "trainer.lr=1e-2",
           "trainer.scheduler=constant"]
