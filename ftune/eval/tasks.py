@@ -139,11 +139,12 @@ def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: P
     from tqdm.auto import tqdm
 
     from ftune.objectives.dpo import collate_pairs, sequence_logps
+    from ftune.peft.base import adapter_disabled, can_disable_adapter
 
     if eval_cfg.limit is not None:
         rows = rows[: eval_cfg.limit]
     device = next(model.parameters()).device
-    has_ref = hasattr(model, "disable_adapter")
+    has_ref = can_disable_adapter(model)
     model.eval()
 
     def score(some: list[dict]) -> list[dict]:
@@ -155,7 +156,7 @@ def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: P
             logp, _ = sequence_logps(model, batch)
             ref = None
             if has_ref:
-                with model.disable_adapter():
+                with adapter_disabled(model):
                     ref, _ = sequence_logps(model, batch)
             n = len(chunk)
             for i, r in enumerate(chunk):

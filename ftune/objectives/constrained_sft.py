@@ -33,6 +33,7 @@ from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
 from ftune.objectives.dpo import frozen_copy, reference_model
+from ftune.peft.base import can_disable_adapter
 from ftune.objectives.sft import labelled_token_ce
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,12 @@ class ConstrainedSFT:
     @staticmethod
     def needs_frozen_copy(model) -> bool:
         """Whether setup() copies the initial model as the reference (no adapter to switch off)."""
-        return not hasattr(model, "disable_adapter")
+        return not can_disable_adapter(model)
 
     def setup(self, trainer) -> None:
         """The reference: the model with its adapter disabled, else a frozen copy of the initial model."""
         unwrapped = trainer.acc.unwrap_model(trainer.model)
-        self.adapter = hasattr(unwrapped, "disable_adapter")
+        self.adapter = can_disable_adapter(unwrapped)
         if self.needs_frozen_copy(unwrapped):
             log.info("Full fine-tuning with constrained_sft: keeping a frozen copy of the initial model as reference.")
             self.ref_model = frozen_copy(unwrapped)

@@ -18,6 +18,7 @@ from ftune.config import ConfigError
 from ftune.data.batching import collate_packed
 from ftune.objectives.preference import LOSSES, REFERENCE_FREE, preference_loss
 from ftune.objectives.sft import labelled_token_ce
+from ftune.peft.base import adapter_disabled, can_disable_adapter
 from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,10 @@ def frozen_copy(model):
 
 @contextmanager
 def reference_model(model, adapter: bool, frozen=None):
-    """The initial model: `model` with its PEFT adapter disabled when `adapter`, else the `frozen` copy."""
+    """The base model: `model` with its adapter switched off when `adapter` (peft's or ftune's own: SSF, AdaLink),
+    else the `frozen` copy (full fine-tuning)."""
     if adapter:
-        unwrapped = model.module if hasattr(model, "module") else model
-        with unwrapped.disable_adapter():
+        with adapter_disabled(model):
             yield model
     else:
         yield frozen
@@ -114,14 +115,14 @@ class DPO:
 
     def needs_frozen_copy(self, model) -> bool:
         """Whether setup() copies the initial model as the reference (no adapter to switch off, none precomputed)."""
-        return self.loss not in REFERENCE_FREE and not self.precompute_ref and not hasattr(model, "disable_adapter")
+        return self.loss not in REFERENCE_FREE and not self.precompute_ref and not can_disable_adapter(model)
 
     def setup(self, trainer) -> None:
         """Choose the reference: adapter-disabled model, precomputed log-probs, or a frozen copy."""
         if self.loss in REFERENCE_FREE:
             return
         unwrapped = trainer.acc.unwrap_model(trainer.model)
-        self.adapter = hasattr(unwrapped, "disable_adapter")
+        self.adapter = can_disable_adapter(unwrapped)
         if self.precompute_ref:
             for rows, what in ((trainer.data.train, "train"), (trainer.data.eval, "eval")):
                 self._precompute(trainer, rows, what)

@@ -32,8 +32,11 @@ class InputAdapter(torch.nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.up = torch.nn.Linear(rank, dim, bias=False, dtype=dtype, device=device)
         torch.nn.init.zeros_(self.up.weight)
+        self.adapter_enabled = True  # off: the embeddings unchanged (the reference of DPO-like objectives)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return h
         return h + self.up(self.act(self.down(h)))
 
     def hook(self, module, inputs, output):  # a bound method, so a deep copy of the model hooks its own copy

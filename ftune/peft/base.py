@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -142,3 +143,39 @@ def load_trainable_file(model: torch.nn.Module, directory: Path) -> None:
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
+
+
+# ------------------------------------------------------------------------------------------- switching adapters off
+# Objectives that need the base model as a reference (DPO, PSO, constrained SFT, eval=preference) switch the adapter
+# off instead of copying the model: `peft`'s models have `disable_adapter()`; ftune's own adapters (SSF, AdaLink) are
+# modules with an `adapter_enabled` flag that their forward reads. A frozen deep copy would not do for them: it keeps
+# their initial values (SSF's random scales), which are not the base model.
+def own_adapter_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "adapter_enabled")]
+
+
+def can_disable_adapter(model: torch.nn.Module) -> bool:
+    """Whether `adapter_disabled(model)` gives the base model (a `peft` model, or one with ftune's own adapters)."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "disable_adapter") or bool(own_adapter_modules(model))
+
+
+@contextmanager
+def adapter_disabled(model: torch.nn.Module):
+    """Within the block, `model` computes as its base model (every adapter off); it is restored on exit."""
+    unwrapped = getattr(model, "module", model)
+    if hasattr(unwrapped, "disable_adapter"):
+        with unwrapped.disable_adapter():
+            yield model
+        return
+    mods = own_adapter_modules(unwrapped)
+    if not mods:
+        raise ValueError(f"{type(unwrapped).__name__} has no adapter to switch off")
+    before = [m.adapter_enabled for m in mods]
+    for m in mods:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.adapter_enabled = b

@@ -37,8 +37,11 @@ class ScaleShift(torch.nn.Module):
         self.shift = torch.nn.Parameter(torch.empty(out, dtype=dtype, device=device).normal_(0.0, init_std)
                                         if init_std > 0 else torch.zeros(out, dtype=dtype, device=device)) \
             if shift else None
+        self.adapter_enabled = True  # off: the base layer alone (the reference of DPO-like objectives)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base(x)
         y = self.base(x) * self.scale
         return y + self.shift if self.shift is not None else y
 

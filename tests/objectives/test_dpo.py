@@ -356,3 +356,38 @@ def test_group_by_length_with_pairs_warns(prefs, tmp_path, caplog):
                              "trainer.max_steps=1", "data.group_by_length=true"))
     assert t.order.lengths is not None
     assert "data.group_by_length=true with DPO" in caplog.text and "data.group_by_length=false" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["ssf", "adalink"])
+def test_reference_of_ftunes_own_adapters_is_the_base_model(tiny_tokenizer, method):
+    """SSF starts from random scales N(1, 0.02) (and AdaLink from whatever it was loaded with), so a frozen copy of the
+    model at the start of training is not the base model. The reference of DPO (and constrained SFT) must be: the
+    adapter is switched off, no copy is made, and the implicit reward is β (lp_θ − lp_base)."""
+    from types import SimpleNamespace
+
+    from ftune.objectives.constrained_sft import ConstrainedSFT
+    from ftune.peft.adalink import AdaLink
+    from ftune.peft.ssf import SSF
+
+    rows = [pair_row(tiny_tokenizer, "Hi", "Hello there, friend!", "Go away.")]
+    batch = collate_pairs(rows, tiny_tokenizer.pad_token_id)
+    base = fresh_tiny_model()
+    with torch.no_grad():
+        base_logp, _ = sequence_logps(base, batch)
+    torch.manual_seed(0)
+    model = SSF(init_std=0.2).apply(base) if method == "ssf" else AdaLink(r=4).apply(base)
+    if method == "adalink":
+        torch.nn.init.normal_(model.adalink.up.weight, std=0.5)  # a trained adapter: not the identity
+    obj = DPO()
+    obj.setup(SimpleNamespace(model=model, acc=SimpleNamespace(unwrap_model=lambda m: m)))
+    assert obj.ref_model is None and not obj.needs_frozen_copy(model) and not ConstrainedSFT.needs_frozen_copy(model)
+    with torch.no_grad():
+        policy_logp, _ = sequence_logps(model, batch)
+        _, metrics = obj(model, batch)
+        after, _ = sequence_logps(model, batch)
+    assert abs(float(policy_logp[0] - base_logp[0])) > 1e-3  # the adapter does change the model
+    torch.testing.assert_close(after, policy_logp)  # switched back on after the reference pass
+    assert metrics["rewards/chosen"] == pytest.approx(obj.beta * float(policy_logp[0] - base_logp[0]), rel=1e-4,
+                                                      abs=1e-6)
+    assert metrics["rewards/rejected"] == pytest.approx(obj.beta * float(policy_logp[1] - base_logp[1]), rel=1e-4,
+                                                        abs=1e-6)
