@@ -33,8 +33,8 @@ from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.tokenize import IGNORE
 from ftune.objectives.dpo import frozen_copy, reference_model
-from ftune.peft.base import can_disable_adapter
 from ftune.objectives.sft import labelled_token_ce
+from ftune.peft.base import can_disable_adapter
 
 log = logging.getLogger(__name__)
 MIN_WEIGHT = 1e-3  # the paper's code: clamp(min=1e-3)
