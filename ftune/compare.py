@@ -43,6 +43,32 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+# What every arm must share: the budget (optimizer steps and examples per step), the model, the training tasks and
+# the held-out problems. An arm that sets one of these is refused before any run starts (a comparison at unequal
+# budgets or on other problems is not a comparison); set it in the common overrides instead.
+SHARED = ("trainer.max_steps", "trainer.epochs", "trainer.batch_size", "trainer.grad_accum", "model", "data.source",
+          "data.path", "data.hub_id", "data.hub_config", "data.split", "data.tasks", "data.size", "data.limit",
+          "data.max_length", "data.eval_size", "data.eval_split", "eval")
+
+
+def shared_key(override: str) -> str | None:
+    """The shared setting an override changes (`eval.limit=10` -> `eval`, `model=x` -> `model`), or None."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    for k in SHARED:
+        if key == k or key.startswith(k + ".") or key.startswith(k + "["):
+            return k
+    return None
+
+
+def check_shared(arms: list[tuple[str, list[str]]]) -> None:
+    bad = [f"--arm {name}: {o}" for name, overrides in arms for o in overrides if shared_key(o)]
+    if bad:
+        raise ConfigError("arms must share the budget, model, training tasks and held-out problems, but "
+                          + "; ".join(bad) + f" set one of them ({', '.join(SHARED)}). Put the setting in the common "
+                          "overrides (before the first --arm) so that every arm gets it, or compare in a separate "
+                          "--out directory.")
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.replace(",", " ").split()]
@@ -153,12 +179,11 @@ def markdown(result: dict) -> str:
     if base:
         lines += ["", "Base model (scored at the start of the " + b + " runs): " + ", ".join(
             f"{g} {cell(r)}" for g, r in base.items()) + "."]
-    lines += ["", "Budget per arm (mean over seeds): the same optimizer steps unless said otherwise.", "",
+    lines += ["", "Budget per arm (mean over seeds): every arm takes the same optimizer steps of the same batch size "
+              "(ftune compare refuses arms that do not).", "",
               "| arm | steps | train tokens | train seconds |", "|---|---|---|---|"]
     for arm, bud in result["budget"].items():
         lines.append(f"| {arm} | {bud['steps']} | {bud['train_tokens']:.0f} | {bud['train_seconds']:.0f} |")
-    if result.get("unequal_steps"):
-        lines += ["", f"**Unequal budgets**: {result['unequal_steps']}."]
     lines += ["", "Command:", "", "    " + result["command"], ""]
     return "\n".join(lines)
 
@@ -212,6 +237,7 @@ def compare(common: list[str], arms: list[tuple[str, list[str]]], seeds: list[in
         raise ConfigError(f"--arm names must be distinct: {names}.")
     if baseline not in names:
         raise ConfigError(f"--baseline {baseline}: no such arm (arms: {', '.join(names)}).")
+    check_shared(arms)
     out.mkdir(parents=True, exist_ok=True)
     dirs: dict[str, list[Path]] = {a: [run_dir(out, a, s) for s in seeds] for a in names}
     for seed_index, seed in enumerate(seeds):  # seed-major: a killed comparison has whole seeds done
@@ -244,10 +270,13 @@ def compare(common: list[str], arms: list[tuple[str, list[str]]], seeds: list[in
         budget[a] = {"steps": sums[0]["steps"], "train_tokens": stats.mean([s["train_tokens"] for s in sums]),
                      "train_seconds": stats.mean([s["train_seconds"] for s in sums])}
         steps[a] = {s["steps"] for s in sums}
-    unequal = "" if len(set().union(*steps.values())) == 1 else ", ".join(f"{a}: {sorted(v)}" for a, v in steps.items())
+    if len(set().union(*steps.values())) != 1:  # e.g. a run that stopped early: its arm had a smaller budget
+        raise ConfigError("the arms' runs took different numbers of optimizer steps ("
+                          + ", ".join(f"{a}: {sorted(v)}" for a, v in steps.items()) + "), so they did not share the "
+                          f"budget: look at the runs in {out / 'runs'}, delete the odd ones and rerun the command.")
     result = {"arms": {a: o for a, o in arms}, "baseline": baseline, "common": common, "seeds": seeds,
               "problems": len(scores[baseline][0]), "table": table, "base": base_table, "budget": budget,
-              "unequal_steps": unequal, "command": command,
+              "command": command,
               "runs": {a: [str(d) for d in ds] for a, ds in dirs.items()}}
     write_json_atomic(out / "compare.json", result, indent=2)
     tmp = out / "compare.md.tmp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import pytest
@@ -98,3 +99,34 @@ def test_a_killed_comparison_resumes_without_rerunning_finished_runs(tmp_path):
     assert result["table"]["sft"]["all"]["gain_vs_base"]["mean"] == pytest.approx(0.25)
     assert "| mft | all | 50.0 [" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "compare.png").stat().st_size > 0 and json.loads((tmp_path / "compare.json").read_text())
+
+
+@pytest.mark.parametrize("override", ["trainer.max_steps=40", "trainer.batch_size=4", "eval.limit=10",
+                                      "data.tasks=[chain_sum]", "+data.size=100", "model=tiny_random",
+                                      "eval=gsm8k"])
+def test_an_arm_that_changes_the_budget_tasks_or_problems_is_refused_before_any_run(tmp_path, override):
+    calls = []
+    with pytest.raises(ConfigError, match=r"arms must share the budget.*--arm short: " + re.escape(override)):
+        cmp.compare([], [("sft", []), ("short", [override])], [0], tmp_path, "sft", "cmd",
+                    runner=lambda cmd: calls.append(cmd))
+    assert calls == []
+    assert cmp.shared_key("trainer.lr=1e-4") is None and cmp.shared_key("selection.budget=400") is None
+    assert cmp.shared_key("trainer.max_steps_x=1") is None  # a prefix only counts at a key boundary
+
+
+def test_runs_that_took_different_steps_are_an_error_not_a_footnote(tmp_path):
+    def runner(cmd):
+        from pathlib import Path
+
+        where = Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("output_dir=")))
+        where.mkdir(parents=True, exist_ok=True)
+        fake_run(where, [1, 0], "eval.at_start=true" in cmd)
+        if where.name.startswith("mft"):  # a run that stopped early
+            s = json.loads((where / "summary.json").read_text())
+            (where / "summary.json").write_text(json.dumps({**s, "steps": 3}))
+        return types.SimpleNamespace(returncode=0)
+
+    with pytest.raises(ConfigError, match=r"different numbers of optimizer steps \(sft: \[5\], mft: \[3\]\)"):
+        cmp.compare([], [("sft", []), ("mft", ["objective=x"])], [0], tmp_path, "sft", "cmd", resamples=20,
+                    runner=runner)
+    assert not (tmp_path / "compare.json").exists()
