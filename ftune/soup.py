@@ -6,8 +6,11 @@ sort the ingredients by held-out accuracy, start from the best, and add each nex
 (n theta_soup + theta_i) / (n + 1) only if the held-out accuracy strictly improves.
 Adaptation: each ingredient is first merged into a plain model (`ftune merge`'s folding; full fine-tunes as they are)
 and the weights averaged in float32, so LoRA ingredients are averaged as merged updates (alpha/r) B A, never A and B
-separately. Greedy accuracy is `eval.task` on the first run's data (`--eval`, `--limit`); score on a validation split,
-not the split you report.
+separately. Greedy accuracy is `eval.task` on the first run's data (`--eval`, `--limit`), scored on **validation**
+problems by default (`--select-on validation`): reasoning-gym problems of their own validation seeds (never a test
+or training problem), or for GSM8K-style data the run's held-out training examples (data.eval_split, or the last
+data.eval_size examples of the training split). `--select-on test` scores the eval's test split instead, as some
+papers do; the soup's test accuracy is then optimistic, and ftune says so.
 """
 
 from __future__ import annotations
@@ -51,9 +54,13 @@ def greedy_soup(states: list[State], score: Callable[[State], float]) -> tuple[S
     return soup, kept, scores, best
 
 
+SELECT_ON = ("validation", "test")
+
+
 def _accuracy_fn(model, tokenizer, saved, eval_name: str | None, limit: int | None, max_new_tokens: int | None,
-                 out: Path):
-    """score(state): `eval.task` accuracy of `model` with `state` loaded, on the first run's data."""
+                 out: Path, select_on: str = "validation"):
+    """score(state): `eval.task` accuracy of `model` with `state` loaded, on the first run's data (its validation
+    problems, or with select_on=test the eval's test split)."""
     from ftune.eval.tasks import run_task, task_inputs
     from ftune.models.loading import fingerprint, resolve_model_dir
     from ftune.paths import configs_dir
@@ -65,7 +72,8 @@ def _accuracy_fn(model, tokenizer, saved, eval_name: str | None, limit: int | No
         raise ConfigError("--greedy needs a held-out accuracy, and the first run was trained with eval=none. Pass "
                           "--eval NAME (a configs/eval/ choice, e.g. gsm8k) and --limit N.")
     model_dir = resolve_model_dir(saved.model.name_or_path, saved.model.revision)
-    inputs = task_inputs(saved.data, eval_cfg, tokenizer, saved.seed, fingerprint(model_dir) + str(model_dir))
+    inputs = task_inputs(saved.data, eval_cfg, tokenizer, saved.seed, fingerprint(model_dir) + str(model_dir),
+                         part=select_on)
     calls = [0]
 
     def score(state: State) -> float:
@@ -79,7 +87,8 @@ def _accuracy_fn(model, tokenizer, saved, eval_name: str | None, limit: int | No
 
 
 def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, greedy: bool = False,
-              eval_name: str | None = None, limit: int | None = None, max_new_tokens: int | None = None) -> Path:
+              eval_name: str | None = None, limit: int | None = None, max_new_tokens: int | None = None,
+              select_on: str | None = None) -> Path:
     import tempfile
 
     from ftune.merge import check_output, load_merged, write_model
@@ -89,11 +98,15 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
     if len(run_dirs) < 2:
         raise ConfigError("a soup needs at least two runs: ftune soup RUN_DIR RUN_DIR ... --out DIR.")
     check_output(out, force, [Path(r) for r in run_dirs])
-    given = [f for f, v in (("--eval", eval_name), ("--limit", limit), ("--max-new-tokens", max_new_tokens))
-             if v is not None]
+    given = [f for f, v in (("--eval", eval_name), ("--limit", limit), ("--max-new-tokens", max_new_tokens),
+                            ("--select-on", select_on)) if v is not None]
     if given and not greedy:
         raise ConfigError(f"{', '.join(given)}: for a greedy soup only (how its candidates are scored); a uniform "
                           f"soup scores nothing. Add --greedy, or drop {'it' if len(given) == 1 else 'them'}.")
+    select_on = select_on or "validation"
+    if select_on not in SELECT_ON:
+        raise ConfigError(f"--select-on {select_on}: validation (held-out problems that are not reported; the default) "
+                          f"or test (the eval's test split, which makes the soup's test accuracy optimistic).")
     for flag, v in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
         if v is not None and v < 1:
             raise ConfigError(f"{flag}={v} must be >= 1.")
@@ -118,12 +131,17 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
     model, weights, saved = first
     info = {"ingredients": [str(Path(r).resolve()) for r in run_dirs], "method": "greedy" if greedy else "uniform"}
     if greedy:
+        info["selected_on"] = select_on
+        if select_on == "test":
+            print("greedy soup: selecting on the test split (--select-on test): its accuracy there is optimistic, "
+                  "not a held-out figure.", file=sys.stderr)
+    if greedy:
         tokenizer = load_tokenizer(weights)
         with tempfile.TemporaryDirectory() as scratch:
-            score = _accuracy_fn(model, tokenizer, saved, eval_name, limit, max_new_tokens, Path(scratch))
+            score = _accuracy_fn(model, tokenizer, saved, eval_name, limit, max_new_tokens, Path(scratch), select_on)
             soup, kept, scores, best = greedy_soup(states, score)
         info.update(kept=[info["ingredients"][i] for i in kept], ingredient_accuracy=scores, soup_accuracy=best)
-        print(f"greedy soup: kept {len(kept)} of {len(states)} (accuracy {max(scores):.3f} -> {best:.3f})")
+        print(f"greedy soup: kept {len(kept)} of {len(states)} ({select_on} accuracy {max(scores):.3f} -> {best:.3f})")
     else:
         soup = average(states)
     model.load_state_dict(soup)
@@ -142,9 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval", default=None, help="configs/eval choice for --greedy (default: the first run's)")
     parser.add_argument("--limit", type=int, default=None, help="held-out examples scored per candidate")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length for --greedy")
+    parser.add_argument("--select-on", default=None, choices=SELECT_ON,
+                        help="what --greedy scores candidates on: validation (default; held-out problems that are "
+                             "not reported) or test (the eval's test split; the soup's test accuracy is then optimistic)")
     a = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = run_reporting_errors(lambda a: make_soup(a.run_dirs, a.out, a.force, a.greedy, a.eval, a.limit,
-                                                   a.max_new_tokens), a)
+                                                   a.max_new_tokens, a.select_on), a)
     print(f"soup: {out}")
 
 

@@ -164,6 +164,11 @@ def test_seed(spec: TaskSpec, eval_seed: int) -> int:
     return _base(spec) + (SEEDS + _block(eval_seed, "eval.seed")) * BLOCK
 
 
+def validation_seed(spec: TaskSpec, eval_seed: int) -> int:
+    """Validation problems (e.g. what a greedy soup selects on) come from their own blocks, after the test ones."""
+    return _base(spec) + (2 * SEEDS + _block(eval_seed, "eval.seed")) * BLOCK
+
+
 def generate(spec: TaskSpec, start_seed: int, size: int) -> list[dict]:
     import reasoning_gym
 
@@ -253,9 +258,12 @@ def training_rows(data_cfg, seed: int) -> tuple[list[dict], str]:
     return rows, f"reasoning-gym:[{names}](seed={seed})"
 
 
-def eval_problems(data_cfg, eval_cfg, seed: int) -> list[dict]:
+def eval_problems(data_cfg, eval_cfg, seed: int, part: str = "test") -> list[dict]:
     """Held-out problems of `eval.tasks` (or the training mixture), checked against the training problems when
-    `data` is a reasoning-gym mixture. Each: {id, task, trained, messages (the prompt), entry, spec}."""
+    `data` is a reasoning-gym mixture. Each: {id, task, trained, messages (the prompt), entry, spec}.
+    `part`: test (what is reported) or validation (what is selected on: other seeds, and no test problem)."""
+    if part not in ("test", "validation"):
+        raise ValueError(part)
     trained_data = data_cfg.source == "reasoning_gym"
     if eval_cfg.tasks is None and not trained_data:
         raise ConfigError("eval=reasoning_gym needs eval.tasks=[...] (reasoning-gym task names) when the data is not "
@@ -272,11 +280,14 @@ def eval_problems(data_cfg, eval_cfg, seed: int) -> list[dict]:
     system = system_prompt(data_cfg.system_prompt, template)
     trained_names = {(s.name, s.config) for s in train_specs}
     out = []
+    if part == "validation":  # never a test problem of the same eval.seed (clashes are always replaced)
+        seen |= {e["question"] for spec, n in zip(specs, counts)
+                 for e in generate(spec, test_seed(spec, eval_cfg.seed), n)}
     for spec, label, n in zip(specs, labels(specs), counts):
-        start = test_seed(spec, eval_cfg.seed)
+        start = (test_seed if part == "test" else validation_seed)(spec, eval_cfg.seed)
         entries = generate(spec, start, n)
         clash = [e for e in entries if e["question"] in seen]
-        if clash and eval_cfg.overlap == "replace":
+        if clash and (eval_cfg.overlap == "replace" or part == "validation"):
             pool = generate(spec, start, n * 4 + 64)
             entries = [e for e in pool if e["question"] not in seen][:n]
             if len(entries) < n:
@@ -290,7 +301,7 @@ def eval_problems(data_cfg, eval_cfg, seed: int) -> list[dict]:
                 f"Raise the task's difficulty (its config), lower data.size, or set eval.overlap=replace to score "
                 f"fresh problems that training did not see in their place.")
         for i, e in enumerate(entries):
-            out.append({"id": f"{label}-test-{i}", "task": label, "trained": (spec.name, spec.config) in trained_names,
+            out.append({"id": f"{label}-{'test' if part == 'test' else 'val'}-{i}", "task": label, "trained": (spec.name, spec.config) in trained_names,
                         "messages": conversation(e["question"], system), "entry": e, "spec": spec,
                         "template": template})
     return out

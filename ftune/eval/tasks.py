@@ -183,8 +183,12 @@ def evaluate_preference(model, tokenizer, rows: list[dict], eval_cfg, out_dir: P
     return metrics
 
 
-def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) -> list[dict]:
-    """What `run_task` scores: GSM8K conversations of `eval.split`, or tokenized held-out preference pairs."""
+def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str, part: str = "test") -> list[dict]:
+    """What `run_task` scores: GSM8K conversations of `eval.split`, reasoning-gym held-out problems, many-shot
+    queries, or tokenized held-out preference pairs. `part=validation` is what a selection (e.g. a greedy soup)
+    scores instead of the test problems: reasoning-gym problems of their own validation seeds, and for eval=gsm8k the
+    run's held-out training examples (data.eval_split, or the last data.eval_size of the training split), never
+    `eval.split`. Many-shot and preference evals score held-out training data already."""
     from ftune.data.pipeline import load_train_examples, task_examples
     from ftune.data.preference import tokenize_pairs_batch
     from ftune.data.sources import DataError
@@ -193,7 +197,14 @@ def task_inputs(data_cfg, eval_cfg, tokenizer, seed: int, tokenizer_key: str) ->
     if eval_cfg.task == "reasoning_gym":
         from ftune.data.reasoning_gym import eval_problems
 
-        return eval_problems(data_cfg, eval_cfg, seed)
+        return eval_problems(data_cfg, eval_cfg, seed, part)
+    if eval_cfg.task == "gsm8k" and part == "validation":
+        _, held_out, _ = load_train_examples(data_cfg, seed)
+        if not held_out:
+            raise DataError("validation examples for eval=gsm8k are the run's held-out training examples, and it had "
+                            "none: train with data.eval_size=N (the last N examples of the training split, not trained "
+                            "on) or data.eval_split=SPLIT, or select on the test split explicitly.")
+        return held_out[: eval_cfg.limit] if eval_cfg.limit else held_out
     if eval_cfg.task == "gsm8k":
         return task_examples(data_cfg, eval_cfg.split, seed, eval_cfg.limit)
     if eval_cfg.task == "many_shot":

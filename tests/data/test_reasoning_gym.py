@@ -47,6 +47,20 @@ def test_held_out_problems_are_fixed_across_training_seeds_and_disjoint_from_tra
         assert not train & {p["entry"]["question"] for p in a}
 
 
+def test_validation_problems_are_neither_test_nor_training_problems():
+    # What a greedy soup selects on: the same tasks, other seeds, never a test or training problem.
+    d = data_cfg([{"name": "chain_sum", "config": SMALL}], size=100)
+    test = rg.eval_problems(d, eval_cfg(limit=20, overlap="replace"), seed=0)
+    val = rg.eval_problems(d, eval_cfg(limit=20), seed=0, part="validation")
+    assert len(val) == 20 and all(p["id"].startswith("chain_sum-val-") for p in val)
+    qs = {p["entry"]["question"] for p in val}
+    assert not qs & {p["entry"]["question"] for p in test}
+    assert not qs & {e["question"] for _, _, e in rg.training_problems(d, 0)}
+    again = rg.eval_problems(d, eval_cfg(limit=20), seed=3, part="validation")
+    # fixed across training seeds except where a seed's own training problems had to be replaced
+    assert len(qs & {p["entry"]["question"] for p in again}) >= 10
+
+
 def test_overlap_is_an_error_or_replaced():
     d = data_cfg([{"name": "chain_sum", "config": SMALL}], size=300)
     with pytest.raises(ConfigError, match="also in the training set.*eval.overlap=replace"):

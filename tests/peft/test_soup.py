@@ -78,11 +78,41 @@ def test_lora_soup_averages_merged_updates_and_greedy_runs(tmp_path):
     with pytest.raises(ConfigError, match="which this command reads"):  # --force never deletes an ingredient
         make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "b", force=True)
     assert (tmp_path / "b" / "final" / "ftune_config.yaml").exists()
+    with pytest.raises(Exception, match="held-out training examples, and it had none.*data.eval_size"):
+        make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "g0", greedy=True, eval_name="gsm8k", limit=2)
+    with pytest.raises(ConfigError, match="--select-on: for a greedy soup only"):
+        make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "u", select_on="test")
     greedy = make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "greedy", greedy=True, eval_name="gsm8k",
-                       limit=2, max_new_tokens=4)
+                       limit=2, max_new_tokens=4, select_on="test")
     import json
 
     info = json.loads((greedy / "ftune_merge.json").read_text())
     assert info["method"] == "greedy" and len(info["ingredient_accuracy"]) == 2 and 1 <= len(info["kept"]) <= 2
+    assert info["selected_on"] == "test"
     with pytest.raises(ConfigError, match="--eval"):
         make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "g2", greedy=True)
+
+
+def test_greedy_soup_selects_on_held_out_training_examples_not_the_test_split(tmp_path, monkeypatch):
+    # The audit's defect: candidates were scored on eval.split (GSM8K test by default), the split that is reported.
+    import ftune.eval.tasks as tasks
+    from ftune.data.pipeline import load_train_examples, task_examples
+
+    common = ["data.size=8", "trainer.max_steps=1", "trainer.batch_size=2", "data.eval_size=3"]
+    run(make_cfg(tmp_path / "a", *common, "seed=1"))
+    run(make_cfg(tmp_path / "b", *common, "seed=1", "trainer.lr=1e-2"))
+    seen = []
+    real = tasks.run_task
+    monkeypatch.setattr(tasks, "run_task", lambda m, t, inputs, *a, **k: seen.append(inputs) or real(m, t, inputs, *a,
+                                                                                                      **k))
+    make_soup([tmp_path / "a", tmp_path / "b"], tmp_path / "g", greedy=True, eval_name="gsm8k", max_new_tokens=2)
+    from ftune.merge import load_merged
+
+    saved = load_merged(tmp_path / "a")[2]
+    train, held_out, _ = load_train_examples(saved.data, saved.seed)
+    test = task_examples(saved.data, "test", saved.seed, None)
+    questions = [[m["content"] for e in inputs for m in e["messages"] if m["role"] == "user"] for inputs in seen]
+    want = [m["content"] for e in held_out for m in e["messages"] if m["role"] == "user"]
+    assert len(held_out) == 3 and seen and all(q == want for q in questions)
+    assert not set(want) & {m["content"] for e in test for m in e["messages"] if m["role"] == "user"}
+    assert not set(want) & {m["content"] for e in train for m in e["messages"] if m["role"] == "user"}
