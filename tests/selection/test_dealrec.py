@@ -115,3 +115,57 @@ def test_hessian_vector_product_matches_finite_differences(ftune_home):
 
     fd = (grad_at(1e-3) - grad_at(-1e-3)) / 2e-3
     assert float((hv - fd).abs().max()) < 1e-3 * float(fd.abs().max())
+
+
+def _exact(sel, recs):
+    """Each example's loss gradient and exact Hessian w.r.t. the final norm's weight (64 numbers), in float64."""
+    from torch.func import functional_call
+
+    model, tok, device = sel._load("tiny_random")
+    model.double()
+    name = "model.norm.weight"
+    phi0 = dict(model.named_parameters())[name].detach().clone()
+    grads, hessians = [], []
+    for ids, labels in sel._batches(recs, tok, device):
+        def loss(w, ids=ids, labels=labels):
+            return functional_call(model, {name: w}, kwargs={"input_ids": ids, "labels": labels,
+                                                             "use_cache": False}).loss
+        w = phi0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(w), w)
+        grads.append(g)
+        hessians.append(torch.autograd.functional.hessian(loss, phi0.clone(), vectorize=True))
+    return model, tok, device, grads, hessians
+
+
+def test_influence_is_the_inverse_hessian_vector_product_times_the_gradient_by_hand(ftune_home, monkeypatch):
+    # I(s) = (H^-1 v)^T grad L(s), v the mean training gradient, H the (damped) Hessian of the surrogate's risk, on a
+    # parameter small enough (64 numbers) for H to be computed exactly. A wrong sign, a missing Hessian (h = v), or a
+    # wrong damping all fail here; the other tests would not notice them.
+    recs = records(2)
+    sel = DEALRec(budget=1, influence_param="model.norm.weight", effort_param="model.norm.weight", max_length=64,
+                  progress=False)
+    model, tok, device, grads, hessians = _exact(sel, recs)
+    monkeypatch.setattr(sel, "_load", lambda name: (model, tok, device))
+
+    # One example: LiSSA's fixed point is (H + damp * scale * I)^-1 v exactly; knobs chosen from H so it converges.
+    eig = torch.linalg.eigvalsh(hessians[0])
+    sel.scale, sel.damp, sel.lissa_steps = 2 * float(eig.max()) + 1.0, 0.5, 60
+    assert sel.damp * sel.scale > -float(eig.min())  # the damped Hessian is positive definite
+    influence, _, _ = sel.scores(recs[:1], seed=0)
+    g = grads[0]
+    want = g @ torch.linalg.solve(hessians[0] + sel.damp * sel.scale * torch.eye(64, dtype=torch.float64), g)
+    assert float(influence[0]) == pytest.approx(float(want), rel=1e-6)
+    assert float(influence[0]) != pytest.approx(float(g @ g) / (sel.damp * sel.scale), rel=1e-3)  # the Hessian counts
+
+    # Two examples: LiSSA's recursion over the seeded sample of single examples, with each exact H_i, then
+    # I(s) = (h / scale)^T grad L(s) for every s.
+    sel.lissa_steps = 12
+    influence, _, _ = sel.scores(recs, seed=7)
+    sample = torch.randint(2, (sel.lissa_steps,), generator=torch.Generator().manual_seed(7)).tolist()
+    v = sum(grads) / 2
+    h = v.clone()
+    for t in sample:
+        h = v + (1 - sel.damp) * h - hessians[t] @ h / sel.scale
+    want = torch.stack([(h / sel.scale) @ g for g in grads])
+    torch.testing.assert_close(influence, want, rtol=1e-6, atol=1e-12)
+    assert len(set(sample)) > 1 and (want > 0).any()
