@@ -49,8 +49,14 @@ def test_count_and_identity_start(base):
     with torch.no_grad():
         before = base(IDS).logits
     model = SSF(init_std=0.0).apply(base)
-    # gamma and beta per output channel of q, k, v, o, gate, up, down: 2 x (64+32+32+64+128+128+64) per layer, 2 layers
-    assert count_parameters(model)[0] == 2 * 2 * 512
+    # gamma and beta per output channel of q, k, v, o, gate, up, down: 2 x (64+32+32+64+128+128+64) per layer, 2 layers;
+    # after each block's two norms 2 x 64 each; after the final norm gamma only (64); after the embedding 2 x 64.
+    assert count_parameters(model)[0] == 2 * 2 * 512 + 2 * 2 * 2 * 64 + 64 + 2 * 64
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.layers.0.input_layernorm.ssf.shift", "model.layers.1.post_attention_layernorm.ssf.scale",
+            "model.norm.ssf.scale", "model.embed_tokens.ssf.shift"} <= names and "model.norm.ssf.shift" not in names
+    assert count_parameters(SSF(init_std=0.0, norms=False, embeddings=False).apply(
+        type(base)(base.config)))[0] == 2 * 2 * 512
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, before)  # gamma = 1, beta = 0: exactly the base model
 
@@ -66,7 +72,8 @@ def test_ssf_trains_loads_and_merges_exactly(tmp_path):
                          "trainer.lr=5e-2"))
     frozen = {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
-    assert len(trained) == 2 * 7 * 2 and all(n.endswith((".scale", ".shift")) for n in trained)
+    # 7 linear layers x 2 blocks, 2 norms x 2 blocks, each gamma and beta; the final norm gamma; the embedding both
+    assert len(trained) == 2 * 7 * 2 + 2 * 2 * 2 + 1 + 2 and all(n.endswith((".scale", ".shift")) for n in trained)
     summary = t.run()
     assert math.isfinite(summary["final_loss"])
     now = dict(t.model.named_parameters())
@@ -96,3 +103,40 @@ def test_scale_only_merges_without_biases(tmp_path):
         m.bias is None for m in merged.modules() if isinstance(m, torch.nn.Linear))
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, t.model.eval()(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_shift_after_norms_and_the_embedding_is_the_papers_and_folds_exactly(base):
+    from ftune.peft.base import adapter_disabled
+
+    with torch.no_grad():
+        before = base(IDS).logits
+    ssf = SSF(init_std=0.3, target_modules=["q_proj"])  # few linear layers: the norm/embedding terms dominate
+    model = ssf.apply(base)
+    emb, norm = model.model.embed_tokens, model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        x = torch.randn(1, 4, 64)
+        # y = gamma * norm(x) + beta on the norm's output, and gamma * E[ids] + beta on the embedding's
+        torch.testing.assert_close(norm(x), norm.ssf.scale * (norm.weight * x * torch.rsqrt(
+            x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)) + norm.ssf.shift)
+        torch.testing.assert_close(emb(IDS), emb.weight[IDS] * emb.ssf.scale + emb.ssf.shift)
+        after = model(IDS).logits
+        assert not torch.allclose(after, before, atol=1e-3)
+        with adapter_disabled(model):  # every scale and shift off: the base model (the DPO reference)
+            torch.testing.assert_close(model(IDS).logits, before)
+    # The fold: a plain model of the same family with the same logits (norm shift through q/k/v biases, untied head).
+    import tempfile
+
+    from ftune.peft.base import save_trainable
+
+    with tempfile.TemporaryDirectory() as d:
+        save_trainable(model, Path(d))
+        from transformers import AutoModelForCausalLM
+
+        from ftune.models.loading import resolve_model_dir
+
+        merged = ssf.merge(AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny_random")).eval(), Path(d))
+    assert not any("ssf" in n for n, _ in merged.named_parameters())
+    assert merged.config.attention_bias and merged.model.layers[0].self_attn.k_proj.bias is not None
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, after, rtol=1e-4, atol=1e-4)
