@@ -10,14 +10,17 @@ Paper (and `for-ai/iterative-data-selection` `selection/iter.py`), N rounds of b
 4. the union so far is the training set of the next round; after round N it is the selection.
 
 Adaptations:
-- score: the paper uses a reward model (FsfairX-LLaMA3-RM). `selection.reward=numeric_match` (default, for math
-  answers) scores an answer 1 when its final number matches the gold one, so S_i = 1 - correct_i: the clusters the
+- score: the paper uses a reward model (FsfairX-LLaMA3-RM): `selection.reward=reward_model` with
+  `selection.reward_model=sfairXC/FsfairX-LLaMA3-RM-v0.1` gives S_i = r(x + y_gold) - r(x + y_gen)
+  (`ftune.selection.scorers.reward_margins`; the paper recipe lora_gsm8k_kmq uses it). `numeric_match` (default: it
+  needs no download, for math answers) scores an answer 1 when its final number matches the gold one, so S_i = 1 - correct_i: the clusters the
   model still gets wrong gain weight. `perplexity` scores a response by its mean token log-likelihood under
   `selection.scorer` (the base model by default, a fixed judge: the model being trained would favour its own greedy
   output), so S_i = nll(gen) - nll(gold). `module.function` is your own: items (dicts with `prompt` messages,
   `gold` and `answer` texts) -> one S_i each (e.g. a reward model's gold-minus-generated margin).
-- "fine-tune" is the run's own training config (model, PEFT, precision, batch, lr) for `selection.round_steps`
-  optimizer steps with objective=sft on the cumulative selection, through the same loop as `ftune train`, once
+- "fine-tune" is the run's own training config (model, PEFT, precision, batch, lr) for one epoch over the cumulative
+  selection (`selection.round_steps=epoch`, the paper's and the default) or a fixed number of optimizer steps
+  (`round_steps=N`, quicker) with objective=sft, through the same loop as `ftune train`, once
   per round except the last (whose training is the run that follows the selection). The round runs live in a
   temporary directory and are deleted.
 - A cluster with no example scored this round keeps its s_j of the round it was last scored in (the paper's
@@ -44,7 +47,7 @@ from ftune.selection.common import Selection, check_budget, import_function, kep
 from ftune.selection.kmq import KMQ, cluster_budgets
 
 log = logging.getLogger(__name__)
-REWARDS = ("numeric_match", "perplexity")
+REWARDS = ("numeric_match", "perplexity", "reward_model")
 
 
 def round_budgets(budget: int, rounds: int) -> list[int]:
@@ -93,8 +96,8 @@ def draw_by_weight(labels: torch.Tensor, k: int, weights: torch.Tensor, m: int, 
 class IterativeKMQ:
     """selection=iterative. Args are the keys of configs/selection/iterative.yaml (the kMQ ones as in kmq.yaml)."""
 
-    def __init__(self, budget: int, rounds: int = 3, round_steps: int = 20, reward: str = "numeric_match",
-                 max_new_tokens: int = 256, gen_batch_size: int = 16, k: int | None = None,
+    def __init__(self, budget: int, rounds: int = 3, round_steps: int | str = "epoch", reward: str = "numeric_match",
+                 reward_model: str | None = None, max_new_tokens: int = 256, gen_batch_size: int = 16, k: int | None = None,
                  k_candidates: list[int] | None = None, quality: str = "perplexity", temperature: float = 1.0,
                  encoder: str = "tiny_random", scorer: str | None = None, max_length: int = 512, batch_size: int = 16,
                  n_iter: int = 100, n_redo: int = 3, progress: bool = True):
@@ -103,13 +106,19 @@ class IterativeKMQ:
         if budget < rounds:
             raise ConfigError(f"selection.budget={budget} is less than selection.rounds={rounds}: every round "
                               f"selects budget/rounds examples. Raise the budget or lower the rounds.")
-        if round_steps < 1:
-            raise ConfigError(f"selection.round_steps={round_steps} must be >= 1 (optimizer steps per round).")
+        if round_steps != "epoch" and (isinstance(round_steps, bool) or not isinstance(round_steps, int)
+                                       or round_steps < 1):
+            raise ConfigError(f"selection.round_steps={round_steps!r} must be epoch (one pass over the selection so "
+                              f"far, the paper's) or a number of optimizer steps >= 1.")
+        if reward == "reward_model" and not reward_model:
+            raise ConfigError("selection.reward=reward_model needs selection.reward_model=PATH_OR_HUB_ID, a sequence-"
+                              "classification reward model (the paper: sfairXC/FsfairX-LLaMA3-RM-v0.1).")
         if max_new_tokens < 1 or gen_batch_size < 1:
             raise ConfigError("selection.max_new_tokens and selection.gen_batch_size must be >= 1.")
         takes = "taking items (prompt, gold, answer) and returning one S_i per item"
         self.reward_fn = import_function("selection.reward", reward, REWARDS, takes) if reward not in REWARDS else None
         self.budget, self.rounds, self.round_steps, self.reward = budget, rounds, round_steps, reward
+        self.reward_model = reward_model
         self.max_new_tokens, self.gen_batch_size, self.progress = max_new_tokens, gen_batch_size, progress
         self.kmq = KMQ(budget=budget, k=k, k_candidates=k_candidates, quality=quality, temperature=temperature,
                        encoder=encoder, scorer=scorer, max_length=max_length, batch_size=batch_size, n_iter=n_iter,
@@ -129,7 +138,8 @@ class IterativeKMQ:
 
     # ------------------------------------------------------------------------------------------------- one round
     def round_config(self, data_path: Path, out: Path, seed: int) -> DictConfig:
-        """The run's config, training `round_steps` SFT steps on the file, nothing evaluated or selected."""
+        """The run's config, training one epoch (or `round_steps` SFT steps) on the file, nothing evaluated or
+        selected."""
         if self.cfg is None:
             raise RuntimeError("IterativeKMQ.bind_config(cfg) must be called before select(): the rounds train "
                                "with the run's model and trainer settings.")
@@ -140,7 +150,8 @@ class IterativeKMQ:
                              "split": "train", "eval_split": None, "eval_size": 0, "size": None, "limit": None,
                              "format": "auto", "fields": {}})
         cfg.eval.merge_with({"task": "none", "at_start": False, "at_end": False})
-        cfg.trainer.merge_with({"max_steps": self.round_steps, "save_every": 0, "eval_every": 0, "resume": None,
+        steps = {"max_steps": -1, "epochs": 1} if self.round_steps == "epoch" else {"max_steps": self.round_steps}
+        cfg.trainer.merge_with({**steps, "save_every": 0, "eval_every": 0, "resume": None,
                                 "progress": self.progress})
         cfg.output_dir, cfg.seed = str(out), seed
         return cfg
@@ -180,12 +191,18 @@ class IterativeKMQ:
                 raise ConfigError("selection.reward=perplexity needs a causal LM as selection.scorer.")
             s = (nll_gen - nll_gold).nan_to_num(0.0).tolist()
             extra = {}
+        elif self.reward == "reward_model":
+            from ftune.selection.scorers import reward_margins
+
+            s = reward_margins(items, self.reward_model, self.kmq.embedder.max_length, self.gen_batch_size)
+            extra = {}
         else:
             s = [float(v) for v in self.reward_fn(items)]
             if len(s) != len(items):
                 raise ValueError(f"selection.reward={self.reward} returned {len(s)} scores for {len(items)} items.")
             extra = {}
-        info = {"round": r, "trained_on": len(train_idx), "train_loss": summary.get("final_loss"),
+        info = {"round": r, "trained_on": len(train_idx), "steps": summary.get("steps"),
+                "train_loss": summary.get("final_loss"),
                 "scored": len(score_idx), "mean_S": sum(s) / len(s), **extra}
         return dict(zip(score_idx, s)), info
 

@@ -8,8 +8,10 @@ Adaptations:
 - Embeddings are the training model's own mean-pooled last hidden states (`ftune.selection.embed`), L2-normalised
   before clustering (the paper's Cohere embeddings are unit vectors); `selection.encoder=PATH` swaps in another
   encoder. k-means is our torch k-means++ (`ftune.selection.cluster`), not faiss.
-- Quality: the paper uses the Deita quality scorer. Here `selection.quality=perplexity` (default) is minus the
-  model's own log-perplexity of the response (fluent, well-formed responses score higher), `length` is the log of
+- Quality: the paper uses the Deita quality scorer: `selection.quality=deita` with `selection.scorer=hkust-nlp/deita-
+  quality-scorer` (`ftune.selection.scorers.deita_quality`; the paper recipe lora_gsm8k_kmq uses it). The default,
+  `perplexity`, needs nothing to download: minus the response's log-perplexity under `selection.scorer` (the training
+  model by default; fluent, well-formed responses score higher), `length` is the log of
   the response token count (the Deita score grows with length), `none` is uniform (the paper's kM-Random), and
   `module.function` is your own scorer (records -> one float each, e.g. a quality or reward model). Scores
   are standardised over the pool, then sampling weights are softmax(q / temperature) inside each cluster.
@@ -33,7 +35,7 @@ from ftune.selection.common import Selection, check_budget, import_function, kep
 from ftune.selection.embed import Embedder
 
 log = logging.getLogger(__name__)
-QUALITIES = ("perplexity", "length", "none")
+QUALITIES = ("perplexity", "deita", "length", "none")
 SILHOUETTE_SAMPLE = 2000
 
 
@@ -133,7 +135,12 @@ class KMQ:
             k, k_scores = self.k, {}
         _, labels, inertia = kmeans(x, k, seed, self.n_iter, self.n_redo)
         labels = labels.cpu()
-        if self.quality == "perplexity":
+        if self.quality == "deita":
+            from ftune.selection.scorers import deita_quality
+
+            q = torch.tensor(deita_quality(records, self.scorer.name_or_path, self.scorer.max_length,
+                                           self.scorer.batch_size), dtype=torch.float64)
+        elif self.quality == "perplexity":
             nll = self.scorer(records).nll if self.scorer is not self.embedder else out.nll
             if nll is None:
                 raise ConfigError(f"selection.quality=perplexity needs a causal LM as selection.scorer; "

@@ -130,6 +130,24 @@ def test_bad_settings_refused():
         IterativeKMQ(budget=2, rounds=3)
     with pytest.raises(ConfigError, match="selection.reward"):
         IterativeKMQ(budget=10, reward="no_such_reward")
+    with pytest.raises(ConfigError, match="selection.round_steps=0 must be epoch"):
+        IterativeKMQ(budget=10, round_steps=0)
+    with pytest.raises(ConfigError, match="selection.round_steps='ep' must be epoch"):
+        IterativeKMQ(budget=10, round_steps="ep")
+    with pytest.raises(ConfigError, match="reward=reward_model needs selection.reward_model"):
+        IterativeKMQ(budget=10, reward="reward_model")
     sel = IterativeKMQ(budget=30, rounds=3, k=2, quality="none")
     with pytest.raises(ConfigError, match="larger than the pool"):
         sel.select(pool_records(), 0)
+
+
+def test_a_round_trains_one_epoch_by_default_as_the_paper(tmp_path):
+    # The audit's defect: 20 steps per round where the paper trains one epoch on the selection so far.
+    from omegaconf import OmegaConf
+
+    sel = IterativeKMQ(budget=10, rounds=2, k=2, quality="none")
+    sel.bind_config(OmegaConf.create(OmegaConf.to_container(make_cfg(tmp_path / "r"), resolve=True)))
+    cfg = sel.round_config(tmp_path / "x.jsonl", tmp_path / "out", 0)
+    assert (cfg.trainer.max_steps, cfg.trainer.epochs) == (-1, 1)
+    sel.round_steps = 7
+    assert sel.round_config(tmp_path / "x.jsonl", tmp_path / "out", 0).trainer.max_steps == 7

@@ -100,7 +100,7 @@ def test_bad_sizes_fail_before_embedding(kw, budget, pattern):
 
 @pytest.mark.parametrize(("kw", "pattern"), [
     ({"budget": 0}, r"selection\.budget=0 must be >= 1"),
-    ({"budget": 5, "quality": "deita"}, r"selection\.quality='deita' must be one of"),
+    ({"budget": 5, "quality": "dieta"}, r"selection\.quality='dieta' must be one of"),
     ({"budget": 5, "k": None, "k_candidates": []}, r"k_candidates.*empty"),
     ({"budget": 5, "temperature": 0.0}, r"selection\.temperature=0\.0 must be > 0"),
 ])
