@@ -7,6 +7,9 @@ example's tests, for `unit_tests`).
 
 - `numeric_match`: the final numbers agree (GSM8K-style extraction: `#### N`, "the answer is N", else the last
   number; `,`/`$` stripped, compared by value) — ftune.eval.gsm8k.
+- `verifier`: the task's own verifier (reasoning-gym `score_answer`) on the answer in the data's answer format
+  (`<answer>...</answer>` by default), full credit only: the judge of data=reasoning_gym, where `numeric_match`
+  would also accept a right number outside the trained format. Items carry their example's `id` (`TASK-i`).
 - `unit_tests`: the answer's code (a fenced block, MBPP's [BEGIN]...[DONE], or the whole text) followed by the
   example's tests runs in a fresh `python -I` in a temporary directory, with a timeout, resource limits, no
   environment (so no proxies) and, where the kernel allows it, its own empty network namespace. Best effort, not a
@@ -38,7 +41,7 @@ from ftune.eval.generation import left_pad
 from ftune.training import distributed as dist
 
 log = logging.getLogger(__name__)
-JUDGES = ("numeric_match", "unit_tests", "llm_judge")
+JUDGES = ("numeric_match", "verifier", "unit_tests", "llm_judge")
 # Sources whose examples never carry tests (so unit_tests cannot judge them).
 NO_TESTS_SOURCES = ("gsm8k", "gsm_symbolic")
 JUDGE_PROMPT = ("Question:\n{question}\n\nReference answer:\n{reference}\n\nProposed answer:\n{answer}\n\n"
@@ -56,6 +59,37 @@ class NumericMatch:
 
     def __call__(self, items: list[dict]) -> list[bool]:
         return [gsm8k.score(it["answer"], it["gold"]) for it in items]
+
+
+# ----------------------------------------------------------------------------------------------------- verifier
+class Verifier:
+    """Full credit from the reasoning-gym task's `score_answer` for the answer extracted in the data's answer format.
+    Built from the run's data config and seed, which regenerate each training example's problem (`TASK-i` ids)."""
+
+    def __init__(self, data_cfg, seed: int):
+        from ftune.data import reasoning_gym as rg
+
+        if data_cfg.source != "reasoning_gym":
+            raise ConfigError(f"objective.judge=verifier scores answers with reasoning-gym's verifiers and needs "
+                              f"data=reasoning_gym (data.source is {data_cfg.source}). Use judge=numeric_match for "
+                              f"GSM8K-style data.")
+        self.rg = rg
+        self.template = rg.answer_template(data_cfg.get("answer_format") or "tags")
+        self.problems = {f"{label}-{i}": (spec, e) for i, (spec, label, e) in
+                         enumerate(rg.training_problems(data_cfg, seed))}
+
+    def score(self, example_id: str, answer: str) -> float:
+        if example_id not in self.problems:
+            raise DataError(f"judge=verifier: no reasoning-gym problem has id {example_id!r} in this data config.")
+        spec, entry = self.problems[example_id]
+        pred, _ = self.rg.extract(answer, self.template)
+        try:
+            return float(self.rg.scorer(spec).score_answer(pred, entry) or 0.0)
+        except Exception:  # noqa: BLE001 - a verifier that cannot parse an answer scores it wrong
+            return 0.0
+
+    def __call__(self, items: list[dict]) -> list[bool]:
+        return [self.score(str(it["id"]), it["answer"]) >= 1.0 for it in items]
 
 
 # --------------------------------------------------------------------------------------------------- unit_tests
@@ -230,13 +264,16 @@ def check_judge(judge: str) -> None:
         close = difflib.get_close_matches(str(judge), JUDGES, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"objective.judge={judge!r} is not a judge.{hint} Use numeric_match (final numbers, e.g. "
-                          f"GSM8K), unit_tests (code run against the example's `tests`) or llm_judge (the model "
+                          f"GSM8K), verifier (reasoning-gym's own, data=reasoning_gym), unit_tests (code run against the example's `tests`) or llm_judge (the model "
                           f"answers yes/no).")
 
 
 def check_source(judge: str, source: str) -> None:
     """Judge vs data source, from the config alone."""
     check_judge(judge)
+    if judge == "verifier" and source != "reasoning_gym":
+        raise ConfigError(f"objective.judge=verifier scores answers with reasoning-gym's verifiers and needs "
+                          f"data=reasoning_gym (data is {source}). Use judge=numeric_match for GSM8K-style data.")
     if judge == "unit_tests" and source in NO_TESTS_SOURCES:
         raise ConfigError(f"objective.judge=unit_tests runs each example's tests, but data={source} has no tests. "
                           f"Use judge=numeric_match for {source}, or data=jsonl/hub with a `tests` field per example.")

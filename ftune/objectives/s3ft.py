@@ -63,8 +63,8 @@ def rewrite_chunk(examples: list[dict], answer: Callable[[list[list[dict]]], lis
 
     def verdicts(idx: list[int], texts: list[str | None]) -> list[bool]:
         todo = [k for k, t in enumerate(texts) if t]  # no answer: rejected unjudged
-        ok = judge([{"prompt": prompts[idx[k]], "gold": golds[idx[k]], "answer": texts[k],
-                     "tests": examples[idx[k]].get("tests")} for k in todo]) if todo else []
+        ok = judge([{"id": examples[idx[k]].get("id"), "prompt": prompts[idx[k]], "gold": golds[idx[k]],
+                     "answer": texts[k], "tests": examples[idx[k]].get("tests")} for k in todo]) if todo else []
         out = [False] * len(texts)
         for k, v in zip(todo, ok):
             out[k] = bool(v)
@@ -229,6 +229,8 @@ class S3FT:
     def _judge(self, trainer):
         if self.judge == "numeric_match":
             return judges.NumericMatch()
+        if self.judge == "verifier":
+            return judges.Verifier(trainer.cfg.data, trainer.cfg.seed)
         if self.judge == "unit_tests":
             return judges.UnitTests(self.test_timeout)
         score = judges.model_scorer(trainer.acc.unwrap_model(trainer.model), trainer.tokenizer, self.gen_batch_size)

@@ -142,3 +142,25 @@ def test_train_and_eval_on_a_mixture_with_the_tiny_model(tmp_path):
     assert [p["question"] for p in preds] == [json.loads(x)["question"] for x in
                                               (out / "eval_start" / "predictions.jsonl").read_text().splitlines()]
     assert start["n"] == 6
+
+
+def test_verifier_judge_gives_credit_only_in_the_answer_format():
+    # S3FT's numeric_match accepted a right number in any form, so rewritten targets lost the trained <answer> form.
+    from ftune.data.sources import DataError
+    from ftune.eval.judges import NumericMatch, Verifier
+
+    d = data_cfg(["chain_sum", "basic_arithmetic"], size=10)
+    rows = rg.training_rows(d, seed=3)[0]
+    v = Verifier(d, seed=3)
+    gold = {r["id"]: r["messages"][-1]["content"] for r in rows}
+    answers = {r["id"]: rg.extract(gold[r["id"]], rg.answer_template("tags"))[0] for r in rows}
+    items = [{"id": i, "gold": gold[i], "answer": f"<answer>{a}</answer>"} for i, a in answers.items()]
+    assert all(v(items))
+    bare = [{"id": i, "gold": gold[i], "answer": f"The answer is {a}."} for i, a in answers.items()]
+    assert not any(v(bare)) and all(NumericMatch()(bare))
+    wrong = [{"id": i, "gold": gold[i], "answer": f"<answer>{float(a) + 1:g}</answer>"} for i, a in answers.items()]
+    assert not any(v(wrong))
+    with pytest.raises(DataError, match="no reasoning-gym problem has id 'chain_sum-99'"):
+        v([{"id": "chain_sum-99", "answer": "1"}])
+    with pytest.raises(ConfigError, match="needs data=reasoning_gym"):
+        Verifier(OmegaConf.create({"source": "gsm8k"}), 0)
