@@ -51,12 +51,20 @@ def _raw_rows(cfg, split: str, seed: int) -> tuple[list[dict], str]:
         return sources._gsm_symbolic_rows(cfg, split, seed)
     if cfg.source == "jsonl":
         return sources.read_split_file(cfg, split)
+    if cfg.source == "reasoning_gym":  # each problem of the mixture, answered in the data's answer format
+        from ftune.data import reasoning_gym as rg
+
+        template = rg.answer_template(cfg.get("answer_format") or "tags")
+        instruction = rg.system_prompt(cfg.system_prompt, template)
+        return [{"id": f"{label}-{i}", "task": label, "instruction": instruction, "input": e["question"],
+                 "output": template.format(answer=e["answer"]), "_line": i + 1}
+                for i, (_, label, e) in enumerate(rg.training_problems(cfg, seed))], "reasoning_gym"
     if cfg.source == "hub":
         if not cfg.hub_id:
             raise DataError("data.source=hub needs data.hub_id=ORG/NAME.")
         return sources._load_hub(cfg.hub_id, cfg.hub_config, split, "Use data=jsonl with a local copy."), cfg.hub_id
     raise DataError(f"data.source={cfg.source!r} holds no (input, answer) examples for many-shot sequences; use "
-                    f"jsonl ({{task, input, output}} records), gsm8k, gsm_symbolic or hub.")
+                    f"jsonl ({{task, input, output}} records), gsm8k, gsm_symbolic, reasoning_gym or hub.")
 
 
 def _field(row: dict, names: tuple[str, ...], where: str, what: str) -> str:
