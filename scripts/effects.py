@@ -67,6 +67,9 @@ ARMS = [
      "paper's Deita scorer and Cohere embeddings are downloads)."),
     ("sel_iterative", "selection=iterative selection.budget=400 selection.max_new_tokens=24", "3 rounds of one "
      "epoch each (the paper's), numeric_match reward (the paper's reward model is a download)."),
+    ("sel_got_d", "selection=got_d selection.budget=400 selection.target_path=validation", "Targets: 64 validation "
+     "problems of the eval's tasks (the paper: a few thousand target examples), the model's own embeddings (the "
+     "paper: a fine-tuned distilBERT / MiniLM), no domain pre-selection (one pool)."),
     ("sel_dealrec", "selection=dealrec selection.budget=400", "The training model as its own surrogate (the paper "
      "trains a small one), LiSSA 100 steps (paper 5000)."),
 ]
@@ -93,6 +96,7 @@ PAPERS = {
     "sel_kmq": ("paper_kmq_llama2_7b", "Llama-2-7B, 10K of WizardLM: random 43.8 -> kMQ 46.2 avg of 6 (GSM8K 13.3 "
                 "-> 16.2) (Table 2)"),
     "sel_iterative": ("paper_kmq_llama2_7b", "random 43.8 -> iterative kMQ 46.9 (GSM8K 13.3 -> 18.4) (Table 2)"),
+    "sel_got_d": (None, "GPT-2 XL zero-shot AGNews 49.5 -> 63.4 with 40K selected (App. E)"),
     "sel_dealrec": (None, "recommendation: 2% of the data beats full-data fine-tuning (abstract)"),
 }
 

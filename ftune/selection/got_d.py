@@ -139,13 +139,26 @@ def ot_cost(x: torch.Tensor, y: torch.Tensor, eps: float, max_iter: int = 1000, 
     return float((plan * cost).sum()), {"sinkhorn_iterations": it, "marginal_error": err}
 
 
+def validation_targets(cfg, size: int) -> list[dict]:
+    """`target_path=validation`: `size` validation problems of the run's eval tasks (reasoning-gym validation seeds:
+    never a test or training problem), each with its reference answer in the data's answer format."""
+    from omegaconf import OmegaConf
+
+    from ftune.data.reasoning_gym import eval_problems
+
+    ev = OmegaConf.merge(cfg.eval, {"limit": size})
+    return [{"id": p["id"], "messages": [*p["messages"], {"role": "assistant", "content": p["template"].format(
+        answer=p["entry"]["answer"])}]} for p in eval_problems(cfg.data, ev, cfg.seed, part="validation")]
+
+
 def load_targets(target_path: str | None) -> list[dict]:
     """The target set as conversations (any format `data=jsonl` reads); errors name the key and the fix."""
     from ftune.data.sources import load_conversations
 
     if not target_path:
         raise ConfigError("selection=got_d needs selection.target_path=FILE.jsonl: a small set of examples of the "
-                          "task you are preparing for (any format data=jsonl reads).")
+                          "task you are preparing for (any format data=jsonl reads), or target_path=validation for "
+                          "validation problems of the eval's reasoning-gym tasks.")
     path = Path(target_path).expanduser()
     if not path.is_file():
         raise DataError(f"selection.target_path={target_path}: no such file (relative paths resolve against "
@@ -176,7 +189,8 @@ class GOTD:
 
     def __init__(self, budget: int, target_path: str | None = None, epsilon: float = 0.05, max_iter: int = 1000,
                  tol: float = 1e-6, domain_field: str | None = None, domain_sample: int = 10000, top_domains: int = 2,
-                 encoder: str = "tiny_random", max_length: int = 512, batch_size: int = 16, progress: bool = True):
+                 encoder: str = "tiny_random", max_length: int = 512, batch_size: int = 16, progress: bool = True,
+                 target_size: int = 64):
         if budget < 1:
             raise ConfigError(f"selection.budget={budget} must be >= 1.")
         if epsilon <= 0:
@@ -184,7 +198,10 @@ class GOTD:
         if domain_sample < 1 or top_domains < 1:
             raise ConfigError(f"selection.domain_sample={domain_sample} and selection.top_domains={top_domains} must "
                               f"be >= 1.")
-        self.budget, self.target_path, self.epsilon = budget, target_path, epsilon
+        if target_size < 1:
+            raise ConfigError(f"selection.target_size={target_size} must be >= 1.")
+        self.budget, self.target_path, self.epsilon, self.target_size = budget, target_path, epsilon, target_size
+        self.cfg = None
         self.max_iter, self.tol = max_iter, tol
         self.domain_field, self.domain_sample, self.top_domains = domain_field, domain_sample, top_domains
         self.embedder = Embedder(encoder, max_length, batch_size, progress)
@@ -192,7 +209,13 @@ class GOTD:
     @staticmethod
     def check_config(cfg) -> None:
         """Before anything loads: the target file must be given and readable, and a domain field carried."""
-        load_targets(cfg.selection.get("target_path"))
+        if cfg.selection.get("target_path") == "validation":
+            if cfg.eval.task != "reasoning_gym":
+                raise ConfigError(f"selection.target_path=validation draws validation problems of the eval's "
+                                  f"reasoning-gym tasks, and this run has eval={cfg.eval.task}. Use eval=reasoning_gym, "
+                                  f"or give selection.target_path=FILE.jsonl.")
+        else:
+            load_targets(cfg.selection.get("target_path"))
         field = cfg.selection.get("domain_field")
         if field is not None and field not in cfg.data.keep_fields:
             raise ConfigError(f"selection.domain_field={field} reads each example's {field!r} column, but the data "
@@ -200,6 +223,17 @@ class GOTD:
 
     def __call__(self, records: list[dict], seed: int) -> tuple[list[dict], dict]:
         return kept(records, self.select(records, seed))
+
+    def bind_config(self, cfg) -> None:
+        """The run's config (target_path=validation draws its targets from the run's eval tasks)."""
+        self.cfg = cfg
+
+    def targets(self) -> list[dict]:
+        if self.target_path == "validation":
+            if self.cfg is None:
+                raise RuntimeError("GOTD.bind_config(cfg) must be called before select() with target_path=validation.")
+            return validation_targets(self.cfg, self.target_size)
+        return load_targets(self.target_path)
 
     def _warn_unconverged(self, info: dict, what: str) -> None:
         if info["marginal_error"] > max(self.tol, 1e-3):
@@ -241,7 +275,7 @@ class GOTD:
         return pool, report
 
     def select(self, records: list[dict], seed: int) -> Selection:
-        targets = load_targets(self.target_path)
+        targets = self.targets()
         check_budget("got_d", self.budget, len(records))
         pool, domain_report = list(range(len(records))), {}
         if self.domain_field is not None:

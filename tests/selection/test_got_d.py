@@ -100,3 +100,31 @@ def test_bad_input(tmp_path, compose):
         validate_train(compose([*base, f"selection.target_path={empty}"]))
     with pytest.raises(ConfigError, match=r"selection\.epsilon=0\.0 must be > 0"):
         GOTD(budget=2, epsilon=0.0)
+
+
+def test_validation_targets_are_validation_problems_of_the_eval_tasks(tmp_path):
+    # target_path=validation: GOT-D aims at what the run is scored on, drawn from the validation seeds (not test).
+    from ftune.config import validate_train
+    from ftune.data import reasoning_gym as rg
+    from ftune.selection.got_d import GOTD, validation_targets
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from _tiny import make_cfg
+
+    rgd = ["data=reasoning_gym", "data.tasks=[chain_sum]", "data.size=40", "eval=reasoning_gym",
+           "eval.tasks=[chain_sum,products]", "eval.limit=10", "eval.overlap=replace"]
+    cfg = make_cfg(tmp_path / "g", *rgd, "selection=got_d", "selection.target_path=validation", "selection.budget=5")
+    validate_train(cfg)
+    targets = validation_targets(cfg, 6)
+    assert len(targets) == 6 and {t["id"].rsplit("-val-", 1)[0] for t in targets} == {"chain_sum", "products"}
+    assert all(t["messages"][-1]["content"].startswith("<answer>") for t in targets)
+    test = {p["entry"]["question"] for p in rg.eval_problems(cfg.data, cfg.eval, cfg.seed)}
+    assert not test & {t["messages"][-2]["content"] for t in targets}
+    sel = GOTD(budget=2, target_path="validation", target_size=6)
+    with pytest.raises(RuntimeError, match="bind_config"):
+        sel.targets()
+    sel.bind_config(cfg)
+    assert [t["id"] for t in sel.targets()] == [t["id"] for t in targets]
+    with pytest.raises(ConfigError, match="target_path=validation draws validation problems"):
+        validate_train(make_cfg(tmp_path / "h", *rgd, "eval=none", "selection=got_d",
+                                "selection.target_path=validation"))
