@@ -117,6 +117,15 @@ def ci(r: dict, signed: bool = True) -> str:
     return f"{f(r['mean'])} [{f(lo)}, {f(hi)}]"
 
 
+def verdict(g: dict | None) -> str:
+    """What the interval says: above / below the baseline, or within noise; flags an interval wider than +/- 5."""
+    if g is None:
+        return "baseline"
+    lo, hi = g["ci95"]
+    word = "better than SFT" if lo > 0 else "worse than SFT" if hi < 0 else "no difference shown"
+    return word + (" (interval wider than +/-5)" if (hi - lo) / 2 > 0.05 else "")
+
+
 def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_random: dict, out: Path) -> str:
     t, b = result["table"], result["baseline"]
     base = result["base"] or {}
@@ -130,21 +139,23 @@ def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_
         f"Intervals: 95%, two-level bootstrap (seeds, then problems within a seed), gains paired on the same "
         f"problems. Base model: trained tasks {ci(base['trained'], False) if 'trained' in base else '-'}, untrained "
         f"{ci(base['untrained'], False) if 'untrained' in base else '-'} (it does not answer in the trained "
-        f"`<answer>` format). 2 CPU cores.", "",
-        "| method | trained tasks | gain vs SFT (trained) | gain vs SFT (untrained) | steps | train tokens | "
-        "train s |", "|---|---|---|---|---|---|---|"]
+        f"`<answer>` format). 2 CPU cores; `train s` is each run's training wall time and is not comparable across "
+        f"arms (some runs shared the cores with another run).", "",
+        "| method | trained tasks | gain vs SFT (trained) | verdict | gain vs SFT (untrained) | steps | train tokens | "
+        "train s |", "|---|---|---|---|---|---|---|---|"]
     for name, _, _ in arms:
         row, bud = t[name], result["budget"][name]
         g = row["trained"].get(f"gain_vs_{b}")
         u = row["untrained"].get(f"gain_vs_{b}")
-        lines.append(f"| {name} | {ci(row['trained']['accuracy'], False)} | {ci(g) if g else '-'} | "
+        lines.append(f"| {name} | {ci(row['trained']['accuracy'], False)} | {ci(g) if g else '-'} | {verdict(g)} | "
                      f"{ci(u) if u else '-'} | {bud['steps']} | {bud['train_tokens']:.0f} | "
                      f"{bud['train_seconds']:.0f} |")
     if vs_random:
         lines += ["", f"Selectors against random selection of the same budget ({SELECTORS_BASELINE}), trained tasks:",
                   "", "| selector | gain vs random (trained) | gain vs random (untrained) |", "|---|---|---|"]
         for name, r in vs_random.items():
-            lines.append(f"| {name} | {ci(r['trained'])} | {ci(r['untrained'])} |")
+            lines.append(f"| {name} | {ci(r['trained'])} ({verdict(r['trained']).replace('SFT', 'random')}) | "
+                         f"{ci(r['untrained'])} |")
     lines += ["", "## What each arm changed for scale, and the paper-scale recipe", "",
               "| method | changed for scale (and why) | paper's headline | paper-scale recipe |", "|---|---|---|---|"]
     for name, _, note in arms:
