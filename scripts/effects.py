@@ -44,10 +44,13 @@ ARMS = [
     ("hft", "peft=hft trainer.lr=1e-4", "lr 1e-4 (the paper's was not found; 1e-3 is a LoRA rate, HFT trains half "
      "of all weights)."),
     ("s3ft", "objective=s3ft objective.max_new_tokens=32", "numeric_match judge (the paper's GSM8K judge); answers "
-     "capped at 32 tokens (they are one tag)."),
+     "capped at 32 tokens (they are one tag). Why it collapses (seed 0, s3ft_composition.json): the judge accepted "
+     "60% paraphrases and 12% own answers with the right number outside the `<answer>` form, so the targets lose "
+     "the trained format; s3ft_verifier is the fix."),
     ("s3ft_verifier", "objective=s3ft objective.judge=verifier objective.max_new_tokens=32", "The task's own "
      "verifier as the judge, in the trained answer format (ftune's; the paper judges GSM8K by the final number)."),
-    ("pso_offline", "objective=pso objective.max_new_tokens=32", "LM adaptation (gold vs own sample), beta 0.1."),
+    ("pso_offline", "objective=pso objective.max_new_tokens=32", "LM adaptation (gold vs own sample), beta 0.1. Collapses to "
+     "degenerate output (`<<<<...`) at the LoRA lr 1e-3: the margin pushes the answer tokens down."),
     ("pso_online", "objective=pso objective.mode=online objective.max_new_tokens=32", "As pso_offline, re-sampled "
      "every step."),
     ("verified_dpo", "objective=verified_dpo objective.shots=4 objective.max_new_tokens=32 trainer.lr=1e-4",
@@ -57,7 +60,8 @@ ARMS = [
     ("verified_simpo", "objective=verified_dpo objective.loss=simpo objective.shots=4 objective.max_new_tokens=32 "
      "trainer.lr=1e-4", "The same pairs; SimPO beta 2.0, gamma 1.0 (gamma/beta 0.5, the repo's); lr as DPO."),
     ("many_icl", "objective=many_icl", "Many-shot sequences of one task each within the quickstart's 128 tokens "
-     "(2-3 examples, not the paper's thousands of tokens); scored 0-shot only here."),
+     "(2-3 examples, not the paper's thousands of tokens), so it trains ~1.9x SFT's tokens in the same steps; scored "
+     "0-shot only here (many-shot scoring of the 32 held-out queries per seed would give +/-15-point intervals)."),
     ("adalink", "peft=adalink", "Rank 16 (the paper's was not found), the LoRA arm's lr."),
     ("ssf", "peft=ssf", "After linear layers, norms and the embedding as the paper; the LoRA arm's lr (the paper's "
      "ViT lr is also 1e-3)."),
