@@ -193,9 +193,8 @@ class SSF:
         for flag in flags:  # the config now promises a bias on every layer of the family: zeros where none was learned
             setattr(model.config, flag, True)
             for name, m in list(model.named_modules()):
-                if isinstance(m, torch.nn.Linear) and m.bias is None and name.rsplit(".", 1)[-1] in BIAS_FLAGS[flag]:
-                    m.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype,
-                                                            device=m.weight.device))
+                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in BIAS_FLAGS[flag]:
+                    zero_bias(m)
         return model.requires_grad_(True)
 
     def _fold_features(self, model: torch.nn.Module) -> None:
@@ -237,10 +236,7 @@ class SSF:
                             f"{type(model).__name__} read that norm. Train with peft.shift=false or peft.norms=false "
                             f"for a mergeable model, or load the run unmerged (ftune eval/generate run_dir=...).")
                     for f in found:
-                        lin = f.base if isinstance(f, ScaleShift) else f
-                        if lin.bias is None:
-                            lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                                      device=lin.weight.device))
+                        lin = zero_bias(f.base if isinstance(f, ScaleShift) else f)
                         lin.bias.add_((lin.weight.float() @ shift.float()).to(lin.bias.dtype))
                     want = want - shift  # the norm itself now gives gamma * norm(x)
                 probe = (m, x)
@@ -251,6 +247,13 @@ class SSF:
                 raise ConfigError(f"the SSF scale after {name} cannot be folded into {type(m).__name__}'s weight "
                                   f"(its output is not proportional to the weight). Train with peft.norms=false / "
                                   f"peft.embeddings=false for a mergeable model, or load the run unmerged.")
+
+
+def zero_bias(lin: torch.nn.Linear) -> torch.nn.Linear:
+    """`lin`, with a zero bias added if it had none."""
+    if lin.bias is None:
+        lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+    return lin
 
 
 def _has(model: torch.nn.Module, name: str) -> bool:
