@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length for --greedy")
     parser.add_argument("--select-on", default=None, choices=SELECT_ON,
                         help="what --greedy scores candidates on: validation (default; held-out problems that are "
-                             "not reported) or test (the eval's test split; the soup's test accuracy is then optimistic)")
+                             "not reported) or test (the eval's test split; the soup's test accuracy is then "
+                             "optimistic)")
     a = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = run_reporting_errors(lambda a: make_soup(a.run_dirs, a.out, a.force, a.greedy, a.eval, a.limit,
                                                    a.max_new_tokens, a.select_on), a)

@@ -49,7 +49,8 @@ ARMS = [
      "the trained format; s3ft_verifier is the fix."),
     ("s3ft_verifier", "objective=s3ft objective.judge=verifier objective.max_new_tokens=32", "The task's own "
      "verifier as the judge, in the trained answer format (ftune's; the paper judges GSM8K by the final number)."),
-    ("pso_offline", "objective=pso objective.max_new_tokens=32", "LM adaptation (gold vs own sample), beta 0.1. Collapses to "
+    ("pso_offline", "objective=pso objective.max_new_tokens=32", "LM adaptation (gold vs own sample), beta 0.1. "
+     "Collapses to "
      "degenerate output (`<<<<...`) at the LoRA lr 1e-3: the margin pushes the answer tokens down."),
     ("pso_online", "objective=pso objective.mode=online objective.max_new_tokens=32", "As pso_offline, re-sampled "
      "every step."),

@@ -301,7 +301,8 @@ def eval_problems(data_cfg, eval_cfg, seed: int, part: str = "test") -> list[dic
                 f"Raise the task's difficulty (its config), lower data.size, or set eval.overlap=replace to score "
                 f"fresh problems that training did not see in their place.")
         for i, e in enumerate(entries):
-            out.append({"id": f"{label}-{'test' if part == 'test' else 'val'}-{i}", "task": label, "trained": (spec.name, spec.config) in trained_names,
+            out.append({"id": f"{label}-{'test' if part == 'test' else 'val'}-{i}", "task": label,
+                        "trained": (spec.name, spec.config) in trained_names,
                         "messages": conversation(e["question"], system), "entry": e, "spec": spec,
                         "template": template})
     return out

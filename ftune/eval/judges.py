@@ -264,7 +264,8 @@ def check_judge(judge: str) -> None:
         close = difflib.get_close_matches(str(judge), JUDGES, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"objective.judge={judge!r} is not a judge.{hint} Use numeric_match (final numbers, e.g. "
-                          f"GSM8K), verifier (reasoning-gym's own, data=reasoning_gym), unit_tests (code run against the example's `tests`) or llm_judge (the model "
+                          f"GSM8K), verifier (reasoning-gym's own, data=reasoning_gym), unit_tests (code run "
+                          f"against the example's `tests`) or llm_judge (the model "
                           f"answers yes/no).")
 
 

@@ -124,7 +124,8 @@ class VerifiedDPO:
             judges.NumericMatch()
 
     def _prompts(self, trainer, rows: list[dict], examples: dict[str, dict]) -> list[list[int]]:
-        """The sampling prompt of each row: 0-shot (its own prompt ids), or `shots` solved examples of its task first."""
+        """The sampling prompt of each row: 0-shot (its own prompt ids), or `shots` solved examples of its task
+        first."""
         if not self.shots:
             return [split_row(r)[0] for r in rows]
         by_task: dict[str, list[dict]] = {}

@@ -212,7 +212,8 @@ class GOTD:
         if cfg.selection.get("target_path") == "validation":
             if cfg.eval.task != "reasoning_gym":
                 raise ConfigError(f"selection.target_path=validation draws validation problems of the eval's "
-                                  f"reasoning-gym tasks, and this run has eval={cfg.eval.task}. Use eval=reasoning_gym, "
+                                  f"reasoning-gym tasks, and this run has eval={cfg.eval.task}. Use "
+                                  f"eval=reasoning_gym, "
                                   f"or give selection.target_path=FILE.jsonl.")
         else:
             load_targets(cfg.selection.get("target_path"))

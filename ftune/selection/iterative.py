@@ -12,9 +12,10 @@ Paper (and `for-ai/iterative-data-selection` `selection/iter.py`), N rounds of b
 Adaptations:
 - score: the paper uses a reward model (FsfairX-LLaMA3-RM): `selection.reward=reward_model` with
   `selection.reward_model=sfairXC/FsfairX-LLaMA3-RM-v0.1` gives S_i = r(x + y_gold) - r(x + y_gen)
-  (`ftune.selection.scorers.reward_margins`; the paper recipe lora_gsm8k_kmq uses it). `numeric_match` (default: it
-  needs no download, for math answers) scores an answer 1 when its final number matches the gold one, so S_i = 1 - correct_i: the clusters the
-  model still gets wrong gain weight. `perplexity` scores a response by its mean token log-likelihood under
+  (`ftune.selection.scorers.reward_margins`; recipes/paper_kmq_llama2_7b uses it). `numeric_match` (default: it
+  needs no download, for math answers) scores an answer 1 when its final number matches the gold one, so
+  S_i = 1 - correct_i: the clusters the model still gets wrong gain weight. `perplexity` scores a response
+  by its mean token log-likelihood under
   `selection.scorer` (the base model by default, a fixed judge: the model being trained would favour its own greedy
   output), so S_i = nll(gen) - nll(gold). `module.function` is your own: items (dicts with `prompt` messages,
   `gold` and `answer` texts) -> one S_i each (e.g. a reward model's gold-minus-generated margin).
@@ -97,7 +98,8 @@ class IterativeKMQ:
     """selection=iterative. Args are the keys of configs/selection/iterative.yaml (the kMQ ones as in kmq.yaml)."""
 
     def __init__(self, budget: int, rounds: int = 3, round_steps: int | str = "epoch", reward: str = "numeric_match",
-                 reward_model: str | None = None, max_new_tokens: int = 256, gen_batch_size: int = 16, k: int | None = None,
+                 reward_model: str | None = None, max_new_tokens: int = 256, gen_batch_size: int = 16,
+                 k: int | None = None,
                  k_candidates: list[int] | None = None, quality: str = "perplexity", temperature: float = 1.0,
                  encoder: str = "tiny_random", scorer: str | None = None, max_length: int = 512, batch_size: int = 16,
                  n_iter: int = 100, n_redo: int = 3, progress: bool = True):

@@ -9,7 +9,7 @@ Adaptations:
   before clustering (the paper's Cohere embeddings are unit vectors); `selection.encoder=PATH` swaps in another
   encoder. k-means is our torch k-means++ (`ftune.selection.cluster`), not faiss.
 - Quality: the paper uses the Deita quality scorer: `selection.quality=deita` with `selection.scorer=hkust-nlp/deita-
-  quality-scorer` (`ftune.selection.scorers.deita_quality`; the paper recipe lora_gsm8k_kmq uses it). The default,
+  quality-scorer` (`ftune.selection.scorers.deita_quality`; recipes/paper_kmq_llama2_7b uses it). The default,
   `perplexity`, needs nothing to download: minus the response's log-perplexity under `selection.scorer` (the training
   model by default; fluent, well-formed responses score higher), `length` is the log of
   the response token count (the Deita score grows with length), `none` is uniform (the paper's kM-Random), and

@@ -74,7 +74,8 @@ def test_end_to_end_on_the_tiny_model_with_the_verifier(tmp_path, ftune_home, mo
     prompt_len = pair["chosen_labels"].index(next(x for x in pair["chosen_labels"] if x != IGNORE))
     assert pair["chosen_input_ids"][:prompt_len] == pair["rejected_input_ids"][:prompt_len]
     tok = t.tokenizer
-    assert tok.decode(pair["chosen_input_ids"][prompt_len:], skip_special_tokens=True).strip() == seen[0]["answer"].strip()
+    chosen = tok.decode(pair["chosen_input_ids"][prompt_len:], skip_special_tokens=True)
+    assert chosen.strip() == seen[0]["answer"].strip()
     assert tok.decode(pair["chosen_input_ids"][:prompt_len]).count("<|im_start|>user") == 1  # trained 0-shot
     summary = t.run()
     assert summary["steps"] == 2
