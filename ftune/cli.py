@@ -67,8 +67,8 @@ def run_reporting_errors(fn, cfg):
     try:
         return fn(cfg)
     except (ConfigError, DataError, ModelLoadError, SaveError, TrainingError) as e:
-        kind = {ConfigError: "config", DataError: "data", ModelLoadError: "model", SaveError: "save",
-                TrainingError: "training"}[type(e)]
+        kind = next(k for cls, k in ((ConfigError, "config"), (DataError, "data"), (ModelLoadError, "model"),
+                                     (SaveError, "save"), (TrainingError, "training")) if isinstance(e, cls))
         print(f"ftune: {kind} error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:  # gloo's timeout at a collective, or a peer gone: said with what to look at

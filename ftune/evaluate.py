@@ -9,7 +9,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ftune.config import ConfigError, check_eval_data, register_configs, validate_common
+from ftune import preflight
+from ftune.config import register_configs
 from ftune.paths import configs_dir
 
 log = logging.getLogger("ftune")
@@ -24,10 +25,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from ftune.eval.tasks import run_task, task_inputs, task_table
     from ftune.models.runs import load_for_inference
 
-    validate_common(cfg)
-    if cfg.eval.task == "none":
-        raise ConfigError("eval.task=none: nothing to evaluate. Use eval=gsm8k or eval=preference.")
-    check_eval_data(cfg.data, cfg.eval, in_training=False)
+    preflight.evaluate(cfg)
     set_seed(cfg.seed)
     inputs = None
     if cfg.eval.task == "reasoning_gym":  # held-out problems drawn (and checked against training) before the model

@@ -7,7 +7,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ftune.config import register_configs, validate_common
+from ftune import preflight
+from ftune.config import register_configs
 from ftune.paths import configs_dir
 
 register_configs()
@@ -19,7 +20,7 @@ def generate_answer(cfg: DictConfig) -> str:
     from ftune.eval.generation import generate
     from ftune.models.runs import load_for_inference
 
-    validate_common(cfg)
+    preflight.generate(cfg)
     set_seed(cfg.seed)
     model, tokenizer = load_for_inference(cfg)
     messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [

@@ -23,7 +23,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ftune.config import ConfigError, build, register_configs, validate_train
+from ftune import preflight
+from ftune.config import ConfigError, build, register_configs
 from ftune.paths import configs_dir
 
 log = logging.getLogger("ftune")
@@ -82,7 +83,7 @@ def select_data(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Run `cfg.selection` on the training pool of `cfg.data`; write the outputs; return the report."""
     from ftune.data.pipeline import load_train_examples
 
-    targets = validate_train(cfg)
+    targets = preflight.validate_train(cfg)
     if targets["selection"] is None:
         raise ConfigError("ftune select needs a selection method, e.g. `selection=kmq selection.budget=1000` "
                           "(methods: configs/selection/*.yaml).")

@@ -115,9 +115,9 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
 
         choices = sorted(p.stem for p in (configs_dir() / "eval").glob("*.yaml"))
         if eval_name not in choices:
-            from ftune.config import _suggest
+            from ftune.config import suggest
 
-            raise ConfigError(f"--eval {eval_name}: no such eval config.{_suggest(eval_name, choices)} Choices: "
+            raise ConfigError(f"--eval {eval_name}: no such eval config.{suggest(eval_name, choices)} Choices: "
                               f"{', '.join(choices)}.")
     states, first = [], None
     for run in run_dirs:

@@ -22,9 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ftune import preflight
 from ftune.atomic import write_json_atomic
-from ftune.config import ConfigError, build, given, register_configs, validate_train, with_overrides
-from ftune.data.reasoning_gym import check_config as check_reasoning_gym
+from ftune.config import ConfigError, given, register_configs, with_overrides
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import cpu_malloc, engine_state
@@ -169,11 +169,8 @@ class Trainer:
         from ftune.peft.base import preflight_targets
 
         self.cfg, t = cfg, cfg.trainer
-        targets = validate_train(cfg)
-        check_reasoning_gym(cfg)
-        self.peft = build(cfg.peft)
-        self.objective = build(cfg.objective)
-        self.selector = build(cfg.selection) if targets["selection"] else None
+        plan = preflight.train(cfg)  # every config problem at once, before anything loads
+        self.peft, self.objective, self.selector = plan.peft, plan.objective, plan.selector
         if hasattr(self.selector, "bind_config"):  # a selector that trains between rounds (iterative) needs the run
             self.selector.bind_config(cfg)
         # A second job in the same process (a `-m` sweep, the tests) may ask for another precision; accelerate keeps

@@ -11,11 +11,16 @@ The runs are `ftune compare` (the real CLI, resumable: a finished run is never r
 the SFT baseline, so that an interrupted page has whole arms. The page is written from the runs' predictions:
 gains vs SFT from compare.json, and for the selectors also vs random selection at the same budget (paired on the
 same problems, the same two-level bootstrap, ftune.eval.stats.paired_gain).
+
+Arms whose runs are not in `--out` but are on the existing page (its JSON) are kept from the page, only when the
+baseline reproduced exactly here (the same per-problem SFT predictions on every seed; runs are deterministic on one
+machine): so a page can grow by the arms just run without rerunning hours of others. `--fresh` drops them instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import subprocess
@@ -131,7 +136,8 @@ def verdict(g: dict | None) -> str:
     return word + (" (interval wider than +/-5)" if (hi - lo) / 2 > 0.05 else "")
 
 
-def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_random: dict, out: Path) -> str:
+def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_random: dict, out: Path,
+         kept: list[str] = ()) -> str:
     t, b = result["table"], result["baseline"]
     base = result["base"] or {}
     lines = [
@@ -169,6 +175,10 @@ def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_
     if missing:
         lines += ["", f"**Not measured yet** (their runs had not finished when this page was written): "
                       f"{', '.join(missing)}."]
+    if kept:
+        lines += ["", f"Rows of {', '.join(kept)} are from the earlier page's runs: this page's SFT runs reproduced "
+                      f"that page's SFT predictions problem for problem on every seed, so their gains are against "
+                      f"the same baseline."]
     lines += ["", "## Commands", "", "Each arm is one `ftune compare` with the SFT baseline, in the same `--out` "
               "directory (finished runs are reused):", ""]
     for arm in arms:
@@ -180,12 +190,56 @@ def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_
     return "\n".join(lines)
 
 
+def fingerprint(run: Path) -> str:
+    """The run's per-problem verdicts at the end, hashed: equal fingerprints = the same predictions scored the same."""
+    scores = cmp.read_scores(run / "eval_end" / "predictions.jsonl")
+    return hashlib.sha256(json.dumps(sorted((i, v[2]) for i, v in scores.items())).encode()).hexdigest()[:16]
+
+
+def baseline_reproduced(stored: dict, result: dict, fingerprints: list[str]) -> str | None:
+    """None when this comparison's SFT runs are the stored page's (per-problem fingerprints where the page has them,
+    else every group's per-seed accuracy); otherwise what differs."""
+    if stored.get("seeds") != result["seeds"] or stored.get("problems") != result["problems"]:
+        return f"seeds/problems {stored.get('seeds')}/{stored.get('problems')} vs {result['seeds']}/" \
+               f"{result['problems']}"
+    if "baseline_fingerprints" in stored:
+        return None if stored["baseline_fingerprints"] == fingerprints else (
+            f"SFT predictions {stored['baseline_fingerprints']} vs {fingerprints}")
+    old, new = stored["table"]["sft"], result["table"]["sft"]
+    for group in sorted(set(old) | set(new)):
+        a = old.get(group, {}).get("accuracy", {}).get("per_seed")
+        b = new.get(group, {}).get("accuracy", {}).get("per_seed")
+        if a != b:
+            return f"SFT accuracy per seed on {group}: {a} on the page vs {b} here"
+    return None
+
+
+def carry_over(stored: dict, result: dict, vs_random: dict, wanted: list[str]) -> list[str]:
+    """Put the stored page's rows of the wanted arms that did not run here into `result` / `vs_random`."""
+    kept = [n for n in wanted if n not in result["table"] and n in stored.get("table", {})]
+    for n in kept:
+        result["arms"][n] = stored["arms"][n]
+        result["table"][n] = stored["table"][n]
+        result["budget"][n] = stored["budget"][n]
+        result["runs"][n] = stored["runs"][n]
+        if n in stored.get("vs_random", {}) and n not in vs_random:
+            vs_random[n] = stored["vs_random"][n]
+    order = {n: k for k, (n, _, _) in enumerate(ARMS)}
+    for key in ("arms", "table", "budget", "runs"):
+        result[key] = dict(sorted(result[key].items(), key=lambda kv: order.get(kv[0], len(order))))
+    vs_random_sorted = dict(sorted(vs_random.items(), key=lambda kv: order[kv[0]]))
+    vs_random.clear()
+    vs_random.update(vs_random_sorted)
+    return kept
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/effects", help="the comparison's directory (runs are reused)")
     p.add_argument("--only", default=None, help="comma-separated arms for the page (default: all)")
     p.add_argument("--no-run", action="store_true", help="write the page from finished arms only; run nothing")
     p.add_argument("--page", default=str(ROOT / "benchmarks" / "effects"), help="output path without suffix")
+    p.add_argument("--fresh", action="store_true", help="do not keep the existing page's arms that did not run here")
     a = p.parse_args()
     out = Path(a.out).resolve()
     wanted = a.only.split(",") if a.only else [n for n, _, _ in ARMS]
@@ -222,14 +276,31 @@ def main() -> None:
                 vs_random[n][g] = stats.paired_gain(cmp.matrix(scores[n], ids),
                                                     cmp.matrix(scores[SELECTORS_BASELINE], ids))
     base = Path(a.page)
-    text = page(result, done, missing, vs_random, Path(a.out))
+    fingerprints = [fingerprint(cmp.run_dir(out, "sft", s)) for s in seeds]
+    stored_path = base.with_suffix(".json")
+    kept: list[str] = []
+    if not a.fresh and stored_path.is_file() and missing:
+        stored = json.loads(stored_path.read_text())
+        differs = baseline_reproduced(stored, result, fingerprints)
+        if differs:
+            raise SystemExit(f"{stored_path}: its SFT baseline is not this one ({differs}), so its arms cannot be "
+                             f"kept beside these runs: rerun them here, or pass --fresh to drop them.")
+        kept = carry_over(stored, result, vs_random, missing)
+        done += [x for x in ARMS if x[0] in kept]
+        done.sort(key=lambda x: [n for n, _, _ in ARMS].index(x[0]))
+        missing = [n for n in missing if n not in kept]
+        print(f"kept from {stored_path} (the baseline reproduced): {', '.join(kept) or 'none'}")
+        names = [d[0] for d in done]
+    text = page(result, done, missing, vs_random, Path(a.out), kept)
     tmp = base.with_suffix(".md.tmp")
     tmp.write_text(text + "\n")
     tmp.replace(base.with_suffix(".md"))
     write_json_atomic(base.with_suffix(".json"), {**result, "vs_random": vs_random, "missing": missing,
+                                                  "baseline_fingerprints": fingerprints,
                                                   "notes": {n: note for n, _, note in done},
                                                   "papers": {n: PAPERS.get(n) for n in names}}, indent=2)
-    (base.with_suffix(".png")).write_bytes((out / "compare.png").read_bytes())
+    cmp.plot(result, {n: [cmp.run_dir(out, n, s) for s in seeds] for n in names if n not in kept},
+             base.with_suffix(".png"))
     print(f"wrote {base.with_suffix('.md')} ({len(done)} arms; missing: {', '.join(missing) or 'none'})")
 
 

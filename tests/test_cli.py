@@ -271,7 +271,8 @@ def test_eval_of_a_jsonl_file_names_eval_split(tmp_path, capsys, monkeypatch):
     assert "eval=none" not in err
     from omegaconf import OmegaConf
 
-    from ftune.config import ConfigError, check_eval_data
+    from ftune.config import ConfigError
+    from ftune.preflight import check_eval_data
 
     d = OmegaConf.create({"source": "gsm8k", "path": "qa.jsonl", "split": "train", "eval_split": None})
     e = OmegaConf.create({"task": "gsm8k", "split": "test", "at_start": False, "at_end": True})

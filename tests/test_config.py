@@ -6,21 +6,20 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from ftune.config import ConfigError, build, check_target, validate_train
+from ftune.config import ConfigError, build
+from ftune.objectives.sft import SFT
 from ftune.paths import configs_dir, recipes_dir
+from ftune.preflight import check_target, validate_train
 
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 PLUGGABLE = [pytest.param(group, p.stem) for group in ("peft", "objective", "selection")
              for p in sorted((configs_dir() / group).glob("*.yaml"))]
 
 
-class NoPackObjective:
+class NoPackObjective(SFT):
     """An objective that needs one example per row."""
 
     can_pack = False
-
-    def __init__(self, chunk_size: int | None = None):
-        self.chunk_size = chunk_size
 
 
 def test_recipes_found():
@@ -156,10 +155,10 @@ def test_validate_train_rejects(compose, overrides, pattern):
     (["temperature=-1"], r"temperature=-1\.0 must be >= 0"),
 ])
 def test_generate_rejects(compose, overrides, pattern):
-    from ftune.config import validate_common
+    from ftune import preflight
 
     with pytest.raises(ConfigError, match=pattern):
-        validate_common(compose(["prompt=hi", *overrides], config_name="generate"))
+        preflight.generate(compose(["prompt=hi", *overrides], config_name="generate"))
 
 
 def test_peft_rank_suggests_r(compose):

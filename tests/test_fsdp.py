@@ -18,7 +18,8 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from ftune.config import ConfigError, validate_train
+from ftune.config import ConfigError
+from ftune.preflight import validate_train
 from ftune.training import distributed as dist
 from ftune.training import engine_state
 

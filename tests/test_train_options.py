@@ -80,7 +80,7 @@ def test_liger_is_refused_for_other_objectives(tmp_path, monkeypatch):
     from ftune.training import distributed as dist
 
     monkeypatch.setattr(dist, "accelerator_available", lambda: True)
-    with pytest.raises(ConfigError, match="trainer.liger=true replaces SFT's LM head.*objective=sft"):
+    with pytest.raises(ConfigError, match=r"trainer.liger=true replaces the LM head \+ cross-entropy.*objective=sft"):
         run(make_cfg(tmp_path / "run", *BASE, "trainer.liger=true", "objective=masked_thought"))
 
 

@@ -341,6 +341,44 @@ def test_refused_before_the_model_loads(case, workdir, compose, capsys):
     assert re.search(case.pattern, message, re.DOTALL), f"message does not match {case.pattern!r}:\n{message}"
 
 
+# Several mistakes in one config: one error lists every one (each with its fix), before the model loads.
+SEVERAL = [("trainer.warmup_ratio=2", r"trainer\.warmup_ratio=2(\.0)? must be in \[0, 1\)"),
+           ("+peft.lora_alpha=8", r"peft\.lora_alpha: unknown key.*Did you mean 'alpha'\?"),
+           ("eval.batch_size=0", r"eval\.batch_size=0 must be > 0"),
+           ("data.packing=true", r"data\.packing=true does not work with ftune\.objectives\.dpo\.DPO"),
+           ("objective.beta=high", r"objective\.beta='high': expected float")]
+
+
+def test_several_mistakes_are_reported_at_once(workdir, compose, capsys):
+    from ftune.cli import run_reporting_errors
+    from ftune.train import train
+
+    cfg = compose(_format([*BASE, f"output_dir={workdir}/run", *DPO, *[o for o, _ in SEVERAL]], workdir,
+                          workdir / "data.jsonl"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_reporting_errors(train, cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith(f"ftune: config error: {len(SEVERAL)} problems in the config, each with its fix:\n"), err
+    items = [line for line in err.splitlines()[1:] if re.match(r"  \d+\. ", line)]
+    assert len(items) == len(SEVERAL), err
+    for _, pattern in SEVERAL:
+        assert any(re.search(pattern, i) for i in items), f"{pattern!r} is not among:\n{err}"
+    assert not (workdir / "run" / "metrics.jsonl").exists()
+
+
+def test_one_mistake_is_said_as_one_paragraph(workdir, compose, capsys):
+    """With one problem the message is that problem alone (no list), as every catalogue case reads it."""
+    from ftune import preflight
+
+    cfg = compose(_format([*BASE, f"output_dir={workdir}/run", *SFT, "trainer.warmup_ratio=2"], workdir,
+                          workdir / "data.jsonl"))
+    with pytest.raises(preflight.PreflightError) as e:
+        preflight.train(cfg)
+    assert e.value.problems == [str(e.value)] and str(e.value).startswith("trainer.warmup_ratio=2")
+
+
 @pytest.mark.parametrize("overrides", [SFT, DPO, ["objective=dpo", "data=hh_rlhf", "data.path={tmp}/hh.jsonl"],
                                        [*DPO, "selection=random", "selection.budget=2"]],
                          ids=["sft", "dpo", "hh", "dpo-random-selection"])

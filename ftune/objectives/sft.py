@@ -158,6 +158,7 @@ class SFT:
 
     can_pack = True
     data_kind = "sft"
+    fuses_lm_loss = True  # its loss is the LM head + cross-entropy alone, so trainer.liger may fuse them
     collate = staticmethod(collate)
 
     def __init__(self, chunk_size: int | None = None):

@@ -81,8 +81,8 @@ class PromptTuning:
 
     @staticmethod
     def check_config(cfg) -> None:
-        from ftune.config import check_target
         from ftune.objectives.dpo import collate_pairs
+        from ftune.preflight import check_target
 
         if cfg.data.packing:
             raise ConfigError("peft=prompt_tuning with data.packing=true: the soft prompt would precede only the "

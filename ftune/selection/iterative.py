@@ -44,6 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.config import ConfigError
+from ftune.objectives.sft import SFT
 from ftune.selection.common import Selection, check_budget, import_function, kept
 from ftune.selection.kmq import KMQ, cluster_budgets
 
@@ -147,7 +148,7 @@ class IterativeKMQ:
                                "with the run's model and trainer settings.")
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
         cfg.selection = {"_target_": None}
-        cfg.objective = {"_target_": "ftune.objectives.sft.SFT"}
+        cfg.objective = {"_target_": f"{SFT.__module__}.{SFT.__qualname__}"}
         cfg.data.merge_with({"source": "jsonl", "path": str(data_path), "hub_id": None, "hub_config": None,
                              "split": "train", "eval_split": None, "eval_size": 0, "size": None, "limit": None,
                              "format": "auto", "fields": {}})

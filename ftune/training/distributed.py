@@ -65,11 +65,7 @@ def check_device(cfg) -> None:
     t, engine = cfg.trainer, cfg.trainer.distributed
     if short := gpu_shortage(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
         raise ConfigError(short)
-    if t.liger:
-        if cfg.objective.get("_target_") != "ftune.objectives.sft.SFT":
-            raise ConfigError(f"trainer.liger=true replaces SFT's LM head + cross-entropy; objective "
-                              f"{cfg.objective.get('_target_')} computes its own loss. Use objective=sft, or "
-                              f"trainer.liger=false.")
+    if t.liger:  # (an objective that does not declare `fuses_lm_loss` is refused by the preflight)
         missing = [w for w, ok in (("CUDA", accelerator_available()),
                                    ("the liger-kernel package", importlib.util.find_spec("liger_kernel") is not None))
                    if not ok]
@@ -198,7 +194,6 @@ def make_accelerator(cfg):
     """The Accelerator for `trainer.distributed`, after the checks. With trainer.distributed=ddp and an engine chosen
     by `accelerate launch --config_file ...` (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED), accelerate builds
     that engine from its environment; ftune then follows `acc.distributed_type`, never the config value."""
-    check_device(cfg)
     network.check_main_address()
     network.choose_gloo_interface()
     requested, planned = cfg.trainer.mixed_precision, planned_device()

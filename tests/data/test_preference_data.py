@@ -1,5 +1,5 @@
 """Preference pairs: HH-RLHF transcripts, {prompt, chosen, rejected} records, loading, tokenization, config checks
-(ftune.data.preference, objective/data compatibility in ftune.config.validate_train)."""
+(ftune.data.preference, objective/data compatibility in ftune.preflight.validate_train)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ftune.config import ConfigError, DataConfig, validate_train
+from ftune.config import ConfigError, DataConfig
 from ftune.data.preference import load_pairs, parse_hh, to_pair, tokenize_pairs_batch, tokenize_response
 from ftune.data.sources import DataError
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_examples
+from ftune.preflight import validate_train
 
 SHARED_HH = Path("/work/shared/data/hh-rlhf-harmless/test.jsonl.gz")
 

@@ -97,8 +97,8 @@ def test_bad_input_fails_before_the_model_loads(tmp_path, monkeypatch, rows, ove
 
 
 def test_single_task_makes_task_free_data_one_task(tmp_path, tiny_tokenizer):
-    from ftune.config import validate_train
     from ftune.data.pipeline import prepare
+    from ftune.preflight import validate_train
 
     rows = [{"question": f"{i}+1", "answer": f"#### {i + 1}"} for i in range(12)]
     data = tmp_path / "plain.jsonl"

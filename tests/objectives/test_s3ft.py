@@ -14,13 +14,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _tiny import losses, make_cfg, run  # noqa: E402
 
-from ftune.config import ConfigError, validate_train  # noqa: E402
+from ftune.config import ConfigError  # noqa: E402
 from ftune.data.batching import pack  # noqa: E402
 from ftune.data.sources import DataError  # noqa: E402
 from ftune.data.tokenize import IGNORE, tokenize_conversation  # noqa: E402
 from ftune.eval import judges  # noqa: E402
 from ftune.objectives import s3ft  # noqa: E402
 from ftune.objectives.s3ft import S3FT, composition, rebuild_rows, rewrite_cached, rewrite_chunk, unpack  # noqa: E402
+from ftune.preflight import validate_train  # noqa: E402
 
 
 def item(answer, gold="48 / 2 = 24\n#### 1,200", tests=None):

@@ -45,7 +45,7 @@ RG = ["data=reasoning_gym", "data.tasks=[chain_sum]", "data.size=24", "data.eval
 
 
 def test_verifier_needs_reasoning_gym_data(tmp_path):
-    from ftune.config import validate_train
+    from ftune.preflight import validate_train
 
     with pytest.raises(ConfigError, match="needs data=reasoning_gym"):
         validate_train(make_cfg(tmp_path / "x", "objective=verified_dpo"))

@@ -167,7 +167,7 @@ def test_bad_targets_and_rank_are_refused_with_the_fix(base):
 
 
 def test_prompt_tuning_with_packing_fails_before_the_model_loads(tmp_path, monkeypatch):
-    from ftune.config import validate_train
+    from ftune.preflight import validate_train
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model must not load")

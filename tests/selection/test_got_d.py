@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftune.config import ConfigError, validate_train
+from ftune.config import ConfigError
 from ftune.data.sources import DataError
+from ftune.preflight import validate_train
 from ftune.selection.got_d import GOTD, calibrated_gradient, got_d_scores, sinkhorn_log
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,8 +105,8 @@ def test_bad_input(tmp_path, compose):
 
 def test_validation_targets_are_validation_problems_of_the_eval_tasks(tmp_path):
     # target_path=validation: GOT-D aims at what the run is scored on, drawn from the validation seeds (not test).
-    from ftune.config import validate_train
     from ftune.data import reasoning_gym as rg
+    from ftune.preflight import validate_train
     from ftune.selection.got_d import GOTD, validation_targets
 
     sys.path.insert(0, str(Path(__file__).parents[1]))

@@ -13,8 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ftune.config import ConfigError, DataConfig, validate_train
+from ftune.config import ConfigError, DataConfig
 from ftune.data.sources import DataError, load_conversations
+from ftune.preflight import validate_train
 from ftune.selection.got_d import GOTD, ot_cost
 
 sys.path.insert(0, str(Path(__file__).parent))

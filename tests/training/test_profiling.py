@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny import losses, make_cfg, run  # noqa: E402
 
-from ftune.config import ConfigError, validate_train  # noqa: E402
+from ftune.config import ConfigError  # noqa: E402
+from ftune.preflight import validate_train  # noqa: E402
 
 
 def test_profile_records_the_chosen_steps(tmp_path):
