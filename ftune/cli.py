@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     if nproc > 1:
         sys.exit(launch(nproc, rest))
     module = importlib.import_module(COMMANDS[command][0])
+    from ftune.config import register_configs
+
+    register_configs(command)  # recipes with the parts this command reads
     if command == "train":
         rest = module.rank_argv(rest)
     sys.argv = [f"ftune {command}", *rest]

@@ -143,14 +143,34 @@ class GenerateSchema:
     seed: int = 42
 
 
-def register_configs() -> None:
-    """Store the schemas and every top-level recipe in Hydra's ConfigStore (idempotent)."""
+def register_configs(command: str = "train") -> None:
+    """Store the schemas and every top-level recipe in Hydra's ConfigStore (idempotent). A recipe is stored with the
+    parts `command` reads (`recipe_for`), so `ftune eval +recipe=NAME` takes the recipe's model, data and eval."""
     cs = ConfigStore.instance()
     cs.store(name="ftune_schema", node=TrainSchema)
     cs.store(name="ftune_eval_schema", node=EvalSchema)
     cs.store(name="ftune_generate_schema", node=GenerateSchema)
     for path in sorted(recipes_dir().glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        cs.store(group="recipe", name=path.stem, node=recipe_for(command, OmegaConf.load(path)), package="_global_")
+
+
+def recipe_for(command: str, recipe: DictConfig) -> DictConfig:
+    """The recipe's parts that `command`'s config has: its top-level keys and group choices (`override /peft: ...`)
+    that the command's schema holds; other recipes it includes are kept (they are stored filtered the same way)."""
+    keep = {f.name for f in dataclasses.fields(SCHEMAS.get(command, TrainSchema))}
+    if SCHEMAS.get(command, TrainSchema) is TrainSchema:
+        return recipe
+
+    def wanted(entry) -> bool:
+        if not isinstance(entry, (dict, DictConfig)):
+            return True  # `_self_`, or another recipe
+        key = str(next(iter(entry)))
+        return key.removeprefix("override ").lstrip("/").split("@")[0].split("/")[0] in keep
+
+    out = OmegaConf.create({k: v for k, v in recipe.items() if k != "defaults" and k in keep})
+    if "defaults" in recipe:
+        out.defaults = [d for d in recipe.defaults if wanted(d)]
+    return out
 
 
 def suggest(name: str, options) -> str:
@@ -268,7 +288,7 @@ def _check_pluggable_keys(command: str, overrides: list[str], dotted: list[tuple
     from ftune.paths import configs_dir
 
     choices = [a for a in overrides if not a.startswith("-") and "=" in a and "." not in a.split("=", 1)[0]]
-    register_configs()
+    register_configs(command)
     outer = get_gh_backup()  # an initialised Hydra around us (a test's compose) is left as it was
     GlobalHydra.instance().clear()
     try:

@@ -279,3 +279,28 @@ def test_eval_of_a_jsonl_file_names_eval_split(tmp_path, capsys, monkeypatch):
     check_eval_data(d, e, in_training=False)
     with pytest.raises(ConfigError, match="would score the model on its own training examples"):
         check_eval_data(d, e)
+
+
+@pytest.mark.parametrize(("command", "expect"), [
+    ("eval", {"eval.limit": 200, "data.packing": True, "data.source": "gsm8k", "model.name_or_path": "smollm2-135m"}),
+    ("generate", {"model.name_or_path": "smollm2-135m", "max_new_tokens": 256}),
+    ("select", {"peft.r": 16, "trainer.grad_accum": 4, "eval.limit": 200}),
+])
+def test_a_recipe_works_with_every_command_taking_the_parts_it_reads(command, expect, capsys, monkeypatch):
+    """`ftune eval +recipe=lora_gsm8k` takes the recipe's model, data and eval (no peft/trainer: eval has none)."""
+    from omegaconf import OmegaConf
+
+    from ftune.cli import main
+    from ftune.config import register_configs
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        main([command, "+recipe=lora_gsm8k", *(["prompt=hi"] if command == "generate" else []), "--cfg", "job"])
+    finally:
+        register_configs()  # the other tests compose training configs
+    cfg = OmegaConf.create(yaml.safe_load(capsys.readouterr().out))
+    for key, value in expect.items():
+        got = OmegaConf.select(cfg, key)
+        assert got == value or (key == "model.name_or_path" and value in str(got)), (key, got)
+    if command != "select":
+        assert "peft" not in cfg and "trainer" not in cfg
