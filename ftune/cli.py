@@ -31,56 +31,6 @@ generate: `--cfg job` (print the composed config), `--info defaults`, `--config-
 """
 
 
-def quiet_library_noise(cfg) -> None:
-    """Silence messages the libraries print on every run that ask nothing of the user: DeepSpeed's "unable to detect
-    a GPU" warning when accelerate merely imports it on a machine without an accelerator (the CPU is then named for
-    it), peft's call of a deprecated transformers property, and bitsandbytes' hint about an optional 4-bit CPU kernel
-    package unless the run quantizes."""
-    import warnings
-
-    import torch
-    from omegaconf import OmegaConf
-
-    if "DS_ACCELERATOR" not in os.environ and not torch.accelerator.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not (OmegaConf.is_config(cfg) and OmegaConf.select(cfg, "peft.quantize", default=None)):
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-def run_reporting_errors(fn, cfg):
-    """Run fn(cfg); turn the errors a user can fix into one clear paragraph and exit code 2."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    quiet_library_noise(cfg)
-
-    from ftune.config import ConfigError
-    from ftune.data.sources import DataError
-    from ftune.models.loading import ModelLoadError
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "output_dir" in cfg:
-        cfg.output_dir = HydraConfig.get().runtime.output_dir  # sweep job k writes to <output_dir>/k
-    from ftune.training.checkpoint import SaveError
-    from ftune.training.watchdog import TrainingError
-
-    try:
-        return fn(cfg)
-    except (ConfigError, DataError, ModelLoadError, SaveError, TrainingError) as e:
-        kind = next(k for cls, k in ((ConfigError, "config"), (DataError, "data"), (ModelLoadError, "model"),
-                                     (SaveError, "save"), (TrainingError, "training")) if isinstance(e, cls))
-        print(f"ftune: {kind} error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:  # gloo's timeout at a collective, or a peer gone: said with what to look at
-        from ftune.training.network import collective_timeout_said, peer_closed_said
-
-        said = collective_timeout_said(e, cfg) or peer_closed_said(e)
-        if said is None:
-            raise
-        print(f"ftune: distributed error: {said}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:
     """`--nproc N` / `--nproc=N` out of the arguments."""
     out, nproc, i = [], 1, 0
@@ -241,7 +191,9 @@ def list_recipes() -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    from ftune.reporting import LOG_FORMAT
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(commands="\n".join(f"  {k:9s} {v[1]}" for k, v in COMMANDS.items())))
         sys.exit(0 if argv else 2)
@@ -269,18 +221,6 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         check_overrides(command, rest)
-        if command == "train":  # before Hydra writes .hydra/ into an earlier run's directory
-            from ftune.train import refuse_existing_run
-
-            refuse_existing_run(rest)
-        elif command in ("eval", "select"):
-            from ftune.train import refuse_unwritable_output_dir
-
-            refuse_unwritable_output_dir(rest)
-        if command in ("eval", "generate"):
-            from ftune.config import refuse_model_beside_run_dir
-
-            refuse_model_beside_run_dir(rest)
     except ConfigError as e:
         print(f"ftune: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -292,8 +232,6 @@ def main(argv: list[str] | None = None) -> None:
     from ftune.config import register_configs
 
     register_configs(command)  # recipes with the parts this command reads
-    if command == "train":
-        rest = module.rank_argv(rest)
     sys.argv = [f"ftune {command}", *rest]
     module.main()
 

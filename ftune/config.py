@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -214,33 +213,6 @@ def with_overrides(argv: list[str], *extra: str) -> list[str]:
     argv = overrides_first(argv)
     n = sum(map(_is_override, argv))
     return [*argv[:n], *extra, *argv[n:]]
-
-
-def given(argv: list[str], key: str) -> str | None:
-    """The value of `key=` (or `+key=`, `++key=`) on the command line, the last one if repeated."""
-    value = None
-    for arg in argv:
-        k, sep, v = arg.partition("=")
-        if sep and k.lstrip("+~") == key:
-            value = v
-    return value
-
-
-def refuse_model_beside_run_dir(overrides: list[str]) -> None:
-    """`ftune eval/generate run_dir=RUN model=...`: a run recorded the base model it was trained on, and that base is
-    the one loaded, so another model named beside it would be silently ignored."""
-    run_dir = given(overrides, "run_dir")
-    chosen = [f"{k}={v}" for k in ("model", "model.name_or_path") if (v := given(overrides, k)) is not None]
-    if not run_dir or run_dir == "null" or not chosen:
-        return
-    recorded = next((d / "ftune_config.yaml" for d in (Path(run_dir).expanduser(), Path(run_dir).expanduser() / "final")
-                     if (d / "ftune_config.yaml").is_file()), None)
-    if recorded is None:
-        return  # not a run of ours (e.g. a bare adapter): the model named is its base
-    base = OmegaConf.select(OmegaConf.load(recorded), "model.name_or_path")
-    raise ConfigError(f"{' and '.join(chosen)} would be ignored: run_dir={run_dir} was trained on {base} "
-                      f"(recorded in {recorded}), and that base is the one loaded. Drop {chosen[0].split('=')[0]}=..., "
-                      f"or drop run_dir to evaluate the model alone.")
 
 
 def check_overrides(command: str, overrides: list[str]) -> None:

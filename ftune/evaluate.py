@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ftune import preflight
+from ftune import preflight, run_record
 from ftune.config import register_configs
 from ftune.paths import configs_dir
 
@@ -26,6 +26,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from ftune.models.runs import load_for_inference
 
     preflight.evaluate(cfg)
+    run_record.write(cfg, Path(cfg.output_dir))
     set_seed(cfg.seed)
     inputs = None
     if cfg.eval.task == "reasoning_gym":  # held-out problems drawn (and checked against training) before the model
@@ -59,7 +60,7 @@ def _trained_on(cfg: DictConfig) -> tuple[DictConfig, int]:
 
 @hydra.main(config_path=str(configs_dir()), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
 
     run_reporting_errors(evaluate, cfg)
 

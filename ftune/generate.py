@@ -32,7 +32,7 @@ def generate_answer(cfg: DictConfig) -> str:
 
 @hydra.main(config_path=str(configs_dir()), config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
 
     run_reporting_errors(generate_answer, cfg)
 

@@ -106,7 +106,7 @@ def merge_run(run_dir: str | Path, out: str | Path | None = None, force: bool = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="ftune merge", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("run_dir", help="a run directory (or its final/ or a checkpoint-N/)")

@@ -401,10 +401,16 @@ def validate_train(cfg: DictConfig, p: Problems | None = None) -> dict[str, type
 def train(cfg: DictConfig) -> Plan:
     """The training run's preflight: every config check (validate_train), the device's, and the plug-ins built
     (their constructors check their values). Raises PreflightError with every problem, or returns the Plan."""
+    from ftune.run_record import given_on_command_line, hydra_overrides
     from ftune.training.distributed import check_device
 
     p = Problems()
     plan = Plan(targets=validate_train(cfg, p))
+    if (OmegaConf.select(cfg, "trainer.resume", default=None) == "auto" and hydra_overrides() is not None
+            and not given_on_command_line("output_dir")):
+        p.add("trainer.resume=auto continues the run in output_dir, but no output_dir was given: this run would start "
+              "in a new outputs/<date>/<time> with nothing to continue. Add output_dir=<that run's directory> (`ftune "
+              "train` prints it at the end of a run and when it stops).")
     if "trainer" in cfg and not OmegaConf.missing_keys(cfg):
         p.run(check_device, cfg)
     built = {g: p.run(build, cfg[g]) for g, fn in plan.targets.items() if fn is not None and g not in p.failed}
@@ -413,10 +419,55 @@ def train(cfg: DictConfig) -> Plan:
     return plan
 
 
+def given(argv: list[str], key: str) -> str | None:
+    """The value of `key=` (or `+key=`, `++key=`) among overrides, the last one if repeated."""
+    value = None
+    for arg in argv:
+        k, sep, v = arg.partition("=")
+        if sep and k.lstrip("+~") == key:
+            value = v
+    return value
+
+
+def refuse_model_beside_run_dir(overrides: list[str]) -> None:
+    """`ftune eval/generate run_dir=RUN model=...` (`overrides`: the command line's, from the composed config's
+    Hydra node): a run recorded the base model it was trained on, and that base is the one loaded, so another model
+    named beside it would be silently ignored."""
+    run_dir = given(overrides, "run_dir")
+    chosen = [f"{k}={v}" for k in ("model", "model.name_or_path") if (v := given(overrides, k)) is not None]
+    if not run_dir or run_dir == "null" or not chosen:
+        return
+    recorded = next((d / "ftune_config.yaml" for d in (Path(run_dir).expanduser(), Path(run_dir).expanduser() / "final")
+                     if (d / "ftune_config.yaml").is_file()), None)
+    if recorded is None:
+        return  # not a run of ours (e.g. a bare adapter): the model named is its base
+    base = OmegaConf.select(OmegaConf.load(recorded), "model.name_or_path")
+    raise ConfigError(f"{' and '.join(chosen)} would be ignored: run_dir={run_dir} was trained on {base} "
+                      f"(recorded in {recorded}), and that base is the one loaded. Drop {chosen[0].split('=')[0]}=..., "
+                      f"or drop run_dir to evaluate the model alone.")
+
+
+def check_writable(out: Path) -> None:
+    """An output directory that can be made and written (a probe file, one per process)."""
+    import os
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir={out} is not writable ({e.strerror}). Choose another output_dir.") from None
+
+
 def evaluate(cfg: DictConfig) -> None:
     """`ftune eval`'s preflight (the reasoning-gym problems are checked where the run's data is known)."""
+    from ftune.run_record import hydra_overrides
+
     p = Problems()
+    p.run(refuse_model_beside_run_dir, hydra_overrides() or [])
     if check_common(cfg, p):
+        p.run(check_writable, Path(cfg.output_dir))
         if cfg.eval.task == "none":
             p.add("eval.task=none: nothing to evaluate. Use eval=gsm8k or eval=preference.")
         else:
@@ -426,6 +477,9 @@ def evaluate(cfg: DictConfig) -> None:
 
 def generate(cfg: DictConfig) -> None:
     """`ftune generate`'s preflight."""
+    from ftune.run_record import hydra_overrides
+
     p = Problems()
+    p.run(refuse_model_beside_run_dir, hydra_overrides() or [])
     check_common(cfg, p)
     p.raise_any()

@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ftune import preflight
+from ftune import preflight, run_record
 from ftune.config import ConfigError, build, register_configs
 from ftune.paths import configs_dir
 
@@ -92,6 +92,8 @@ def select_data(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if taken:
         raise ConfigError(f"output_dir={out} already holds a selection ({', '.join(taken)}). Choose another "
                           f"output_dir; nothing was overwritten.")
+    preflight.check_writable(out)
+    run_record.write(cfg, out)
     selector = build(cfg.selection)
     if hasattr(selector, "bind_config"):
         selector.bind_config(cfg)
@@ -134,7 +136,7 @@ def select_data(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
 
     overrides = list(HydraConfig.get().overrides.task)
     run_reporting_errors(lambda c: select_data(c, overrides), cfg)

@@ -149,7 +149,7 @@ def make_soup(run_dirs: list[str | Path], out: str | Path, force: bool = False, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="ftune soup", description="Average fine-tunes of one base model "
                                      "(uniform or greedy model soup) into a plain model directory.")

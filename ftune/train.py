@@ -22,9 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ftune import preflight
+from ftune import preflight, run_record
 from ftune.atomic import write_json_atomic
-from ftune.config import ConfigError, given, register_configs, with_overrides
+from ftune.config import ConfigError, register_configs
 from ftune.paths import configs_dir
 from ftune.training import checkpoint as ckpt
 from ftune.training import cpu_malloc, engine_state
@@ -88,44 +88,6 @@ def _check_fresh(out: Path, resume) -> None:
                           f"another output_dir. Its checkpoints and outputs were not touched.")
 
 
-def refuse_existing_run(argv: list[str]) -> None:
-    """The fresh-run check for an `output_dir=` given on the command line, before Hydra starts: Hydra writes `.hydra/`
-    (the run's recorded config) into the run directory before the job runs, so a refused rerun would otherwise
-    replace the config of the run it refuses to touch. Sweeps (`-m`, which write into output_dir/K) and the printing
-    flags (`--cfg`, `--info`, `--help`) are left alone; the Trainer checks again whatever path the config resolves."""
-    if any(a in HYDRA_FLAGS for a in argv):
-        return
-    out, resume = given(argv, "output_dir"), _given_resume(argv)
-    if out is None and resume == "auto":
-        raise ConfigError("trainer.resume=auto continues the run in output_dir, but no output_dir was given: this run "
-                          "would start in a new outputs/<date>/<time> with nothing to continue. Add output_dir=<that "
-                          "run's directory> (`ftune train` prints it at the end of a run and when it stops).")
-    if out and "${" not in out:
-        _check_fresh(Path(out), resume)
-    refuse_unwritable_output_dir(argv)
-
-
-HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
-
-
-def refuse_unwritable_output_dir(argv: list[str]) -> None:
-    """An `output_dir=` given on the command line that cannot be made or written: Hydra makes it before the job runs
-    and would end in a traceback."""
-    out = given(argv, "output_dir")
-    if out and "${" not in out and not any(a in HYDRA_FLAGS for a in argv):
-        _check_writable(Path(out))
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"  # one per process: ranks check the same directory at once
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir={out} is not writable ({e.strerror}). Choose another output_dir.") from None
-
-
 def _check_world_size(seen: int) -> None:
     """Refuse to train when the launcher started more processes than accelerate joined into one group: each would
     then train alone on its shard, never syncing gradients (on CPU this happens without ACCELERATE_USE_CPU=true)."""
@@ -134,27 +96,6 @@ def _check_world_size(seen: int) -> None:
         raise ConfigError(f"{launched} processes were launched but accelerate sees {seen}, so they would not share "
                           f"gradients. On a CPU, set ACCELERATE_USE_CPU=true (gloo), or launch with "
                           f"`ftune train --nproc {launched} ...`, which sets what is needed.")
-
-
-def _given_resume(argv: list[str]) -> str | None:
-    """`trainer.resume=` from the command line; None when absent or null."""
-    resume = given(argv, "trainer.resume")
-    return None if resume is None or resume.lower() in ("", "null", "none") else resume
-
-
-def rank_argv(argv: list[str]) -> list[str]:
-    """Hydra overrides for this process. A process that is not rank 0 of a multi-process run writes no `.hydra/` and
-    no log file into the run directory (rank 0 does). A run that continues an earlier one in its output_dir
-    (trainer.resume) records its own config in `.hydra/resume-<UTC time>/`: Hydra would otherwise overwrite the
-    earlier run's `.hydra/config.yaml`, the record of how its first steps were trained."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return with_overrides(argv, "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none")
-    out = given(argv, "output_dir")
-    if (out and _given_resume(argv) and given(argv, "hydra.output_subdir") is None
-            and (Path(out) / ".hydra" / "config.yaml").is_file()):
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        return with_overrides(argv, f"hydra.output_subdir=.hydra/resume-{stamp}")
-    return argv
 
 
 class Trainer:
@@ -187,9 +128,11 @@ class Trainer:
         self.is_main = self.acc.is_main_process
         # One directory for every rank (rank 0's), fresh or resumable, writable, and seen from every machine.
         self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir),
-                                          lambda out: (_check_fresh(out, t.resume), _check_writable(out)))
+                                          lambda out: (_check_fresh(out, t.resume), preflight.check_writable(out)))
         if not self.is_main:
             cfg.output_dir = str(self.out)
+        else:  # the record of the run (.hydra/, train.log), now that the directory is known to be this run's
+            run_record.write(cfg, self.out)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_from = _resume_point(cfg, self.ckpt_root)
         if self.resume_from is not None:
@@ -557,7 +500,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path=str(configs_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
 
     try:
         run_reporting_errors(train, cfg)
@@ -566,10 +509,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        refuse_existing_run(sys.argv[1:])
-    except ConfigError as e:
-        print(f"ftune: config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.argv = ["ftune train", *rank_argv(sys.argv[1:])]
+    sys.argv[0] = "ftune train"
     main()

@@ -179,8 +179,8 @@ def test_sweep_jobs_get_their_own_output_dirs(tmp_path, tiny_tokenizer):
 
 
 def test_a_refused_rerun_leaves_the_earlier_runs_recorded_config_alone(tmp_path):
-    """Hydra writes .hydra/ before the job starts; the refusal of an output_dir that holds a run comes first, from
-    `ftune train` and from `python -m ftune.train` (what torchrun and accelerate launch run)."""
+    """The run's record (.hydra/, train.log) is written after the checks, so a refused rerun, from `ftune train` or
+    from `python -m ftune.train` (what torchrun and accelerate launch run), leaves the earlier run's as it was."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
@@ -240,7 +240,8 @@ def test_a_resumed_run_keeps_the_first_runs_recorded_config(tmp_path):
 def test_a_model_beside_a_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     """The run's recorded base is what eval/generate load: a model named beside run_dir was silently ignored."""
     from ftune.cli import main
-    from ftune.config import ConfigError, refuse_model_beside_run_dir
+    from ftune.config import ConfigError
+    from ftune.preflight import refuse_model_beside_run_dir
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the launch directory on sys.path
     (tmp_path / "run" / "final").mkdir(parents=True)

@@ -172,7 +172,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     assert any(not torch.equal(before[n], p) for n, p in t.model.named_parameters() if p.requires_grad)
 
     monkeypatch.setattr(SFT, "__call__", lambda self, model, batch: (real(self, model, batch)[0] * float("nan"), {}))
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
     from ftune.train import train
 
     with pytest.raises(SystemExit) as exc:  # said as one paragraph, not a traceback
@@ -216,7 +216,7 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_earlier_checkpoint(tmp_pa
     and the intact checkpoint-2; no half-written directory is left behind."""
     import errno
 
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
     from ftune.train import train
     from ftune.training import checkpoint as ckpt
 

@@ -314,7 +314,7 @@ def workdir(tmp_path, monkeypatch):
 
 def run_case(case: Case, tmp: Path, compose, capsys) -> str:
     """Compose BASE + the case's overrides and run `ftune train`'s reporting path; returns the error message."""
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
     from ftune.train import train
 
     data_file = tmp / "data.jsonl"
@@ -350,7 +350,7 @@ SEVERAL = [("trainer.warmup_ratio=2", r"trainer\.warmup_ratio=2(\.0)? must be in
 
 
 def test_several_mistakes_are_reported_at_once(workdir, compose, capsys):
-    from ftune.cli import run_reporting_errors
+    from ftune.reporting import run_reporting_errors
     from ftune.train import train
 
     cfg = compose(_format([*BASE, f"output_dir={workdir}/run", *DPO, *[o for o, _ in SEVERAL]], workdir,

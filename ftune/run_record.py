@@ -1,0 +1,68 @@
+"""The record of a run in its directory, written by the job once its checks have passed (Hydra is told to write
+nothing itself: `hydra.output_subdir: null`, no job logging, `hydra.run.dir: .`), so a refused run leaves an
+earlier run's directory exactly as it was and an unmakeable output_dir is an error, not a traceback.
+
+- `.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`: what Hydra would have written. A run that continues an
+  earlier one (trainer.resume) writes them to `.hydra/resume-<UTC time>/`, so the record of how the first steps
+  were trained stays.
+- `<command>.log` (train.log, evaluate.log, ...): this process's log from here on, as Hydra's job logging wrote it.
+
+Only the main process of a multi-process run writes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ftune.atomic import write_text_atomic
+from ftune.reporting import LOG_FORMAT
+
+
+def hydra_overrides() -> list[str] | None:
+    """The command line's overrides, as the composed config's Hydra node holds them (None outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def given_on_command_line(key: str) -> bool:
+    """Whether `key=` (or `+key=`, `++key=`) was on the command line; False outside a Hydra job."""
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in hydra_overrides() or [])
+
+
+def write(cfg: DictConfig, out: Path) -> Path | None:
+    """Write the record into `out` and start its log file; returns the record's directory (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None  # the API (ftune.train.train(cfg)): the caller keeps its own record
+    hc = HydraConfig.get()
+    where = out / ".hydra"
+    if (where / "config.yaml").is_file():
+        where = where / f"resume-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    where.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(where / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomic(where / "hydra.yaml", OmegaConf.to_yaml({"hydra": hc}))
+    write_text_atomic(where / "overrides.yaml", OmegaConf.to_yaml(list(hc.overrides.task)))
+    close_log()
+    handler = logging.FileHandler(out / f"{hc.job.name}.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    _open.append(handler)
+    return where
+
+
+_open: list[logging.Handler] = []
+
+
+def close_log() -> None:
+    """Stop writing the log file `write` started (at the end of a job: a sweep runs several in one process)."""
+    root = logging.getLogger()
+    while _open:
+        handler = _open.pop()
+        root.removeHandler(handler)
+        handler.close()
