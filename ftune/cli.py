@@ -191,7 +191,7 @@ def list_recipes() -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from ftune.reporting import LOG_FORMAT
+    from ftune.run_record import LOG_FORMAT
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -62,7 +62,7 @@ def _trained_on(cfg: DictConfig) -> tuple[DictConfig, int]:
 def main(cfg: DictConfig) -> None:
     from ftune.reporting import run_reporting_errors
 
-    run_reporting_errors(evaluate, cfg)
+    run_reporting_errors(evaluate, cfg, hydra_job=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def generate_answer(cfg: DictConfig) -> str:
 def main(cfg: DictConfig) -> None:
     from ftune.reporting import run_reporting_errors
 
-    run_reporting_errors(generate_answer, cfg)
+    run_reporting_errors(generate_answer, cfg, hydra_job=True)
 
 
 if __name__ == "__main__":

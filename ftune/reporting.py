@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+from ftune.run_record import LOG_FORMAT, begin_job, end_job
 
 
 def quiet_library_noise(cfg) -> None:
@@ -28,8 +28,9 @@ def quiet_library_noise(cfg) -> None:
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def run_reporting_errors(fn, cfg):
-    """Run fn(cfg); turn the errors a user can fix into one clear paragraph and exit code 2."""
+def run_reporting_errors(fn, cfg, hydra_job: bool = False):
+    """Run fn(cfg); turn the errors a user can fix into one clear paragraph and exit code 2. `hydra_job`: fn is the
+    job of a Hydra entry point (its command line and run record come from Hydra's node: ftune/run_record.py)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -48,10 +49,10 @@ def run_reporting_errors(fn, cfg):
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and "output_dir" in cfg:
         cfg.output_dir = HydraConfig.get().runtime.output_dir  # sweep job k writes to <output_dir>/k
-    from ftune.run_record import close_log
     from ftune.training.checkpoint import SaveError
     from ftune.training.watchdog import TrainingError
 
+    begin_job(hydra_job)
     try:
         return fn(cfg)
     except (ConfigError, DataError, ModelLoadError, SaveError, TrainingError) as e:
@@ -68,4 +69,4 @@ def run_reporting_errors(fn, cfg):
         print(f"ftune: distributed error: {said}", file=sys.stderr)
         sys.exit(2)
     finally:
-        close_log()
+        end_job()

@@ -19,14 +19,30 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ftune.atomic import write_text_atomic
-from ftune.reporting import LOG_FORMAT
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+_job: list = []  # the Hydra node of the job running now (set by ftune.reporting.run_reporting_errors)
+
+
+def begin_job(hydra_job: bool) -> None:
+    """Called as a job starts: a Hydra entry point's job reads the command line from its Hydra node; a composed
+    config used through the API (e.g. `ftune.train.train(cfg)`) has none, even after a Hydra job ran in the same
+    process (Hydra leaves its node set)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    _job[:] = [HydraConfig.get()] if hydra_job and HydraConfig.initialized() else []
+
+
+def end_job() -> None:
+    close_log()
+    _job.clear()
 
 
 def hydra_overrides() -> list[str] | None:
-    """The command line's overrides, as the composed config's Hydra node holds them (None outside a Hydra job)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+    """The command line's overrides, as the running job's Hydra node holds them (None outside a Hydra job)."""
+    return list(_job[0].overrides.task) if _job else None
 
 
 def given_on_command_line(key: str) -> bool:
@@ -36,11 +52,9 @@ def given_on_command_line(key: str) -> bool:
 
 def write(cfg: DictConfig, out: Path) -> Path | None:
     """Write the record into `out` and start its log file; returns the record's directory (None outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
+    if not _job:
         return None  # the API (ftune.train.train(cfg)): the caller keeps its own record
-    hc = HydraConfig.get()
+    hc = _job[0]
     where = out / ".hydra"
     if (where / "config.yaml").is_file():
         where = where / f"resume-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"

@@ -139,7 +139,7 @@ def main(cfg: DictConfig) -> None:
     from ftune.reporting import run_reporting_errors
 
     overrides = list(HydraConfig.get().overrides.task)
-    run_reporting_errors(lambda c: select_data(c, overrides), cfg)
+    run_reporting_errors(lambda c: select_data(c, overrides), cfg, hydra_job=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ The objective (`cfg.objective._target_`) is the only seam: the loop never branch
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -20,16 +19,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ftune import preflight, run_record
 from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError, register_configs
 from ftune.paths import configs_dir
-from ftune.training import checkpoint as ckpt
-from ftune.training import cpu_malloc, engine_state
+from ftune.training import cpu_malloc, engine_state, run_state
 from ftune.training import distributed as dist
-from ftune.training.metrics import MetricsLog, plot_loss
+from ftune.training.metrics import MetricsLog, plot_loss, summary_text
 from ftune.training.profiling import step_profiler
 from ftune.training.watchdog import SpikeGuard, TrainingError
 
@@ -42,50 +40,6 @@ def _reduce_sum(accelerator, value: float | int) -> float:
         return float(value)
     t = torch.tensor(float(value), dtype=torch.float64, device=accelerator.device)
     return float(accelerator.reduce(t, reduction="sum"))
-
-
-def _resume_point(cfg: DictConfig, root: Path) -> Path | None:
-    """The checkpoint to resume from, checked (integrity, same model and method) before anything is loaded."""
-    resume = cfg.trainer.resume
-    if resume is None:
-        return None
-    if resume == "auto":
-        # The newest of the last intact checkpoint and the run's final/ (saved like a checkpoint, at the end of the
-        # run: a run that kept no checkpoints, or one asked for more steps after it finished, goes on from there).
-        found = [c for c in (ckpt.latest_valid(root), root.parent / "final") if c is not None and c.is_dir()]
-        found = [c for c in found if c.name != "final" or ckpt.verify(c) is None]
-        if not found:
-            log.info("trainer.resume=auto: no complete checkpoint in %s; starting from scratch.", root)
-            return None
-        path = max(found, key=ckpt.saved_step) if len(found) > 1 else found[0]
-    else:
-        path = Path(resume).expanduser()
-        if not path.is_dir():
-            raise ConfigError(f"trainer.resume={resume}: no such directory. Use auto, or a checkpoint-N directory.")
-        problem = ckpt.verify(path)
-        if problem:
-            raise ConfigError(f"trainer.resume={resume}: the checkpoint is damaged ({problem}). Use an earlier one.")
-    saved = OmegaConf.load(path / "ftune_config.yaml")
-    for key in ("model.name_or_path", "peft._target_"):
-        if OmegaConf.select(saved, key) != OmegaConf.select(cfg, key):
-            raise ConfigError(f"trainer.resume: {path} was trained with {key}={OmegaConf.select(saved, key)}, this "
-                              f"run has {OmegaConf.select(cfg, key)}. Resume with the same {key}, or start afresh.")
-    # The method's other settings shape or scale what was trained (r, alpha, targets, ...); dropout and the fused
-    # kernel may change.
-    was, now = (OmegaConf.to_container(c.peft, resolve=True) for c in (saved, cfg))
-    changed = [f"peft.{k}={was.get(k)!r} (this run: {now.get(k)!r})" for k in sorted(set(was) | set(now))
-               if k not in ("dropout", "fused") and was.get(k) != now.get(k)]
-    if changed:
-        raise ConfigError(f"trainer.resume: {path} was trained with {', '.join(changed)}. A resumed run keeps the "
-                          f"method's settings: resume with the same ones, or start a new run in another output_dir.")
-    return path
-
-
-def _check_fresh(out: Path, resume) -> None:
-    """Never overwrite a previous run in the same output_dir unless asked to continue it."""
-    if resume is None and any((out / name).exists() for name in ("final", "checkpoints", "metrics.jsonl")):
-        raise ConfigError(f"output_dir={out} already holds a run. Continue it with trainer.resume=auto, or choose "
-                          f"another output_dir. Its checkpoints and outputs were not touched.")
 
 
 def _check_world_size(seen: int) -> None:
@@ -127,14 +81,17 @@ class Trainer:
         dist.check_engine_limits(self.acc, self.objective, "objective")
         self.is_main = self.acc.is_main_process
         # One directory for every rank (rank 0's), fresh or resumable, writable, and seen from every machine.
-        self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir),
-                                          lambda out: (_check_fresh(out, t.resume), preflight.check_writable(out)))
+        def fresh_and_writable(out: Path) -> None:
+            run_state.check_fresh(out, t.resume)
+            preflight.check_writable(out)
+
+        self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir), fresh_and_writable)
         if not self.is_main:
             cfg.output_dir = str(self.out)
         else:  # the record of the run (.hydra/, train.log), now that the directory is known to be this run's
             run_record.write(cfg, self.out)
         self.ckpt_root = self.out / "checkpoints"
-        self.resume_from = _resume_point(cfg, self.ckpt_root)
+        self.resume_from = run_state.resume_point(cfg, self.ckpt_root)
         if self.resume_from is not None:
             self.acc = engine_state.keep_resumed_precision(self.acc, cfg, self.resume_from)
         # How the checkpoint's optimizer state goes back: the engine's own load, through DeepSpeed's universal
@@ -224,72 +181,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> Path:
-        """Write `name` (checkpoint-N or final) atomically: tmp dir, fsync, manifest, rename."""
-        root = self.ckpt_root if name.startswith("checkpoint-") else self.out
-        tmp = root / f".tmp-{name}"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self.acc.wait_for_everyone()
-        torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.acc.process_index}.pt")
-        self.acc.wait_for_everyone()
-        final = root / name
-        # Collective under FSDP2 / DeepSpeed: every rank writes its optimizer shards into tmp, then the PEFT method's
-        # weights are gathered and rank 0 writes them as plain full tensors.
-        optimizer_state = engine_state.optimizer_state(self.acc, self.model, self.optimizer, tmp)
-        names = engine_state.param_names(self.acc, self.model, self.optimizer)
-        # An adapter method saves its trainable weights only: only those are gathered from the shards.
-        # A method whose save runs a forward (prompt tuning) runs it on every rank under ZeRO-3; rank 0 writes.
-        every = dist.is_zero3(self.acc) and getattr(self.peft, "save_runs_forward", False)
-        with dist.full_parameters(self.acc, self.model, whole=not self.peft.adapter) as model:
-            if self.is_main:
-                self.peft.save(model, tmp)
-            elif every:
-                self.peft.save(model, tmp, write=False)
-        if self.is_main:
-            try:
-                self.tokenizer.save_pretrained(tmp)
-                (tmp / "ftune_config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-                (tmp / engine_state.ENGINE_FILE).write_text(json.dumps(dist.engine_record(self.acc)))
-                torch.save({"step": self.step, "skipped": self.skipped, "optimizer": optimizer_state,
-                            "param_names": names,
-                            "scheduler": self.scheduler.state_dict(), "spike_guard": self.spikes.state_dict()},
-                           tmp / ckpt.STATE)
-                ckpt.finalize(tmp, final)
-            except OSError as e:  # disk full, quota, permissions: say so, keep every complete checkpoint
-                import shutil
-
-                shutil.rmtree(tmp, ignore_errors=True)
-                good = ckpt.latest_valid(self.ckpt_root)
-                raise ckpt.SaveError(
-                    f"could not write {name} to {root} at step {self.step} ({e.strerror or e}). Nothing written "
-                    f"before was touched; the newest complete checkpoint is {good or 'none'}. Free space (or fix "
-                    f"permissions) and continue with `ftune train ... output_dir={self.out} trainer.resume=auto`."
-                ) from None
-            if root == self.ckpt_root:
-                ckpt.prune(self.ckpt_root, self.cfg.trainer.keep_last)
-        self.acc.wait_for_everyone()
-        return final
+        return run_state.save(self, name)
 
     def _load(self, path: Path) -> None:
-        with dist.full_parameters(self.acc, self.model, ranks="all", whole=not self.peft.adapter) as model:
-            self.peft.load_trainable(model, path)
-        state = torch.load(path / ckpt.STATE, weights_only=False)
-        engine_state.load_optimizer_state(self.acc, self.model, self.optimizer, state["optimizer"], path,
-                                          self.out / ".universal-checkpoint", self.resume_how,
-                                          state.get("param_names"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.skipped = state["step"], state["skipped"]
-        if "spike_guard" in state:
-            self.spikes.load_state_dict(state["spike_guard"])
-        rng = path / f"rng_rank{self.acc.process_index}.pt"
-        if rng.exists():
-            ckpt.set_rng_state(torch.load(rng, weights_only=False))
-        log.info("Resumed from %s at step %d.", path, self.step)
+        run_state.load(self, path)
 
     # ---------------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -463,34 +358,8 @@ class Trainer:
         if self.is_main:
             write_json_atomic(self.out / "summary.json", summary, indent=2)
             plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
-            acc.print(_summary_text(summary, self.out))
+            acc.print(summary_text(summary, self.out))
         return summary
-
-
-def _summary_text(s: dict, out: Path) -> str:
-    lines = [f"Done: {s['steps']} steps, {s['train_tokens']:.0f} tokens in {s['train_seconds']:.1f}s "
-             f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"
-             if s["train_tokens"] or not s["steps"] else
-             f"Done: nothing left to train, the checkpoint was at step {s['steps']} (raise trainer.max_steps to go on)"]
-    if s["eval"]:
-        lines.append("  held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in s["eval"].items()))
-    if s["task_end"]:
-        start, end = s["task_start"] or {}, s["task_end"]
-        keys = [k for k in end if k.endswith("_accuracy")] or ["accuracy"]  # `accuracy` repeats one of them
-        keys += ["answer_format"] if "answer_format" in end else []  # answers ending in `#### N`
-        shown = [f"{k} {start[k]:.3f} -> {end[k]:.3f}" if k in start else f"{k} {end[k]:.3f}" for k in keys]
-        lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
-        if end.get("tasks"):
-            from ftune.eval.tasks import task_table
-
-            lines.append(task_table(s["task_start"], end))
-    if s.get("composition"):
-        c = s["composition"]
-        lines.append(f"  training data ({c['examples']} examples): "
-                     + ", ".join(f"{k} {v:.1f}%" for k, v in c["percent"].items()))
-    lines.append(f"  model: {s['output']}\n  metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}), "
-                 f"curve: {out / 'loss.png'}")
-    return "\n".join(lines)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -503,7 +372,7 @@ def main(cfg: DictConfig) -> None:
     from ftune.reporting import run_reporting_errors
 
     try:
-        run_reporting_errors(train, cfg)
+        run_reporting_errors(train, cfg, hydra_job=True)
     finally:
         dist.end_process_group()  # the process ends here
 

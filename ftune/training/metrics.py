@@ -79,3 +79,29 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def summary_text(s: dict, out: Path) -> str:
+    lines = [f"Done: {s['steps']} steps, {s['train_tokens']:.0f} tokens in {s['train_seconds']:.1f}s "
+             f"({(s['tokens_per_s'] or 0):.0f} tok/s); final train loss {s['final_loss']:.4f}"
+             if s["train_tokens"] or not s["steps"] else
+             f"Done: nothing left to train, the checkpoint was at step {s['steps']} (raise trainer.max_steps to go on)"]
+    if s["eval"]:
+        lines.append("  held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in s["eval"].items()))
+    if s["task_end"]:
+        start, end = s["task_start"] or {}, s["task_end"]
+        keys = [k for k in end if k.endswith("_accuracy")] or ["accuracy"]  # `accuracy` repeats one of them
+        keys += ["answer_format"] if "answer_format" in end else []  # answers ending in `#### N`
+        shown = [f"{k} {start[k]:.3f} -> {end[k]:.3f}" if k in start else f"{k} {end[k]:.3f}" for k in keys]
+        lines.append(f"  {s['task']} (n={end['n']}): " + ", ".join(shown))
+        if end.get("tasks"):
+            from ftune.eval.tasks import task_table
+
+            lines.append(task_table(s["task_start"], end))
+    if s.get("composition"):
+        c = s["composition"]
+        lines.append(f"  training data ({c['examples']} examples): "
+                     + ", ".join(f"{k} {v:.1f}%" for k, v in c["percent"].items()))
+    lines.append(f"  model: {s['output']}\n  metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}), "
+                 f"curve: {out / 'loss.png'}")
+    return "\n".join(lines)
