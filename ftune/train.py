@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -21,13 +20,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ftune import preflight, run_record
+from ftune import preflight
 from ftune.atomic import write_json_atomic
-from ftune.config import ConfigError, register_configs
+from ftune.config import register_configs
 from ftune.paths import configs_dir
-from ftune.training import cpu_malloc, engine_state, run_state
 from ftune.training import distributed as dist
+from ftune.training import engine_state, run_state, steps
 from ftune.training.metrics import MetricsLog, plot_loss, summary_text
+from ftune.training.optim import build_scheduler
 from ftune.training.profiling import step_profiler
 from ftune.training.watchdog import SpikeGuard, TrainingError
 
@@ -42,54 +42,20 @@ def _reduce_sum(accelerator, value: float | int) -> float:
     return float(accelerator.reduce(t, reduction="sum"))
 
 
-def _check_world_size(seen: int) -> None:
-    """Refuse to train when the launcher started more processes than accelerate joined into one group: each would
-    then train alone on its shard, never syncing gradients (on CPU this happens without ACCELERATE_USE_CPU=true)."""
-    launched = int(os.environ.get("FTUNE_NPROC") or os.environ.get("WORLD_SIZE") or 1)
-    if launched != seen:
-        raise ConfigError(f"{launched} processes were launched but accelerate sees {seen}, so they would not share "
-                          f"gradients. On a CPU, set ACCELERATE_USE_CPU=true (gloo), or launch with "
-                          f"`ftune train --nproc {launched} ...`, which sets what is needed.")
-
-
 class Trainer:
     """Holds what the loop needs; `run()` is the loop, read top to bottom."""
 
     def __init__(self, cfg: DictConfig):
         from accelerate.utils import set_seed
 
-        from ftune.data.pipeline import prepare
-        from ftune.eval.tasks import task_inputs
-        from ftune.models.loading import fingerprint, load_model, load_tokenizer, resolve_model_dir
-        from ftune.peft.base import preflight_targets
-
         self.cfg, t = cfg, cfg.trainer
         plan = preflight.train(cfg)  # every config problem at once, before anything loads
         self.peft, self.objective, self.selector = plan.peft, plan.objective, plan.selector
         if hasattr(self.selector, "bind_config"):  # a selector that trains between rounds (iterative) needs the run
             self.selector.bind_config(cfg)
-        # A second job in the same process (a `-m` sweep, the tests) may ask for another precision; accelerate keeps
-        # its state in a process-wide singleton, so reset it (the process group, if any, is kept).
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-        self.acc = dist.make_accelerator(cfg)  # DDP, FSDP2 or DeepSpeed: accelerate's own engines (trainer.distributed)
-        _check_world_size(self.acc.num_processes)
-        # Before the data and the model take memory: freed CPU buffers stay in the process (trainer.cpu_malloc).
-        log.info("trainer.cpu_malloc: %s", cpu_malloc.apply(t.cpu_malloc, self.acc.device.type))
-        dist.check_engine_limits(self.acc, self.peft, "peft")
-        dist.check_engine_limits(self.acc, self.objective, "objective")
+        self.acc = steps.accelerator(cfg, self.peft, self.objective)  # DDP, FSDP2 or DeepSpeed (accelerate's)
         self.is_main = self.acc.is_main_process
-        # One directory for every rank (rank 0's), fresh or resumable, writable, and seen from every machine.
-        def fresh_and_writable(out: Path) -> None:
-            run_state.check_fresh(out, t.resume)
-            preflight.check_writable(out)
-
-        self.out = dist.shared_output_dir(self.acc, Path(cfg.output_dir), fresh_and_writable)
-        if not self.is_main:
-            cfg.output_dir = str(self.out)
-        else:  # the record of the run (.hydra/, train.log), now that the directory is known to be this run's
-            run_record.write(cfg, self.out)
+        self.out = steps.run_dir(cfg, self.acc)
         self.ckpt_root = self.out / "checkpoints"
         self.resume_from = run_state.resume_point(cfg, self.ckpt_root)
         if self.resume_from is not None:
@@ -100,50 +66,11 @@ class Trainer:
                            else engine_state.check_resume(self.acc, self.resume_from))
         set_seed(cfg.seed)
 
-        # Rank 0 first converts or builds the model and fills the tokenization cache (under FTUNE_HOME); then the first
-        # rank of each other machine, which finds them there if FTUNE_HOME is shared and builds its own if not; then
-        # the remaining ranks read them. (Two nested barriers: on one machine the middle phase is empty.)
-        with self.acc.main_process_first(), self.acc.local_main_process_first():
-            model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.model.revision)
-            with dist.without_zero3_init(self.acc):
-                preflight_targets(self.peft, model_dir, cfg.model.trust_remote_code)
-            self.tokenizer = load_tokenizer(model_dir)
-            tok_key = fingerprint(model_dir) + str(model_dir)
-            self.data = prepare(cfg.data, self.tokenizer, tok_key, cfg.seed, self.selector,
-                                pack_rows=cfg.data.packing, kind=self.objective.data_kind)
-        # No objective makes more rows than examples, so too few examples for one step is known before the model loads.
-        n_examples = self.data.stats["train_examples"]
-        rows_per_step = t.batch_size * t.grad_accum * self.acc.num_processes
-        if n_examples < rows_per_step:
-            raise ConfigError(f"only {n_examples} training examples, fewer than one optimizer step needs "
-                              f"(trainer.batch_size x trainer.grad_accum x processes = {rows_per_step}). "
-                              f"Lower them, or train on more examples.")
-        self.task = (task_inputs(cfg.data, cfg.eval, self.tokenizer, cfg.seed, tok_key)
-                     if cfg.eval.task != "none" and (cfg.eval.at_start or cfg.eval.at_end) else [])
-        compute = torch.bfloat16 if self.acc.mixed_precision == "bf16" else torch.float32  # auto resolved
-        model, _, _ = load_model(cfg.model, self.peft.quantization_config(compute), model_dir)
-        packed_attention = cfg.model.packed_attention
-        if packed_attention == "auto":
-            # Per example on a CPU (1.05-1.7x tok/s on packed rows there). Not yet by default on GPUs: there one kernel
-            # launch per example may cost more than the masked FLOPs it saves (scripts/gpu_check.sh attention).
-            packed_attention = "per_example" if self.acc.device.type == "cpu" and not t.compile else "masked"
-        if packed_attention == "per_example":
-            from ftune.models.packed_attention import use_packed_attention
-
-            if use_packed_attention(model):
-                log.info("model.packed_attention=%s: packed rows attend per example (SDPA per example, no row mask)",
-                         cfg.model.packed_attention)
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = self.peft.apply(model, t.gradient_checkpointing)
-        if t.compile:  # in place (nn.Module.compile): parameter names, and so the saved files, stay as they are
-            model.compile()
-        from ftune.data.batching import BatchOrder, row_tokens
-        from ftune.training.optim import build_optimizer, build_scheduler
-
-        make = getattr(self.peft, "build_optimizer", build_optimizer)  # a PEFT method may bring its own (LIFT)
-        optimizer = make(model, t, getattr(self.peft, "lr_scale", None))  # lr_scale: e.g. LoRA+
+        model_dir, self.tokenizer, tok_key, self.data = steps.load_data(cfg, self.acc, self.peft, self.objective,
+                                                                       self.selector)
+        self.task = steps.task_inputs(cfg, self.tokenizer, tok_key)
+        model = steps.build_model(cfg, self.peft, model_dir, self.acc)
+        optimizer = steps.build_optimizer(model, self.peft, t)
         dist.check_reference(self.acc, self.objective, model)
         dist.fit_deepspeed_config(self.acc, t.batch_size, t.grad_accum, max(t.max_grad_norm, 0.0),
                                   universal=self.resume_how != engine_state.NATIVE)
@@ -151,27 +78,8 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
         self.objective.setup(self)
-        # Under autocast, LoRA layers skip peft's float32 round trip of their inputs in the training step.
-        self.adapter_inputs = nullcontext()
-        with self.acc.autocast():  # whether the step really runs under torch autocast (DeepSpeed casts by itself)
-            autocast_on = torch.is_autocast_enabled(self.acc.device.type)
-        if autocast_on:
-            from ftune.peft.lora import AdapterInputsAsIs
-
-            self.adapter_inputs = AdapterInputsAsIs(self.model)
-
-        lengths = [row_tokens(r) for r in self.data.train] if cfg.data.group_by_length else None
-        if lengths is not None and getattr(self.objective, "data_kind", "sft") == "preference":
-            log.warning("data.group_by_length=true with %s: its batches already pack the chosen and rejected "
-                        "sequences into shared rows, and grouping pairs by length was measured slower for DPO "
-                        "(SmolLM2 on a CPU: 293 vs 315 tok/s) with a larger peak memory. Consider "
-                        "data.group_by_length=false.", type(self.objective).__name__)
-        self.order = BatchOrder(len(self.data.train), t.batch_size, t.grad_accum, self.acc.num_processes,
-                                self.acc.process_index, cfg.seed, lengths)
-        if self.order.steps_per_epoch == 0:
-            raise ConfigError(f"only {len(self.data.train)} training rows, fewer than one optimizer step needs "
-                              f"(trainer.batch_size x trainer.grad_accum x processes = {self.order.rows_per_step}). "
-                              f"Lower them, or train on more examples.")
+        self.adapter_inputs = steps.adapter_inputs(self.acc, self.model)
+        self.order = steps.batch_order(cfg, self.data.train, self.objective, self.acc)
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.step, self.skipped = 0, 0
