@@ -11,10 +11,29 @@ functions have the shapes of `DataSource` and `EvalTask` below.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass
+class RunContext:
+    """What an objective (and a PEFT method's `before_step`) sees of the run: the composed config, the accelerator,
+    the prepared model and its tokenizer, the data (ftune.data.pipeline.PreparedData), and where the loop is. The
+    loop keeps `step` current; `order` (ftune.data.batching.BatchOrder) and `total_steps` are set once the rows
+    are final, after `setup`. A plug-in reads it and returns what it changes; it never writes to it."""
+
+    cfg: Any
+    acc: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    data: Any
+    is_main: bool
+    order: Any = None
+    total_steps: int = 0
+    step: int = 0
 
 
 @runtime_checkable
@@ -25,8 +44,10 @@ class Objective(Protocol):
     - `normalizer(batch)` counts what the loss is summed over (e.g. response tokens), so that micro-batches and
       processes average correctly (the step's loss is sum of `__call__` / sum of normalizers);
     - `__call__(model, batch)` returns (the loss **summed** over the batch, {metric: float}) and is differentiated;
-    - `setup(trainer)` runs once after the model is prepared (a reference, self-generated samples: it may replace
-      `trainer.data.train`), `before_step(trainer, rows)` before each step (online sampling).
+    - `setup(run)` runs once after the model is prepared (`run`: a RunContext): a reference, self-generated
+      samples; it returns the data to train on when it rebuilds the rows (`dataclasses.replace(run.data, train=...)`)
+      and None otherwise; `before_step(run, rows)` runs before each step (online sampling: it may replace the rows
+      of the step's micro-batches in place).
 
     Declarations: `data_kind` "sft" (prompt/response rows) or "preference" (chosen/rejected pairs); `can_pack`
     (rows may hold several examples: data.packing); `fuses_lm_loss` (the loss is the LM head + cross-entropy alone,
@@ -43,9 +64,9 @@ class Objective(Protocol):
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]: ...
 
-    def setup(self, trainer: Any) -> None: ...
+    def setup(self, run: RunContext) -> Any: ...
 
-    def before_step(self, trainer: Any, rows: list[list[dict]]) -> None: ...
+    def before_step(self, run: RunContext, rows: list[list[dict]]) -> None: ...
 
 
 @runtime_checkable
@@ -59,7 +80,7 @@ class PeftMethod(Protocol):
 
     Declarations: `adapter` (True: the base stays frozen and the reference is the model with the adapter off);
     `name` / `instead` / `not_under` (engines it cannot run under); `aliases` {their key: ours} for "did you mean";
-    optionally `before_step(trainer)`, `build_optimizer(model, trainer_cfg, lr_scale)`, `lr_scale`,
+    optionally `before_step(run)` (a RunContext), `build_optimizer(model, trainer_cfg, lr_scale)`, `lr_scale`,
     `check_config(cfg)`.
     """
 

@@ -24,6 +24,7 @@ from ftune import preflight
 from ftune.atomic import write_json_atomic
 from ftune.config import register_configs
 from ftune.paths import configs_dir
+from ftune.protocols import RunContext
 from ftune.training import distributed as dist
 from ftune.training import engine_state, run_state, steps
 from ftune.training.metrics import MetricsLog, plot_loss, summary_text
@@ -77,10 +78,12 @@ class Trainer:
         # Model and optimizer together: FSDP2 and DeepSpeed re-point the optimizer at the sharded parameters.
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # The objective may need the initial model (a reference, self-generated samples) and may rebuild the rows.
-        self.objective.setup(self)
+        self.run_context = RunContext(cfg, self.acc, self.model, self.tokenizer, self.data, self.is_main)
+        self.data = self.run_context.data = self.objective.setup(self.run_context) or self.data
         self.adapter_inputs = steps.adapter_inputs(self.acc, self.model)
         self.order = steps.batch_order(cfg, self.data.train, self.objective, self.acc)
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.order.steps_per_epoch
+        self.run_context.order, self.run_context.total_steps = self.order, self.total_steps
         self.scheduler = build_scheduler(optimizer, t, self.total_steps)
         self.step, self.skipped = 0, 0
         self.spikes = SpikeGuard(t.spike_factor)
@@ -174,9 +177,10 @@ class Trainer:
         while self.step < self.total_steps:
             tic = time.perf_counter()
             rows = [[self.data.train[i] for i in idx] for idx in self.order.micro_batches(self.step)]
+            self.run_context.step = self.step
             if hasattr(self.peft, "before_step"):  # e.g. HFT re-selecting its half at a new epoch
-                self.peft.before_step(self)
-            self.objective.before_step(self, rows)
+                self.peft.before_step(self.run_context)
+            self.objective.before_step(self.run_context, rows)
             micro = [self.objective.collate(r, pad) for r in rows]
             n_global = _reduce_sum(acc, sum(self.objective.normalizer(b) for b in micro))
             loss_sum, sums = 0.0, {}

@@ -33,11 +33,11 @@ class FirstAnswerTokenCE:
         self.weight = weight
         FirstAnswerTokenCE.seen = []
 
-    def setup(self, trainer) -> None:
-        FirstAnswerTokenCE.seen.append({"setup": type(trainer.model).__name__})
+    def setup(self, run) -> None:
+        FirstAnswerTokenCE.seen.append({"setup": type(run).__name__})
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
-        FirstAnswerTokenCE.seen.append({"before_step": trainer.step})
+    def before_step(self, run, rows: list[list[dict]]) -> None:
+        FirstAnswerTokenCE.seen.append({"before_step": run.step})
 
     def _first(self, labels: torch.Tensor) -> torch.Tensor:
         """(row, position) of each row's first label != -100, as logits positions (shifted by one)."""
@@ -62,9 +62,9 @@ class NoNormalizer:
     data_kind = "sft"
     collate = staticmethod(collate)
 
-    def setup(self, trainer) -> None: ...
+    def setup(self, run) -> None: ...
 
-    def before_step(self, trainer, rows) -> None: ...
+    def before_step(self, run, rows) -> None: ...
 
     def __call__(self, model, batch): ...
 
@@ -79,7 +79,8 @@ def test_an_objective_defined_outside_ftune_trains_through_the_loop(tmp_path):
     assert cfg.objective.weight == 0.5
     run(cfg)
     seen = FirstAnswerTokenCE.seen
-    assert seen[0] == {"setup": seen[0]["setup"]} and [s["before_step"] for s in seen if "before_step" in s] == [0, 1]
+    # It sees the run's narrow context, not the trainer; before_step with the loop's step.
+    assert seen[0] == {"setup": "RunContext"} and [s["before_step"] for s in seen if "before_step" in s] == [0, 1]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["loss"] for r in rows if "loss" in r]
     # The loop's step loss is this objective's summed loss over its normalizer, step by step.

@@ -111,15 +111,15 @@ class ConstrainedSFT:
         """Whether setup() copies the initial model as the reference (no adapter to switch off)."""
         return not can_disable_adapter(model)
 
-    def setup(self, trainer) -> None:
+    def setup(self, run) -> None:
         """The reference: the model with its adapter disabled, else a frozen copy of the initial model."""
-        unwrapped = trainer.acc.unwrap_model(trainer.model)
+        unwrapped = run.acc.unwrap_model(run.model)
         self.adapter = can_disable_adapter(unwrapped)
         if self.needs_frozen_copy(unwrapped):
             log.info("Full fine-tuning with constrained_sft: keeping a frozen copy of the initial model as reference.")
             self.ref_model = frozen_copy(unwrapped)
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Nothing to refresh."""
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:

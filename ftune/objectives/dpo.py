@@ -117,39 +117,39 @@ class DPO:
         """Whether setup() copies the initial model as the reference (no adapter to switch off, none precomputed)."""
         return self.loss not in REFERENCE_FREE and not self.precompute_ref and not can_disable_adapter(model)
 
-    def setup(self, trainer) -> None:
+    def setup(self, run) -> None:
         """Choose the reference: adapter-disabled model, precomputed log-probs, or a frozen copy."""
         if self.loss in REFERENCE_FREE:
             return
-        unwrapped = trainer.acc.unwrap_model(trainer.model)
+        unwrapped = run.acc.unwrap_model(run.model)
         self.adapter = can_disable_adapter(unwrapped)
         if self.precompute_ref:
-            for rows, what in ((trainer.data.train, "train"), (trainer.data.eval, "eval")):
-                self._precompute(trainer, rows, what)
+            for rows, what in ((run.data.train, "train"), (run.data.eval, "eval")):
+                self._precompute(run, rows, what)
         elif self.needs_frozen_copy(unwrapped):
             log.info("Full fine-tuning with a reference: keeping a frozen copy of the initial model "
                      "(set objective.precompute_ref=true to hold one model only).")
             self.ref_model = frozen_copy(unwrapped)
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Offline pairs: nothing to refresh."""
 
     def _reference(self, model):
         return reference_model(model, self.adapter, self.ref_model)
 
     @torch.no_grad()
-    def _precompute(self, trainer, rows: list[dict], what: str) -> None:
-        bs, pad = trainer.cfg.trainer.batch_size, trainer.tokenizer.pad_token_id
-        was_training = dist.in_training_mode(trainer.model)
-        trainer.model.eval()
+    def _precompute(self, run, rows: list[dict], what: str) -> None:
+        bs, pad = run.cfg.trainer.batch_size, run.tokenizer.pad_token_id
+        was_training = dist.in_training_mode(run.model)
+        run.model.eval()
         for s in range(0, len(rows), bs):
             chunk = rows[s: s + bs]
-            batch = {k: v.to(trainer.acc.device) for k, v in collate_pairs(chunk, pad).items()}
-            with trainer.acc.autocast():
-                logp, _ = sequence_logps(trainer.model, batch)
+            batch = {k: v.to(run.acc.device) for k, v in collate_pairs(chunk, pad).items()}
+            with run.acc.autocast():
+                logp, _ = sequence_logps(run.model, batch)
             for i, r in enumerate(chunk):
                 r["ref_logp"] = (float(logp[i]), float(logp[i + len(chunk)]))
-        trainer.model.train(was_training)
+        run.model.train(was_training)
         log.info("Precomputed reference log-probs for %d %s pairs.", len(rows), what)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

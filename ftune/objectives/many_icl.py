@@ -16,12 +16,14 @@ sequence with more answers weighs more.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
 from ftune.config import ConfigError
 from ftune.data.batching import collate, label_count
 from ftune.data.many_shot import TARGET_MASKS, ManyShotBuilder, check_tasks, load_task_examples
+from ftune.data.pipeline import PreparedData
 from ftune.objectives.sft import labelled_ce_sum
 
 log = logging.getLogger(__name__)
@@ -78,28 +80,27 @@ class ManyICL:
         if data.eval_split:
             check_tasks(load_task_examples(data, data.eval_split, cfg.seed)[0], None, "eval", min_examples=1)
 
-    def _builder(self, trainer, pieces: list[dict], what: str) -> ManyShotBuilder:
-        cfg = trainer.cfg
+    def _builder(self, run, pieces: list[dict], what: str) -> ManyShotBuilder:
+        cfg = run.cfg
         check_tasks(pieces, self.single_task, what, min_examples=1)
-        return ManyShotBuilder(pieces, trainer.tokenizer, cfg.data.max_length, self.target_mask, cfg.seed,
+        return ManyShotBuilder(pieces, run.tokenizer, cfg.data.max_length, self.target_mask, cfg.seed,
                                self.single_task, cfg.data.system_prompt, self.max_shots,
                                min_examples=2 if what == "train" else 1, what=what)
 
-    def setup(self, trainer) -> None:
-        """Turn the tokenized examples into the first epoch's many-shot sequences (and the held-out ones)."""
-        self.builder = self._builder(trainer, trainer.data.train, "train")
-        trainer.data.train = self.builder.epoch_rows(0)
-        stats = self.builder.stats(trainer.data.train)
-        if trainer.data.eval:
-            trainer.data.eval = self._builder(trainer, trainer.data.eval, "eval").epoch_rows(0)
-        trainer.data.stats["many_icl"] = stats
+    def setup(self, run) -> PreparedData:
+        """The first epoch's many-shot sequences of the tokenized examples (and the held-out ones), as the data."""
+        self.builder = self._builder(run, run.data.train, "train")
+        train = self.builder.epoch_rows(0)
+        stats = self.builder.stats(train)
+        held_out = self._builder(run, run.data.eval, "eval").epoch_rows(0) if run.data.eval else run.data.eval
         log.info("ManyICL (%s): %d task(s), %d sequences per epoch, %.1f examples per sequence (min %d, max %d), "
                  "%.0f tokens per sequence.", self.target_mask, len(stats["tasks"]), stats["sequences_per_epoch"],
                  stats["mean_shots"], stats["min_shots"], stats["max_shots"], stats["mean_tokens"])
+        return replace(run.data, train=train, eval=held_out, stats={**run.data.stats, "many_icl": stats})
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """From the second epoch on, put that epoch's sequence in each slot (a fresh shuffle of every task)."""
-        epoch = trainer.step // trainer.order.steps_per_epoch
+        epoch = run.step // run.order.steps_per_epoch
         if epoch == 0:
             return
         if epoch != self._epoch:

@@ -165,18 +165,18 @@ class MaskedThought:
         self.seed, self.step, self.total_steps, self.micro = 0, 0, 1, 0
         self.rows: list[list[dict]] = []
 
-    def setup(self, trainer) -> None:
+    def setup(self, run) -> None:
         """Pick the replacement id (and initialise the mask token's embedding to the mean)."""
-        model, tok = trainer.acc.unwrap_model(trainer.model), trainer.tokenizer
+        model, tok = run.acc.unwrap_model(run.model), run.tokenizer
         rows = model.get_input_embeddings().num_embeddings  # not the weight's shape: empty under ZeRO-3
-        self.seed = trainer.cfg.seed
+        self.seed = run.cfg.seed
         self.vocab_size = min(tok.vocab_size, rows)
         if self.noise == "pad":
             self.replace_id = tok.pad_token_id
         elif self.noise == "mask":
             self.replace_id = unused_token_id(tok, rows, self.mask_token)
             name = tok.convert_ids_to_tokens(self.replace_id) if self.replace_id < len(tok) else "(spare row)"
-            for what, data in (("training", trainer.data.train), ("held-out", trainer.data.eval)):
+            for what, data in (("training", run.data.train), ("held-out", run.data.eval)):
                 if any(self.replace_id in r["input_ids"] for r in data):
                     raise ConfigError(f"objective.noise=mask: the stand-in mask token {name!r} (id {self.replace_id}) "
                                       f"occurs in the {what} data, so masked and real tokens would look alike. Set "
@@ -185,10 +185,10 @@ class MaskedThought:
             log.info("Masked Thought: <mask> is token %r (id %d), its embedding set to the mean embedding.", name,
                      self.replace_id)
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Record the step (the mask rate and the random draws depend on it) and this process's rows (which examples
         each micro-batch holds)."""
-        self.step, self.total_steps, self.micro, self.rows = trainer.step, trainer.total_steps, 0, rows
+        self.step, self.total_steps, self.micro, self.rows = run.step, run.total_steps, 0, rows
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:
         return label_count(batch)
@@ -204,7 +204,7 @@ class MaskedThought:
             if rate > 0:
                 rows = self.rows[self.micro] if self.micro < len(self.rows) else None
                 if rows is None or len(rows) != len(batch["input_ids"]):
-                    raise RuntimeError("MaskedThought: a training forward needs before_step(trainer, rows) with the "
+                    raise RuntimeError("MaskedThought: a training forward needs before_step(run, rows) with the "
                                        "rows of each micro-batch, in the order they are passed.")
                 ids, chosen = noise_examples(batch["input_ids"], batch["labels"], rows, rate, self.seed, self.step,
                                              self.replace_id, self.vocab_size)

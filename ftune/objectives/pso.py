@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import torch
 
 from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError
+from ftune.data.pipeline import PreparedData
 from ftune.data.tokenize import IGNORE
 from ftune.eval import gsm8k
 from ftune.objectives.dpo import DPO, collate_pairs
@@ -98,23 +100,23 @@ class PSO:
     def needs_frozen_copy(self, model) -> bool:
         return self.dpo.needs_frozen_copy(model)
 
-    def _sample(self, trainer, rows: list[dict], progress: bool, share: bool = False) -> list[list[int]]:
-        return generate_from(trainer, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
+    def _sample(self, run, rows: list[dict], progress: bool, share: bool = False) -> list[list[int]]:
+        return generate_from(run, [split_row(r)[0] for r in rows], self.max_new_tokens, self.gen_batch_size,
                              self.temperature, progress, share)
 
-    def _cached_samples(self, trainer, rows: list[dict], what: str) -> list[list[int]]:
-        key = cache_key(trainer.cfg.model.name_or_path, trainer.cfg.seed, self.temperature, self.max_new_tokens,
+    def _cached_samples(self, run, rows: list[dict], what: str) -> list[list[int]]:
+        key = cache_key(run.cfg.model.name_or_path, run.cfg.seed, self.temperature, self.max_new_tokens,
                         [[r["id"], r["input_ids"]] for r in rows])
         path = ftune_home() / "pso_samples" / f"{key}.json"
         # Every rank takes the same branch (they sample together: in step under FSDP2 / ZeRO-3, a share each under
         # data parallelism): the cache is used only if every machine's FTUNE_HOME has it.
-        if dist.agreed(trainer.acc, [path.exists()])[0]:
+        if dist.agreed(run.acc, [path.exists()])[0]:
             log.info("PSO: reusing %d cached %s samples from %s", len(rows), what, path)
             return json.loads(path.read_text())
         # Seeded in a forked RNG, so training draws the same random numbers with or without the cache.
         with torch.random.fork_rng():
-            torch.manual_seed(trainer.cfg.seed)
-            samples = self._sample(trainer, rows, progress=trainer.cfg.trainer.progress, share=True)
+            torch.manual_seed(run.cfg.seed)
+            samples = self._sample(run, rows, progress=run.cfg.trainer.progress, share=True)
         write_json_atomic(path, samples)
         return samples
 
@@ -131,15 +133,15 @@ class PSO:
                 return "skipped_judged_correct"
         return None
 
-    def _pairs(self, trainer, rows: list[dict], what: str) -> list[dict]:
-        samples = self._cached_samples(trainer, rows, what)
+    def _pairs(self, run, rows: list[dict], what: str) -> list[dict]:
+        samples = self._cached_samples(run, rows, what)
         pairs = []
         for row, sample in zip(rows, samples):
-            reason = self._keep(row, sample, trainer.tokenizer)
+            reason = self._keep(row, sample, run.tokenizer)
             if reason:
                 self.stats[reason] += 1
             else:
-                pairs.append(make_pair(row, sample, trainer.tokenizer.eos_token_id))
+                pairs.append(make_pair(row, sample, run.tokenizer.eos_token_id))
         self.stats["pairs"] += len(pairs) if what == "train" else 0
         return pairs
 
@@ -148,32 +150,34 @@ class PSO:
         samples drawn up front for the training rows would be thrown away unread."""
         return self.mode == "online" and self.resample_every == 1 and self.judge is None
 
-    def setup(self, trainer) -> None:
-        """Sample reference answers from the initial model and turn every SFT row into a (gold, sample) pair."""
+    def setup(self, run) -> PreparedData:
+        """Sample reference answers from the initial model and turn every SFT row into a (gold, sample) pair: the
+        pairs are the data."""
         if self._sampled_per_step():  # placeholder rejected side (the gold: zero gradient); before_step replaces it
-            eos = trainer.tokenizer.eos_token_id
-            trainer.data.train = [make_pair(r, split_row(r)[1], eos) for r in trainer.data.train]
-            self.stats["pairs"] = len(trainer.data.train)
+            eos = run.tokenizer.eos_token_id
+            train = [make_pair(r, split_row(r)[1], eos) for r in run.data.train]
+            self.stats["pairs"] = len(train)
         else:
-            trainer.data.train = self._pairs(trainer, trainer.data.train, "train")
-        trainer.data.eval = self._pairs(trainer, trainer.data.eval, "eval") if trainer.data.eval else []
+            train = self._pairs(run, run.data.train, "train")
+        held_out = self._pairs(run, run.data.eval, "eval") if run.data.eval else []
         log.info("PSO pairs: %s", self.stats)
-        if not trainer.data.train:
+        if not train:
             raise ConfigError("PSO: every sample equals its gold answer (or was judged correct): no pairs to train on. "
                               "Use objective.temperature > 0, or turn off objective.judge.")
-        trainer.data.stats["pso"] = dict(self.stats)
-        self.dpo.setup(trainer)
+        data = replace(run.data, train=train, eval=held_out, stats={**run.data.stats, "pso": dict(self.stats)})
+        self.dpo.setup(replace(run, data=data))
+        return data
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Online mode: replace the rejected side of this step's pairs with fresh samples of the current policy."""
-        if self.mode != "online" or trainer.step % self.resample_every:
+        if self.mode != "online" or run.step % self.resample_every:
             return
         flat = [r for micro in rows for r in micro]
-        samples = self._sample(trainer, [r["sft_row"] for r in flat], progress=False)
+        samples = self._sample(run, [r["sft_row"] for r in flat], progress=False)
         for r, sample in zip(flat, samples):
-            if self._keep(r["sft_row"], sample, trainer.tokenizer) == "skipped_identical":
+            if self._keep(r["sft_row"], sample, run.tokenizer) == "skipped_identical":
                 self.stats["skipped_identical"] += 1  # identical sides: zero gradient, kept for a fixed batch size
-            r.update({k: v for k, v in make_pair(r["sft_row"], sample, trainer.tokenizer.eos_token_id).items()
+            r.update({k: v for k, v in make_pair(r["sft_row"], sample, run.tokenizer.eos_token_id).items()
                       if k.startswith("rejected")})
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -21,6 +21,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,6 +29,7 @@ from omegaconf import OmegaConf
 from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError
 from ftune.data.batching import collate, pack
+from ftune.data.pipeline import PreparedData
 from ftune.data.sources import DataError, load_conversations
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
 from ftune.eval import judges
@@ -218,25 +220,25 @@ class S3FT:
         if source in ("jsonl", "hub") and judge != "llm_judge":
             judges.check_examples(judge, load_conversations(cfg.data, cfg.data.split, cfg.seed)[0])
 
-    def _answer(self, trainer, conversations: list[list[dict]]) -> list[str | None]:
-        tok = trainer.tokenizer
-        new = generate_from(trainer, [prompt_ids(tok, c) for c in conversations], self.max_new_tokens,
-                            self.gen_batch_size, progress=trainer.cfg.trainer.progress)
+    def _answer(self, run, conversations: list[list[dict]]) -> list[str | None]:
+        tok = run.tokenizer
+        new = generate_from(run, [prompt_ids(tok, c) for c in conversations], self.max_new_tokens,
+                            self.gen_batch_size, progress=run.cfg.trainer.progress)
         finished = [bool(ids) and ids[-1] == tok.eos_token_id for ids in new]
         return [(tok.decode(ids, skip_special_tokens=True).strip() or None) if done else None
                 for ids, done in zip(new, finished)]
 
-    def _judge(self, trainer):
+    def _judge(self, run):
         if self.judge == "numeric_match":
             return judges.NumericMatch()
         if self.judge == "verifier":
-            return judges.Verifier(trainer.cfg.data, trainer.cfg.seed)
+            return judges.Verifier(run.cfg.data, run.cfg.seed)
         if self.judge == "unit_tests":
             return judges.UnitTests(self.test_timeout)
-        score = judges.model_scorer(trainer.acc.unwrap_model(trainer.model), trainer.tokenizer, self.gen_batch_size)
+        score = judges.model_scorer(run.acc.unwrap_model(run.model), run.tokenizer, self.gen_batch_size)
 
         def scorer(conversations):
-            with trainer.acc.autocast(), dist.ready_to_generate(trainer.acc, trainer.model):
+            with run.acc.autocast(), dist.ready_to_generate(run.acc, run.model):
                 return score(conversations)
 
         return judges.LLMJudge(scorer, self.judge_prompt)
@@ -253,8 +255,8 @@ class S3FT:
                             f"examples. Make the `id` fields unique (or drop them: ftune then numbers the examples).")
         return [by_id[r["id"]] for r in rows]
 
-    def _cache_dir(self, trainer, rows: list[dict]) -> Path:
-        cfg = trainer.cfg
+    def _cache_dir(self, run, rows: list[dict]) -> Path:
+        cfg = run.cfg
         key = cache_key(CACHE_VERSION, cfg.model.name_or_path, cfg.model.revision, cfg.model.dtype,
                         OmegaConf.select(cfg, "peft.quantize"), cfg.trainer.mixed_precision, self.judge,
                         self.judge_prompt if self.judge == "llm_judge" else None, self.max_new_tokens,
@@ -262,21 +264,21 @@ class S3FT:
                         [[r["id"], r["input_ids"]] for r in rows])
         return ftune_home() / "s3ft" / key
 
-    def setup(self, trainer) -> None:
-        """Rewrite the training responses (cached), then train on them with SFT."""
-        cfg, data = trainer.cfg, trainer.data
+    def setup(self, run) -> PreparedData:
+        """Rewrite the training responses (cached): the rewritten rows are the data, trained on with SFT."""
+        cfg, data = run.cfg, run.data
         rows = unpack(data.train)
         examples = self._examples(cfg, rows)
         judges.check_examples(self.judge, examples, first=None if self.judge == "unit_tests" else 8)
-        cache = self._cache_dir(trainer, rows)
-        judge = self._judge(trainer)
+        cache = self._cache_dir(run, rows)
+        judge = self._judge(run)
         records = rewrite_cached(
             examples, cache, self.save_every,
-            lambda chunk: rewrite_chunk(chunk, lambda convs: self._answer(trainer, convs), judge,
+            lambda chunk: rewrite_chunk(chunk, lambda convs: self._answer(run, convs), judge,
                                         self.answer_instruction, self.paraphrase_prompt),
-            trainer.acc.process_index, trainer.acc.num_processes, trainer.acc.wait_for_everyone,
-            in_step=dist.every_rank_generates(trainer.acc), agree=lambda flags: dist.agreed(trainer.acc, flags))
-        new_rows, sources, too_long = rebuild_rows(rows, examples, records, trainer.tokenizer, cfg.data.max_length,
+            run.acc.process_index, run.acc.num_processes, run.acc.wait_for_everyone,
+            in_step=dist.every_rank_generates(run.acc), agree=lambda flags: dist.agreed(run.acc, flags))
+        new_rows, sources, too_long = rebuild_rows(rows, examples, records, run.tokenizer, cfg.data.max_length,
                                                    cfg.data.truncation)
         comp = composition(sources, judge=self.judge, too_long_kept_gold=too_long,
                            unfinished_own=sum(r["own"] is None for r in records),
@@ -285,15 +287,14 @@ class S3FT:
                            cache=str(cache))
         log.info("S3FT training data (judge=%s): %s of %d examples.", self.judge, ", ".join(
             f"{s} {comp['percent'][s]:.1f}% ({comp['counts'][s]})" for s in SOURCES), comp["examples"])
-        data.stats["train_tokens"] = sum(len(r["input_ids"]) for r in new_rows)
-        data.train = pack(new_rows, cfg.data.max_length) if cfg.data.packing else new_rows
-        if cfg.data.packing:
-            data.stats["packed_rows"] = len(data.train)
-        data.stats["composition"] = comp
-        if trainer.is_main:
+        train = pack(new_rows, cfg.data.max_length) if cfg.data.packing else new_rows
+        stats = {**data.stats, "train_tokens": sum(len(r["input_ids"]) for r in new_rows), "composition": comp,
+                 **({"packed_rows": len(train)} if cfg.data.packing else {})}
+        if run.is_main:
             write_json_atomic(Path(cfg.output_dir) / "s3ft_composition.json", comp, indent=2)
+        return replace(data, train=train, stats=stats)
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Nothing to refresh: the data was rewritten once, before training."""
 
     def normalizer(self, batch):

@@ -10,18 +10,18 @@ from ftune.eval.generation import generate_ids
 from ftune.training import distributed as dist
 
 
-def generate_from(trainer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
+def generate_from(run, prompts: list[list[int]], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
                   progress: bool = False, share: bool = False) -> list[list[int]]:
-    """New token ids of the trainer's model for each prompt (batched; greedy when temperature == 0).
+    """New token ids of the run's model for each prompt (batched; greedy when temperature == 0).
 
     `share`: every rank holds the same prompts (PSO's offline samples). Under plain data parallelism each rank then
     answers every N-th prompt and the answers are gathered, so N processes sample N times faster. A model sharded by
     FSDP2 / ZeRO-3 needs every rank in each forward: there every rank answers every prompt, in step."""
-    acc, tok = trainer.acc, trainer.tokenizer
-    model = acc.unwrap_model(trainer.model)
+    acc, tok = run.acc, run.tokenizer
+    model = acc.unwrap_model(run.model)
 
     def answer(mine: list[list[int]]) -> list[list[int]]:
-        with acc.autocast(), dist.ready_to_generate(acc, trainer.model):
+        with acc.autocast(), dist.ready_to_generate(acc, run.model):
             return generate_ids(model, mine, max_new_tokens, batch_size, tok.pad_token_id, tok.eos_token_id,
                                 temperature, progress)
 

@@ -165,15 +165,15 @@ class SFT:
         self.chunk_size = chunk_size
         self.fused = None  # Liger's fused linear cross-entropy, with trainer.liger=true
 
-    def setup(self, trainer) -> None:
+    def setup(self, run) -> None:
         """With trainer.liger=true, Liger's kernel (checked available before the model loaded) replaces the LM head
         + cross-entropy; otherwise nothing to prepare."""
-        if trainer.cfg.trainer.liger:
+        if run.cfg.trainer.liger:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             self.fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Nothing to refresh (online objectives regenerate samples for the step's rows here)."""
 
     def normalizer(self, batch: dict[str, torch.Tensor]) -> int:

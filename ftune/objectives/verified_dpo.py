@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import replace
 
 import torch
 
 from ftune.atomic import write_json_atomic
 from ftune.config import ConfigError
+from ftune.data.pipeline import PreparedData
 from ftune.data.tokenize import IGNORE, prompt_ids
 from ftune.objectives.dpo import DPO, collate_pairs
 from ftune.objectives.pso import split_row
@@ -117,13 +119,13 @@ class VerifiedDPO:
     def needs_frozen_copy(self, model) -> bool:
         return self.dpo.needs_frozen_copy(model)
 
-    def _judge(self, trainer):
+    def _judge(self, run):
         from ftune.eval import judges
 
-        return judges.Verifier(trainer.cfg.data, trainer.cfg.seed) if self.judge == "verifier" else \
+        return judges.Verifier(run.cfg.data, run.cfg.seed) if self.judge == "verifier" else \
             judges.NumericMatch()
 
-    def _prompts(self, trainer, rows: list[dict], examples: dict[str, dict]) -> list[list[int]]:
+    def _prompts(self, run, rows: list[dict], examples: dict[str, dict]) -> list[list[int]]:
         """The sampling prompt of each row: 0-shot (its own prompt ids), or `shots` solved examples of its task
         first."""
         if not self.shots:
@@ -131,7 +133,7 @@ class VerifiedDPO:
         by_task: dict[str, list[dict]] = {}
         for ex in examples.values():
             by_task.setdefault(str(ex.get("task", "all")), []).append(ex)
-        rng = random.Random(trainer.cfg.seed)
+        rng = random.Random(run.cfg.seed)
         out = []
         for r in rows:
             ex = examples[str(r["id"])]
@@ -139,29 +141,29 @@ class VerifiedDPO:
             demos = rng.sample(others, min(self.shots, len(others)))
             system = [m for m in ex["messages"][:1] if m["role"] == "system"]
             turns = [m for d in demos for m in d["messages"] if m["role"] != "system"]
-            out.append(prompt_ids(trainer.tokenizer, [*system, *turns, *[m for m in ex["messages"][:-1]
+            out.append(prompt_ids(run.tokenizer, [*system, *turns, *[m for m in ex["messages"][:-1]
                                                                         if m["role"] != "system"]]))
         return out
 
-    def _sampled(self, trainer, rows: list[dict], examples: dict[str, dict], what: str) -> list[list[list[int]]]:
-        prompts = self._prompts(trainer, rows, examples)
-        key = cache_key("verified_dpo/1", trainer.cfg.model.name_or_path, trainer.cfg.seed, self.samples,
+    def _sampled(self, run, rows: list[dict], examples: dict[str, dict], what: str) -> list[list[list[int]]]:
+        prompts = self._prompts(run, rows, examples)
+        key = cache_key("verified_dpo/1", run.cfg.model.name_or_path, run.cfg.seed, self.samples,
                         self.temperature, self.max_new_tokens, prompts, [r["id"] for r in rows])
         path = ftune_home() / "verified_dpo_samples" / f"{key}.json"
-        if dist.agreed(trainer.acc, [path.exists()])[0]:
+        if dist.agreed(run.acc, [path.exists()])[0]:
             log.info("verified_dpo: reusing %d cached %s samples from %s", len(rows), what, path)
             return json.loads(path.read_text())
         with torch.random.fork_rng():  # seeded apart from training's random numbers
-            torch.manual_seed(trainer.cfg.seed)
-            flat = generate_from(trainer, [p for p in prompts for _ in range(self.samples)], self.max_new_tokens,
-                                 self.gen_batch_size, self.temperature, trainer.cfg.trainer.progress, share=True)
+            torch.manual_seed(run.cfg.seed)
+            flat = generate_from(run, [p for p in prompts for _ in range(self.samples)], self.max_new_tokens,
+                                 self.gen_batch_size, self.temperature, run.cfg.trainer.progress, share=True)
         out = [flat[i * self.samples:(i + 1) * self.samples] for i in range(len(rows))]
         write_json_atomic(path, out)
         return out
 
-    def _pairs(self, trainer, rows: list[dict], examples: dict[str, dict], judge, what: str) -> list[dict]:
-        samples = self._sampled(trainer, rows, examples, what)
-        tok = trainer.tokenizer
+    def _pairs(self, run, rows: list[dict], examples: dict[str, dict], judge, what: str) -> list[dict]:
+        samples = self._sampled(run, rows, examples, what)
+        tok = run.tokenizer
         items = [{"id": str(r["id"]), "gold": tok.decode(split_row(r)[1], skip_special_tokens=True),
                   "answer": tok.decode(s, skip_special_tokens=True)} for r, outs in zip(rows, samples) for s in outs]
         flat = judge(items)
@@ -171,27 +173,28 @@ class VerifiedDPO:
         self.stats[what] = stats
         return pairs
 
-    def setup(self, trainer) -> None:
-        """Sample, judge and pair before training; then the DPO reference."""
+    def setup(self, run) -> PreparedData:
+        """Sample, judge and pair before training (the pairs are the data); then the DPO reference."""
         from ftune.data.sources import load_conversations
 
-        examples = {str(ex["id"]): ex for ex in load_conversations(trainer.cfg.data, trainer.cfg.data.split,
-                                                                   trainer.cfg.seed)[0]}
-        judge = self._judge(trainer)
-        trainer.data.train = self._pairs(trainer, trainer.data.train, examples, judge, "train")
-        trainer.data.eval = self._pairs(trainer, trainer.data.eval, examples, judge, "eval") \
-            if trainer.data.eval else []
+        examples = {str(ex["id"]): ex for ex in load_conversations(run.cfg.data, run.cfg.data.split,
+                                                                   run.cfg.seed)[0]}
+        judge = self._judge(run)
+        train = self._pairs(run, run.data.train, examples, judge, "train")
+        held_out = self._pairs(run, run.data.eval, examples, judge, "eval") if run.data.eval else []
         log.info("verified_dpo pairs: %s", self.stats)
-        if not trainer.data.train:
+        if not train:
             s = self.stats["train"]
             raise ConfigError(f"verified_dpo: no prompt had both a correct and an incorrect answer among its "
                               f"{self.samples} samples ({s['all_correct']} all correct, {s['all_wrong']} all wrong). "
                               f"Raise objective.samples or objective.temperature, or give objective.shots=N solved "
                               f"examples so that the model answers in the task's format.")
-        trainer.data.stats["verified_pairs"] = dict(self.stats)
-        self.dpo.setup(trainer)
+        data = replace(run.data, train=train, eval=held_out,
+                       stats={**run.data.stats, "verified_pairs": dict(self.stats)})
+        self.dpo.setup(replace(run, data=data))
+        return data
 
-    def before_step(self, trainer, rows: list[list[dict]]) -> None:
+    def before_step(self, run, rows: list[list[dict]]) -> None:
         """Offline pairs: nothing to refresh."""
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -118,9 +118,9 @@ class HFT:
             for m in frozen:
                 m.requires_grad_(False)
 
-    def before_step(self, trainer) -> None:
+    def before_step(self, run) -> None:
         """reselect=epoch: draw the new epoch's half when the loop enters it (also right after a resume)."""
-        epoch = int(trainer.order.epoch_of(trainer.step))
+        epoch = int(run.order.epoch_of(run.step))
         if self.reselect == "epoch" and epoch != self.epoch:
             self._select(epoch)
 

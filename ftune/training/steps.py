@@ -8,7 +8,7 @@ inputs and outputs explicit:
     task_inputs(cfg, tokenizer, key) -> the eval task's prepared inputs
     build_model(cfg, peft, model_dir, acc) -> the model with the PEFT method applied
     build_optimizer(model, peft, trainer_cfg) -> optimizer
-    acc.prepare(model, optimizer); objective.setup(trainer)
+    acc.prepare(model, optimizer); objective.setup(RunContext) -> the data to train on (or None: as it is)
     adapter_inputs(acc, model), batch_order(cfg, rows, objective, acc) -> the step's context and the data order
 
 Library calls are imported inside the functions, where they are used (and where tests replace them).

@@ -108,10 +108,10 @@ def test_single_task_makes_task_free_data_one_task(tmp_path, tiny_tokenizer):
     obj = ManyICL(single_task="sums")
     trainer = SimpleNamespace(cfg=cfg, tokenizer=tiny_tokenizer,
                               data=prepare(cfg.data, tiny_tokenizer, "tiny", cfg.seed, kind=obj.data_kind))
-    obj.setup(trainer)
-    assert trainer.data.stats["many_icl"]["tasks"] == {"sums": 8}
-    assert all(r["task"] == "sums" for r in trainer.data.train) and max(len(r["ids"]) for r in trainer.data.train) > 1
-    assert sorted(i for r in trainer.data.eval for i in r["ids"]) == sorted(f"train-{i}" for i in range(8, 12))
+    data = obj.setup(trainer)  # the many-shot sequences are returned as the data (the run's is left alone)
+    assert "many_icl" not in trainer.data.stats and data.stats["many_icl"]["tasks"] == {"sums": 8}
+    assert all(r["task"] == "sums" for r in data.train) and max(len(r["ids"]) for r in data.train) > 1
+    assert sorted(i for r in data.eval for i in r["ids"]) == sorted(f"train-{i}" for i in range(8, 12))
 
 
 def test_two_task_mixture_end_to_end(tmp_path, monkeypatch):
