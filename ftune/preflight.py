@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ftune.config import SCHEMA_GROUPS, ConfigError, build, suggest
 from ftune.protocols import PROTOCOLS, missing_members
+from ftune.run_record import given
 
 
 class PreflightError(ConfigError):
@@ -321,22 +322,15 @@ def _check_trainer(cfg: DictConfig, p: Problems) -> None:
     if t.mixed_precision == "fp16" and cfg.model.dtype == "bfloat16":
         p.add("trainer.mixed_precision=fp16 with model.dtype=bfloat16 mixes two half formats; use "
               "trainer.mixed_precision=bf16.")
-    if t.liger and not getattr(_target_or_none(cfg.objective), "fuses_lm_loss", False):
-        p.add(f"trainer.liger=true replaces the LM head + cross-entropy of an objective that trains on them alone "
-              f"(objective=sft); objective {cfg.objective.get('_target_')} computes its own loss. Use objective=sft, "
-              f"or trainer.liger=false.")
-
-
-def _target_or_none(node):
-    try:
-        return check_target("objective", node)
-    except ConfigError:
-        return None
 
 
 def _check_combinations(cfg: DictConfig, targets: dict, p: Problems) -> None:
     """Pairs of choices that cannot work together, read from what the plug-ins declare."""
     objective_cls, selection_cls = targets["objective"], targets["selection"]
+    if cfg.trainer.liger and not getattr(objective_cls, "fuses_lm_loss", False):
+        p.add(f"trainer.liger=true replaces the LM head + cross-entropy of an objective that trains on them alone "
+              f"(objective=sft); objective {cfg.objective.get('_target_')} computes its own loss. Use objective=sft, "
+              f"or trainer.liger=false.")
     if objective_cls is not None and cfg.data.packing and not getattr(objective_cls, "can_pack", False):
         p.add(f"data.packing=true does not work with {cfg.objective._target_} (it needs one example per row). Set "
               f"data.packing=false.")
@@ -417,16 +411,6 @@ def train(cfg: DictConfig) -> Plan:
     plan.peft, plan.objective, plan.selector = (built.get(g) for g in ("peft", "objective", "selection"))
     p.raise_any()
     return plan
-
-
-def given(argv: list[str], key: str) -> str | None:
-    """The value of `key=` (or `+key=`, `++key=`) among overrides, the last one if repeated."""
-    value = None
-    for arg in argv:
-        k, sep, v = arg.partition("=")
-        if sep and k.lstrip("+~") == key:
-            value = v
-    return value
 
 
 def refuse_model_beside_run_dir(overrides: list[str]) -> None:

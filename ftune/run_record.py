@@ -45,9 +45,19 @@ def hydra_overrides() -> list[str] | None:
     return list(_job[0].overrides.task) if _job else None
 
 
+def given(overrides: list[str], key: str) -> str | None:
+    """The value of `key=` (or `+key=`, `++key=`) among overrides, the last one if repeated."""
+    value = None
+    for arg in overrides:
+        k, sep, v = arg.partition("=")
+        if sep and k.lstrip("+~") == key:
+            value = v
+    return value
+
+
 def given_on_command_line(key: str) -> bool:
-    """Whether `key=` (or `+key=`, `++key=`) was on the command line; False outside a Hydra job."""
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in hydra_overrides() or [])
+    """Whether `key=` was on the command line; False outside a Hydra job."""
+    return given(hydra_overrides() or [], key) is not None
 
 
 def write(cfg: DictConfig, out: Path) -> Path | None:
