@@ -106,6 +106,7 @@ class EvalConfig:
     tasks: Any = None       # eval=reasoning_gym: the tasks scored (null: the training mixture); untrained ones too
     seed: int = 0           # eval=reasoning_gym: which held-out problems (the same for every training seed)
     overlap: str = "error"  # eval=reasoning_gym: a held-out question also in training: error | replace
+    context_examples: int = 0  # eval=reasoning_gym: solved problems of the task before each one (many-shot scoring)
 
 
 @dataclass

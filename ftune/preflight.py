@@ -272,6 +272,11 @@ def _check_eval(cfg: DictConfig, p: Problems) -> None:
               f"data.eval_split={split} instead, and drop eval.split.")
     if task == "gsm8k" and split is None:
         p.add("eval=gsm8k needs eval.split, the split of the data it answers (e.g. eval.split=test).")
+    k = cfg.eval.get("context_examples") or 0
+    p.run(positive, cfg, "eval.context_examples", allow_zero=True)
+    if k and task != "reasoning_gym":
+        p.add(f"eval.context_examples={k} is read by eval=reasoning_gym only; for in-context examples with "
+              f"eval={task}, use eval=many_shot (eval.shots=[0,5,many]).")
 
 
 def check_eval_data(d: DictConfig, e: DictConfig, in_training: bool = True) -> None:

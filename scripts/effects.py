@@ -67,7 +67,7 @@ ARMS = [
      "trainer.lr=1e-4", "The same pairs; SimPO beta 2.0, gamma 1.0 (gamma/beta 0.5, the repo's); lr as DPO."),
     ("many_icl", "objective=many_icl", "Many-shot sequences of one task each within the quickstart's 128 tokens "
      "(2-3 examples, not the paper's thousands of tokens), so it trains ~1.9x SFT's tokens in the same steps; scored "
-     "0-shot only here (many-shot scoring of the 32 held-out queries per seed would give +/-15-point intervals)."),
+     "0-shot here and with 2 solved problems in context below (the training sequences' layout and size)."),
     ("adalink", "peft=adalink", "Rank 16 (the paper's was not found), the LoRA arm's lr."),
     ("ssf", "peft=ssf", "After linear layers, norms and the embedding as the paper; the LoRA arm's lr (the paper's "
      "ViT lr is also 1e-3)."),
@@ -84,6 +84,10 @@ ARMS = [
      "trains a small one), LiSSA 100 steps (paper 5000)."),
 ]
 SELECTORS_BASELINE = "sel_random"
+# ManyICL's claim is about in-context use: these arms (and the base model) are also scored with CONTEXT_SHOTS solved
+# problems of each query's task before it (eval.context_examples; the layout of many_icl's training sequences).
+CONTEXT_ARMS = ("sft", "many_icl")
+CONTEXT_SHOTS = 2
 # method -> (paper-scale recipe or None, the paper's headline as quoted in shared METHODS specs)
 PAPERS = {
     "mft": ("paper_mft_llama2_7b_gsm8k", "Llama-2-7B GSM8K test: SFT 41.6 -> MFT 47.1 (Table 1, 3 seeds)"),
@@ -117,6 +121,75 @@ def compare_cmd(arm: tuple[str, str, str], out: Path) -> list[str]:
     return [sys.executable, "-m", "ftune.cli", "compare", *COMMON, *arms, "--seeds", SEEDS, "--out", str(out)]
 
 
+def context_dir(out: Path, arm: str, seed: int) -> Path:
+    """Where an arm's (or the base model's: arm `base`) in-context scoring of seed `seed` goes."""
+    if arm == "base":
+        return out / f"base_context{CONTEXT_SHOTS}-s{seed}"
+    return cmp.run_dir(out, arm, seed) / f"eval_context{CONTEXT_SHOTS}"
+
+
+def context_cmd(out: Path, arm: str, seed: int) -> list[str]:
+    """`ftune eval` of a finished run (or of the base model, on the problems seed `seed`'s runs were scored on)
+    with CONTEXT_SHOTS solved problems before each held-out one."""
+    where = ["seed=" + str(seed)] if arm == "base" else ["run_dir=" + str(cmp.run_dir(out, arm, seed))]
+    return [sys.executable, "-m", "ftune.cli", "eval", *COMMON, *where, f"eval.context_examples={CONTEXT_SHOTS}",
+            f"output_dir={context_dir(out, arm, seed)}"]
+
+
+def context_scoring(out: Path, seeds: list[int], run: bool) -> dict | None:
+    """In-context accuracy of the base model and CONTEXT_ARMS, and many_icl's gain over SFT, both scored with
+    CONTEXT_SHOTS examples (paired on the same problems, the page's bootstrap); None until every run is there."""
+    arms = ["base", *CONTEXT_ARMS]
+    if not all(cmp.finished(cmp.run_dir(out, a, s)) for a in CONTEXT_ARMS for s in seeds):
+        return None
+    for a in arms:
+        for s in seeds:
+            if not (context_dir(out, a, s) / "metrics.json").is_file() and run:
+                subprocess.run(context_cmd(out, a, s), check=True, cwd=ROOT)
+    if not all((context_dir(out, a, s) / "metrics.json").is_file() for a in arms for s in seeds):
+        return None
+    scores = {a: [cmp.read_scores(context_dir(out, a, s) / "predictions.jsonl") for s in seeds] for a in arms}
+    zero = {a: [cmp.read_scores(cmp.run_dir(out, a, s) / "eval_end" / "predictions.jsonl") for s in seeds]
+            for a in CONTEXT_ARMS}
+    groups = cmp.task_groups(json.loads((context_dir(out, "sft", seeds[0]) / "metrics.json").read_text()))
+    table = {}
+    for a in arms:
+        if [set(x) for x in scores[a]] != [set(x) for x in scores["sft"]]:
+            raise SystemExit(f"in-context scoring: {a} was scored on other problems than sft; rerun its evals.")
+        table[a] = {}
+        for g in ("trained", "untrained"):
+            ids = sorted(i for i, v in scores[a][0].items() if v[0] in groups[g])
+            row = {"accuracy": stats.paired_gain(cmp.matrix(scores[a], ids))}
+            if a != "sft":
+                row["gain_vs_sft"] = stats.paired_gain(cmp.matrix(scores[a], ids), cmp.matrix(scores["sft"], ids))
+            if a in zero:
+                row["gain_vs_0shot"] = stats.paired_gain(cmp.matrix(scores[a], ids), cmp.matrix(zero[a], ids))
+            table[a][g] = row
+    return {"shots": CONTEXT_SHOTS, "arms": table,
+            "commands": [shlex.join(["ftune", *context_cmd(out, a, s)[3:]]) for a in arms for s in seeds]}
+
+
+def context_lines(ctx: dict) -> list[str]:
+    k = ctx["shots"]
+    lines = ["", f"## In-context scoring ({k} solved problems of the task before each held-out one)", "",
+             f"ManyICL trains on sequences of several solved examples of one task, so its claim is about a model "
+             f"used in context. The same held-out problems, each after {k} solved problems of its task (drawn per "
+             f"problem from the task's validation seeds, never a scored problem; `eval.context_examples={k}`, the "
+             f"layout of the training sequences):", "",
+             f"| model | trained tasks, {k}-shot | gain vs SFT {k}-shot (trained) | verdict | {k}-shot vs its 0-shot "
+             f"(trained) | untrained tasks, {k}-shot | gain vs SFT {k}-shot (untrained) |",
+             "|---|---|---|---|---|---|---|"]
+    for a, row in ctx["arms"].items():
+        t, u = row["trained"], row["untrained"]
+        name = "base model (no training)" if a == "base" else a
+        lines.append(f"| {name} | {ci(t['accuracy'], False)} | {ci(t['gain_vs_sft']) if 'gain_vs_sft' in t else '-'}"
+                     f" | {verdict(t.get('gain_vs_sft'))} | {ci(t['gain_vs_0shot']) if 'gain_vs_0shot' in t else '-'}"
+                     f" | {ci(u['accuracy'], False)} | {ci(u['gain_vs_sft']) if 'gain_vs_sft' in u else '-'} |")
+    lines += ["", "Commands (`ftune eval` of each finished run, and of the base model on each seed's problems):", ""]
+    lines += ["    " + c for c in ctx["commands"]]
+    return lines
+
+
 def pct(x: float) -> str:
     return f"{100 * x:+.1f}"
 
@@ -137,7 +210,7 @@ def verdict(g: dict | None) -> str:
 
 
 def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_random: dict, out: Path,
-         kept: list[str] = ()) -> str:
+         kept: list[str] = (), ctx: dict | None = None) -> str:
     t, b = result["table"], result["baseline"]
     base = result["base"] or {}
     lines = [
@@ -167,6 +240,8 @@ def page(result: dict, arms: list[tuple[str, str, str]], missing: list[str], vs_
         for name, r in vs_random.items():
             lines.append(f"| {name} | {ci(r['trained'])} ({verdict(r['trained']).replace('SFT', 'random')}) | "
                          f"{ci(r['untrained'])} |")
+    if ctx:
+        lines += context_lines(ctx)
     lines += ["", "## What each arm changed for scale, and the paper-scale recipe", "",
               "| method | changed for scale (and why) | paper's headline | paper-scale recipe |", "|---|---|---|---|"]
     for name, _, note in arms:
@@ -291,12 +366,15 @@ def main() -> None:
         missing = [n for n in missing if n not in kept]
         print(f"kept from {stored_path} (the baseline reproduced): {', '.join(kept) or 'none'}")
         names = [d[0] for d in done]
-    text = page(result, done, missing, vs_random, Path(a.out), kept)
+    ctx = context_scoring(out, seeds, not a.no_run)
+    if ctx is None and not a.fresh and stored_path.is_file():
+        ctx = json.loads(stored_path.read_text()).get("in_context")  # the baseline reproduced (checked above)
+    text = page(result, done, missing, vs_random, Path(a.out), kept, ctx)
     tmp = base.with_suffix(".md.tmp")
     tmp.write_text(text + "\n")
     tmp.replace(base.with_suffix(".md"))
     write_json_atomic(base.with_suffix(".json"), {**result, "vs_random": vs_random, "missing": missing,
-                                                  "baseline_fingerprints": fingerprints,
+                                                  "baseline_fingerprints": fingerprints, "in_context": ctx,
                                                   "notes": {n: note for n, _, note in done},
                                                   "papers": {n: PAPERS.get(n) for n in names}}, indent=2)
     cmp.plot(result, {n: [cmp.run_dir(out, n, s) for s in seeds] for n in names if n not in kept},

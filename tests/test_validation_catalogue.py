@@ -107,6 +107,8 @@ CONFIG_CASES = [
     Case("plus-typo-data-key", [*SFT, "+data.pakcing=true"], "config", r"data\.pakcing: unknown key.*'packing'"),
     Case("plus-typo-model-key", [*SFT, "+model.dtyp=bfloat16"], "config", r"model\.dtyp: unknown key.*'dtype'"),
     Case("plus-typo-eval-key", [*SFT, "+eval.limt=5"], "config", r"eval\.limt: unknown key.*'limit'"),
+    Case("context-examples-outside-reasoning-gym", [*SFT, "eval=gsm8k", "eval.context_examples=2"], "config",
+         r"eval\.context_examples=2 is read by eval=reasoning_gym only.*eval=many_shot"),
     Case("peft-alias-lora-alpha", [*SFT, "+peft.lora_alpha=8"], "config",
          r"peft\.lora_alpha: unknown key.*Did you mean 'alpha'\?"),
     Case("objective-key-typo", [*SFT, "+objective.chunksize=64"], "config",

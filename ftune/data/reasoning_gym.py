@@ -279,6 +279,7 @@ def eval_problems(data_cfg, eval_cfg, seed: int, part: str = "test") -> list[dic
     template = answer_template(data_cfg.get("answer_format") or "tags")
     system = system_prompt(data_cfg.system_prompt, template)
     trained_names = {(s.name, s.config) for s in train_specs}
+    context = eval_cfg.get("context_examples") or 0
     out = []
     if part == "validation":  # never a test problem of the same eval.seed (clashes are always replaced)
         seen |= {e["question"] for spec, n in zip(specs, counts)
@@ -300,12 +301,36 @@ def eval_problems(data_cfg, eval_cfg, seed: int, part: str = "test") -> list[dic
                 f"{clash[0]['question']!r:.120}): the task's problem space is small for data.size={data_cfg.size}. "
                 f"Raise the task's difficulty (its config), lower data.size, or set eval.overlap=replace to score "
                 f"fresh problems that training did not see in their place.")
+        shots = context_pool(spec, eval_cfg, len(entries)) if context else []
         for i, e in enumerate(entries):
+            messages = conversation(e["question"], system)
+            if context:
+                messages = context_prompt(messages, shots, e, context, f"{eval_cfg.seed}|{label}|{i}", template)
             out.append({"id": f"{label}-{'test' if part == 'test' else 'val'}-{i}", "task": label,
                         "trained": (spec.name, spec.config) in trained_names,
-                        "messages": conversation(e["question"], system), "entry": e, "spec": spec,
-                        "template": template})
+                        "messages": messages, "entry": e, "spec": spec, "template": template})
     return out
+
+
+def context_pool(spec: TaskSpec, eval_cfg, n: int) -> list[dict]:
+    """Solved problems that `eval.context_examples` draws from: the task's validation-seed problems (another seed
+    block than training and test, so a shot is never a scored problem of the same eval.seed)."""
+    k = eval_cfg.context_examples
+    return generate(spec, validation_seed(spec, eval_cfg.seed), max(64, 4 * k))
+
+
+def context_prompt(messages: list[dict], pool: list[dict], query: dict, k: int, key: str,
+                   template: str) -> list[dict]:
+    """The prompt with k solved problems of the query's task before it, each a user turn (the question) and an
+    assistant turn (its answer in the trained format): the layout of objective=many_icl's training sequences
+    (ftune/data/many_shot.py), here for many-shot scoring. The k are a seeded draw per query, never the query."""
+    import random
+
+    candidates = [e for e in pool if e["question"] != query["question"]]
+    chosen = random.Random(key).sample(candidates, k)
+    turns = [t for e in chosen for t in conversation(e["question"], "", str(e["answer"]), template)]
+    head = [m for m in messages if m["role"] == "system"]
+    return head + turns + [m for m in messages if m["role"] != "system"]
 
 
 def check_config(cfg) -> None:

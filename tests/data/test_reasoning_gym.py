@@ -18,9 +18,9 @@ def data_cfg(tasks, size=60, **kw):
                              "system_prompt": None, "eval_split": None, **kw})
 
 
-def eval_cfg(tasks=None, limit=20, overlap="error", seed=0):
+def eval_cfg(tasks=None, limit=20, overlap="error", seed=0, context_examples=0):
     return OmegaConf.create({"task": "reasoning_gym", "tasks": tasks, "limit": limit, "seed": seed,
-                             "overlap": overlap})
+                             "overlap": overlap, "context_examples": context_examples})
 
 
 def test_mixture_sizes_weights_and_seeds():
@@ -71,6 +71,30 @@ def test_overlap_is_an_error_or_replaced():
     big = data_cfg([{"name": "chain_sum", "config": SMALL}], size=3000)
     with pytest.raises(ConfigError, match="problem space is too small"):
         rg.eval_problems(big, eval_cfg(limit=50, overlap="replace"), seed=0)
+
+
+def test_context_examples_put_solved_problems_of_the_task_before_each_query():
+    # Many-shot scoring: the same scored problems, each after k solved ones of its own task (ManyICL's layout).
+    d = data_cfg(["chain_sum"], size=40)
+    plain = rg.eval_problems(d, eval_cfg(["chain_sum", "leg_counting"], limit=10), seed=0)
+    shot = rg.eval_problems(d, eval_cfg(["chain_sum", "leg_counting"], limit=10, context_examples=2), seed=0)
+    assert [p["entry"] for p in shot] == [p["entry"] for p in plain]
+    firsts = set()
+    for p, q in zip(shot, plain):
+        m = p["messages"]
+        assert [x["role"] for x in m] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert m[0] == q["messages"][0] and m[-1] == q["messages"][-1]
+        for user, reply in ((m[1], m[2]), (m[3], m[4])):
+            assert user["content"] != m[-1]["content"]  # never the query itself
+            answer, in_format = rg.extract(reply["content"], p["template"])
+            assert in_format and reply["content"].startswith("<answer>")
+            entry = next(e for e in rg.context_pool(p["spec"], eval_cfg(context_examples=2), 1)
+                         if e["question"] == user["content"])  # a problem of the query's own task, solved right
+            assert rg.scorer(p["spec"]).score_answer(answer, entry) == 1.0
+        firsts.add(m[1]["content"])
+    assert len(firsts) > 3  # a draw per query, not one fixed prefix
+    again = rg.eval_problems(d, eval_cfg(["chain_sum", "leg_counting"], limit=10, context_examples=2), seed=3)
+    assert [p["messages"] for p in again] == [p["messages"] for p in shot]  # the same for every training seed
 
 
 def test_untrained_eval_tasks_are_marked():
