@@ -50,6 +50,26 @@ def _pop_nproc(args: list[str]) -> tuple[int, list[str]]:
     return nproc, out
 
 
+def overrides_before_flags(argv: list[str]) -> list[str]:
+    """`a=1 --cfg job b=2` in the order Hydra reads it (its overrides are one run of positional arguments, so Hydra
+    alone refuses `b=2`): Hydra's own argument parser finds the overrides, which go first, in their order, and the
+    flags follow. A command line it cannot parse is left as it is, for Hydra to say what is wrong."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main uses
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            overrides = get_args_parser().parse_intermixed_args(argv).overrides
+    except SystemExit:
+        return argv
+    flags = list(argv)
+    for o in overrides:
+        flags.remove(o)
+    return [*overrides, *flags]
+
+
 def launch(nproc: int, args: list[str]) -> int:
     """`ftune train --nproc N ...`: N data-parallel processes on this machine with torchrun (DDP through
     accelerate: NCCL on GPUs, gloo on CPU). The run directory is chosen once here so every rank writes to the same
@@ -59,7 +79,6 @@ def launch(nproc: int, args: list[str]) -> int:
 
     import torch
 
-    from ftune.config import with_overrides
     from ftune.training.distributed import gpu_shortage
 
     if short := gpu_shortage(nproc):  # said before any process starts
@@ -73,7 +92,7 @@ def launch(nproc: int, args: list[str]) -> int:
         env["OMP_NUM_THREADS"] = "1" if torch.cuda.is_available() else str(max(1, cores // nproc))
     if not any(a.startswith("output_dir=") for a in args):
         now = datetime.datetime.now()
-        args = with_overrides(args, f"output_dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}")
+        args = [f"output_dir=outputs/{now:%Y-%m-%d}/{now:%H-%M-%S-%f}", *args]  # Hydra: overrides before flags
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -217,23 +236,21 @@ def main(argv: list[str] | None = None) -> None:
     if command == "compare":  # its own flags (--arm 'NAME: k=v'): the overrides go to each `ftune train` it runs
         importlib.import_module("ftune.compare").main(rest)
         return
-    from ftune.config import ConfigError, check_overrides, overrides_first
-
-    try:
-        check_overrides(command, rest)
-    except ConfigError as e:
-        print(f"ftune: config error: {e}", file=sys.stderr)
-        sys.exit(2)
     nproc, rest = _pop_nproc(rest) if command == "train" else (1, rest)
-    rest = overrides_first(rest)
+    if command in ("train", "eval", "generate", "select"):
+        rest = overrides_before_flags(rest)
     if nproc > 1:
         sys.exit(launch(nproc, rest))
     module = importlib.import_module(COMMANDS[command][0])
     from ftune.config import register_configs
+    from ftune.reporting import HYDRA_COMMANDS, run_hydra_main
 
     register_configs(command)  # recipes with the parts this command reads
     sys.argv = [f"ftune {command}", *rest]
-    module.main()
+    if command in HYDRA_COMMANDS:
+        run_hydra_main(module.main, command, rest)
+    else:
+        module.main()
 
 
 if __name__ == "__main__":

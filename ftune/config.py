@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,62 +199,57 @@ SCHEMAS = {"train": TrainSchema, "eval": EvalSchema, "generate": GenerateSchema,
 CONFIG_NAMES = {"train": "train", "eval": "evaluate", "generate": "generate", "select": "train"}
 
 
-def _is_override(arg: str) -> bool:
-    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
+def explain_composition_error(command: str, overrides: list[str], error: Exception) -> str:
+    """What to say when Hydra could not compose the command line (its exception, raised where it composes).
 
-
-def overrides_first(argv: list[str]) -> list[str]:
-    """The overrides (in their order), then Hydra's flags. Hydra reads its overrides as one run of positional
-    arguments, so `a=1 --cfg job b=2` is refused as "unrecognized arguments: b=2"; a flag's value (`job`,
-    `defaults`, a directory) holds no `=`."""
-    return [a for a in argv if _is_override(a)] + [a for a in argv if not _is_override(a)]
-
-
-def with_overrides(argv: list[str], *extra: str) -> list[str]:
-    """`argv` with `extra` overrides added after the user's own, before Hydra's flags."""
-    argv = overrides_first(argv)
-    n = sum(map(_is_override, argv))
-    return [*argv[:n], *extra, *argv[n:]]
-
-
-def check_overrides(command: str, overrides: list[str]) -> None:
-    """Command-line overrides whose key no schema field or config group holds, with a "did you mean" hint.
-
-    Hydra rejects them too, but suggests appending the misspelt key with `+`; this names the key meant instead.
-    Group choices (`peft=lorra`) are left to Hydra, which lists the available options.
+    Hydra refuses a misspelt key but suggests appending it with `+`; this names the key meant instead. Other
+    composition errors (a group option that does not exist, a value of the wrong type, bad override syntax) are
+    Hydra's own message, which lists the options or says the type. Composing is Hydra's alone: nothing here reads
+    the command line unless Hydra has refused it.
     """
+    said = str(error).strip()
+    cause = str(error.__cause__).strip().splitlines()[0] if error.__cause__ is not None else ""
+    m = re.match(r"Could not override '([^']+)'", said)
+    arg = next((a for a in overrides if m and a.split("=", 1)[0].lstrip("+~") == m.group(1)), None)
+    if arg is not None and (text := _unknown_key(command, overrides, arg)):
+        return text
+    said = said.split("\nConfig search path:")[0].strip()  # MissingConfigException: the options, not the path
+    if said.startswith("Error merging override ") and cause:
+        return f"{said[len('Error merging override '):]}: {cause}"
+    return f"{said}{' (' + cause + ')' if cause and cause not in said else ''}"
+
+
+def _unknown_key(command: str, overrides: list[str], arg: str) -> str | None:
     schema = SCHEMAS.get(command)
-    user_dir = any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd=")) for a in overrides)
-    if schema is None or user_dir:
-        return  # a user config dir may bring its own groups
+    if schema is None:
+        return None
     top = [f.name for f in dataclasses.fields(schema)]
-    pluggable = []
-    for arg in overrides:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key = arg.split("=", 1)[0].lstrip("+~")
-        parts = key.split("@", 1)[0].split(".")  # `group@package=option` moves a group: check the group's name
-        if "/" in key or parts[0] in ("hydra", "recipe"):
-            continue
-        if parts[0] not in top:
-            raise ConfigError(f"{arg}: '{parts[0]}' is not a config group or key of `ftune {command}`."
-                              f"{suggest(parts[0], top)} Valid names: {', '.join(top)}.")
-        fields = SCHEMA_GROUPS.get(parts[0])
-        if fields is not None and len(parts) > 1:
-            known = [f.name for f in dataclasses.fields(fields)]
-            if parts[1] not in known:
-                raise ConfigError(f"{arg}: {parts[0]}.{parts[1]} is not a key.{suggest(parts[1], known)} "
-                                  f"Valid keys of {parts[0]}: {', '.join(known)}.")
-        elif fields is None and len(parts) > 1 and not arg.startswith(("+", "~")):
-            pluggable.append((arg, parts))
-    if pluggable:
-        _check_pluggable_keys(command, overrides, pluggable)
+    key = arg.split("=", 1)[0].lstrip("+~")
+    parts = key.split("@", 1)[0].split(".")
+    if "/" in key or parts[0] == "hydra":
+        return None
+    if parts[0] not in top:
+        return unknown_top_key(arg, parts[0], command, top)
+    fields = SCHEMA_GROUPS.get(parts[0])
+    if fields is not None and len(parts) > 1:
+        known = [f.name for f in dataclasses.fields(fields)]
+        if parts[1] not in known:
+            return (f"{arg}: {parts[0]}.{parts[1]} is not a key.{suggest(parts[1], known)} "
+                    f"Valid keys of {parts[0]}: {', '.join(known)}.")
+    if fields is None and len(parts) > 1:
+        return _pluggable_key(command, overrides, arg, parts)
+    return None
 
 
-def _check_pluggable_keys(command: str, overrides: list[str], dotted: list[tuple[str, list[str]]]) -> None:
-    """`peft.rr=8` with peft=lora: the keys of a pluggable group (peft, objective, selection) are those of the option
-    chosen (by the command line, a recipe or the default), so compose the config without the dotted overrides (Hydra's
-    compose API, ~0.1 s) and look the key up there."""
+def unknown_top_key(arg: str, name: str, command: str, top: list[str]) -> str:
+    return (f"{arg}: '{name}' is not a config group or key of `ftune {command}`.{suggest(name, top)} "
+            f"Valid names: {', '.join(top)}.")
+
+
+def _pluggable_key(command: str, overrides: list[str], arg: str, parts: list[str]) -> str | None:
+    """`peft.rr=8` with peft=lora, refused by Hydra: the keys of a pluggable group (peft, objective, selection) are
+    those of the option chosen (by the command line, a recipe or the default). Only on this error path, the config
+    is composed without the dotted overrides (Hydra's compose API, ~0.1 s) to name the option and its keys."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
@@ -267,18 +263,17 @@ def _check_pluggable_keys(command: str, overrides: list[str], dotted: list[tuple
     try:
         with initialize_config_dir(config_dir=str(configs_dir()), version_base="1.3"):
             cfg = compose(config_name=CONFIG_NAMES[command], overrides=choices, return_hydra_config=True)
-    except Exception:  # noqa: BLE001 - a bad choice or value: Hydra says which when the command runs
-        return
+    except Exception:  # noqa: BLE001 - another override is wrong too: Hydra's message says which
+        return None
     finally:
         restore_gh_from_backup(outer)
-    for arg, (group, key, *_) in dotted:
-        node = cfg.get(group)
-        if not isinstance(node, DictConfig) or key in node:
-            continue
-        known = [str(k) for k in node if k != "_target_"]
-        target = node.get("_target_")
-        raise ConfigError(
-            f"{arg}: {group}={cfg.hydra.runtime.choices.get(group)} ({target}) has no key '{key}'."
+    group, key = parts[0], parts[1]
+    node = cfg.get(group)
+    if not isinstance(node, DictConfig) or key in node:
+        return None
+    known = [str(k) for k in node if k != "_target_"]
+    target = node.get("_target_")
+    return (f"{arg}: {group}={cfg.hydra.runtime.choices.get(group)} ({target}) has no key '{key}'."
             f"{suggest(key, known)} Its keys: {', '.join(known) or 'none'}. Another {group} method may take it "
             f"(`{group}=NAME`; `ftune {command} --help` lists them); a parameter of {target} that its config leaves "
             f"out is added with `+{group}.{key}=...`.")

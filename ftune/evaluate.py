@@ -65,6 +65,8 @@ def main(cfg: DictConfig) -> None:
     run_reporting_errors(evaluate, cfg, hydra_job=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun / accelerate launch: `python -m ftune.evaluate key=value ...`
+    from ftune.reporting import run_hydra_main
+
     sys.argv[0] = "ftune eval"
-    main()
+    run_hydra_main(main, "eval", sys.argv[1:])

@@ -37,6 +37,8 @@ def main(cfg: DictConfig) -> None:
     run_reporting_errors(generate_answer, cfg, hydra_job=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun / accelerate launch: `python -m ftune.generate key=value ...`
+    from ftune.reporting import run_hydra_main
+
     sys.argv[0] = "ftune generate"
-    main()
+    run_hydra_main(main, "generate", sys.argv[1:])

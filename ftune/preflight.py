@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ftune.config import SCHEMA_GROUPS, ConfigError, build, suggest
+from ftune.config import SCHEMA_GROUPS, SCHEMAS, ConfigError, build, suggest, unknown_top_key
 from ftune.protocols import PROTOCOLS, missing_members
 from ftune.run_record import given
 
@@ -116,7 +116,15 @@ def positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 
 
 def check_schema_keys(cfg: DictConfig, p: Problems) -> None:
-    """A key added with `+group.key=...` (or by a recipe) that no schema field holds would be silently ignored."""
+    """A key added with `+group.key=...` or `+key=...` (or by a recipe) that no schema field holds would be silently
+    ignored."""
+    schema = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else None
+    if dataclasses.is_dataclass(schema):
+        top = [f.name for f in dataclasses.fields(schema)]
+        command = next((c for c, s in SCHEMAS.items() if s is schema), "train")
+        for key in cfg:
+            if key not in top:
+                p.add(unknown_top_key(f"+{key}={cfg.get(key)}", str(key), command, top))
     for group, schema in SCHEMA_GROUPS.items():
         node = cfg.get(group) if isinstance(cfg, DictConfig) else None
         if not isinstance(node, DictConfig):

@@ -70,3 +70,29 @@ def run_reporting_errors(fn, cfg, hydra_job: bool = False):
         sys.exit(2)
     finally:
         end_job()
+
+
+HYDRA_COMMANDS = ("train", "eval", "generate", "select")
+
+
+def run_hydra_main(main, command: str, overrides: list[str]) -> None:
+    """Run the Hydra entry point `main` of `ftune COMMAND`. Hydra composes the command line once; what it cannot
+    compose (a misspelt key, a group option that does not exist, a value of the wrong type) is said as one config
+    error, exit code 2, by the first process only (torchrun's ranks all compose the same command line)."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from ftune.config import explain_composition_error
+
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises what it cannot compose instead of printing it
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ftune: config error: {explain_composition_error(command, overrides, e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before

@@ -142,6 +142,8 @@ def main(cfg: DictConfig) -> None:
     run_reporting_errors(lambda c: select_data(c, overrides), cfg, hydra_job=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun / accelerate launch: `python -m ftune.select key=value ...`
+    from ftune.reporting import run_hydra_main
+
     sys.argv[0] = "ftune select"
-    main()
+    run_hydra_main(main, "select", sys.argv[1:])

@@ -289,6 +289,8 @@ def main(cfg: DictConfig) -> None:
         dist.end_process_group()  # the process ends here
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # torchrun / accelerate launch: `python -m ftune.train key=value ...`
+    from ftune.reporting import run_hydra_main
+
     sys.argv[0] = "ftune train"
-    main()
+    run_hydra_main(main, "train", sys.argv[1:])

@@ -52,14 +52,13 @@ def test_recipes_lists_names_and_descriptions(tmp_path):
 
 
 def test_overrides_on_both_sides_of_a_hydra_flag(tmp_path):
-    """Hydra alone refuses `a=1 --cfg job b=2` ("unrecognized arguments: b=2"), and so did every override ftune adds
-    for a rank or a resume after a user's flag; overrides are put together, in their order, before the flags."""
-    from ftune.config import overrides_first, with_overrides
+    """Hydra alone refuses `a=1 --cfg job b=2` ("unrecognized arguments: b=2"); ftune puts the overrides (found by
+    Hydra's own parser) before the flags, in their order."""
+    from ftune.cli import overrides_before_flags
 
-    assert overrides_first(["a=1", "--cfg", "job", "b=2", "~c"]) == ["a=1", "b=2", "~c", "--cfg", "job"]
-    added = with_overrides(["+recipe=x", "--cfg", "job"], "output_dir=o")
-    assert added == ["+recipe=x", "output_dir=o", "--cfg", "job"]
-    assert with_overrides(["--info", "defaults"], "x=1") == ["x=1", "--info", "defaults"]
+    assert overrides_before_flags(["a=1", "--cfg", "job", "b=2", "~c"]) == ["a=1", "b=2", "~c", "--cfg", "job"]
+    assert overrides_before_flags(["--config-dir=/x=y", "a=1"]) == ["a=1", "--config-dir=/x=y"]
+    assert overrides_before_flags(["a=1", "--nonsense"]) == ["a=1", "--nonsense"]  # left to Hydra to refuse
     cfg = composed("model=tiny_random", "--cfg", "job", "trainer.lr=0.25", "seed=7", cwd=tmp_path)
     assert cfg["trainer"]["lr"] == 0.25 and cfg["seed"] == 7 and cfg["model"]["name_or_path"] == "tiny_random"
 
@@ -305,3 +304,12 @@ def test_a_recipe_works_with_every_command_taking_the_parts_it_reads(command, ex
         assert got == value or (key == "model.name_or_path" and value in str(got)), (key, got)
     if command != "select":
         assert "peft" not in cfg and "trainer" not in cfg
+
+
+def test_a_command_line_hydra_refuses_is_said_once_by_several_processes(tmp_path):
+    # Each of torchrun's ranks composes the command line; the first one says what is wrong, once, with the fix.
+    out = ftune("train", "--nproc", "2", *TINY, "trainer.max_step=5", f"output_dir={tmp_path}/run", cwd=tmp_path,
+                timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.count("trainer.max_step is not a key. Did you mean 'max_steps'?") == 1, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
