@@ -246,6 +246,16 @@ DATA_CASES = [
     Case("duplicate-ids", SFT[:1] + ["data.path={data}"], "data",
          r"data\.jsonl:4: id 's1' already used at line 2\. Ids must be unique",
          data=jsonl(SFT_ROWS[:3] + [dict(SFT_ROWS[3], id="s1")])),
+    # The data phase reads every line before it says anything: all the bad lines of a file in one error.
+    Case("several-bad-lines-at-once", SFT[:1] + ["data.path={data}"], "data",
+         r"^2 problems in .*data\.jsonl, each with its fix:\n  1\. .*data\.jsonl:2: not valid JSON.*\n  2\. "
+         r".*data\.jsonl:4: expected a JSON object, got list",
+         data=jsonl([SFT_ROWS[0], '{"prompt": "x",', SFT_ROWS[1], "[1, 2]"])),
+    Case("several-bad-examples-at-once", SFT[:1] + ["data.path={data}", "data.format=prompt_completion"], "data",
+         r"^3 problems in .*data\.jsonl.*1\. .*data\.jsonl:3: id 's0' already used at line 1.*2\. .*data\.jsonl:2: "
+         r"missing field\(s\) \['completion'\].*3\. .*data\.jsonl:4: field 'prompt' must be a string",
+         data=jsonl([SFT_ROWS[0], {"prompt": "only a prompt"}, dict(SFT_ROWS[1], id="s0"),
+                     {"prompt": ["a"], "completion": "c"}])),
     Case("prompt-wrong-type", SFT[:1] + ["data.path={data}"], "data",
          r"data\.jsonl:2: field 'prompt' must be a string, got list",
          data=jsonl([SFT_ROWS[0], {"prompt": ["a", "b"], "completion": "c"}])),
@@ -334,7 +344,7 @@ def run_case(case: Case, tmp: Path, compose, capsys) -> str:
     assert len(lines) == 1, err
     prefix = f"ftune: {case.kind} error: "
     assert lines[0].startswith(prefix), lines[0]
-    return lines[0][len(prefix):]
+    return err[err.index(lines[0]) + len(prefix):].rstrip()  # a list of problems goes on over the next lines
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CONFIG_CASES + DATA_CASES])

@@ -13,7 +13,15 @@ import os
 import re
 from pathlib import Path
 
-from ftune.data.sources import ROLES, DataError, _load_hub, check_unique_ids, read_jsonl, read_split_file
+from ftune.data.sources import (
+    ROLES,
+    DataError,
+    DataProblems,
+    _load_hub,
+    check_unique_ids,
+    read_jsonl,
+    read_split_file,
+)
 from ftune.data.tokenize import IGNORE, prompt_ids, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -114,7 +122,8 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         raise DataError(f"{origin}: no records at all (an empty file or split '{split}'). Check data.path.")
     if cfg.limit is not None and split == cfg.split:
         rows = rows[: cfg.limit]
-    check_unique_ids(rows, origin)
+    p = DataProblems(origin)
+    check_unique_ids(rows, origin, p)
     pairs, skipped, mismatched, identical = [], 0, [], 0
     for i, row in enumerate(rows):
         where = f"{origin}:{row.pop('_line', i + 1)}"
@@ -122,6 +131,9 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             pair = to_pair(row, where)
         except MismatchedPair:
             mismatched.append(where.rsplit(":", 1)[-1])
+            continue
+        except DataError as e:  # said with the others once every pair is read
+            p.add(str(e))
             continue
         if not pair["chosen"].strip() or not pair["rejected"].strip() or pair["chosen"] == pair["rejected"]:
             skipped += 1
@@ -131,6 +143,7 @@ def load_pairs(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             pair["prompt"] = [{"role": "system", "content": cfg.system_prompt}] + pair["prompt"]
         pair["id"] = str(row.get("id", f"{split}-{i}"))
         pairs.append(pair)
+    p.raise_any()
     if mismatched:
         log.warning("%s: skipped %d pair(s) whose transcripts differ before the final answer (lines %s).", origin,
                     len(mismatched), ", ".join(mismatched[:10]))

@@ -29,11 +29,40 @@ class DataError(ValueError):
     """Bad or missing data; the message names the file (and line) and the fix."""
 
 
+class DataProblems:
+    """The data phase's collector (the config's is ftune/preflight.py): the checks of every line of a file run to the
+    end, and what they found is one DataError, its first SHOWN problems said with their lines and fixes and the rest
+    counted. One problem reads exactly as its own message."""
+
+    SHOWN = 10
+
+    def __init__(self, what: str):
+        self.what, self.found, self.more = what, [], 0
+
+    def add(self, message: str) -> None:
+        if len(self.found) < self.SHOWN:
+            self.found.append(message)
+        else:
+            self.more += 1
+
+    def raise_any(self) -> None:
+        if not self.found:
+            return
+        if len(self.found) == 1:
+            raise DataError(self.found[0])
+        n = len(self.found) + self.more
+        lines = [f"{n} problems in {self.what}, each with its fix:"]
+        lines += [f"  {i}. {m}" for i, m in enumerate(self.found, 1)]
+        if self.more:
+            lines.append(f"  ... and {self.more} more line(s) like these.")
+        raise DataError("\n".join(lines))
+
+
 def read_jsonl(path: Path, key: str = "data.path") -> list[dict]:
     """Parse a .jsonl (or .jsonl.gz) file; malformed lines raise DataError with file:line (`key`: the setting that
     named the file, for a missing one)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
+    rows, p = [], DataProblems(str(path))
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -42,11 +71,13 @@ def read_jsonl(path: Path, key: str = "data.path") -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). Each line must "
-                                    f"be one JSON object; fix or delete that line.") from None
+                    p.add(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). Each line must be one "
+                          f"JSON object; fix or delete that line.")
+                    continue
                 if not isinstance(row, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}. The file "
-                                    f"must be JSON Lines: one {{...}} object per line (a .json array is not read).")
+                    p.add(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}. The file must be "
+                          f"JSON Lines: one {{...}} object per line (a .json array is not read).")
+                    continue
                 row.setdefault("_line", lineno)
                 rows.append(row)
     except UnicodeDecodeError:
@@ -55,6 +86,7 @@ def read_jsonl(path: Path, key: str = "data.path") -> list[dict]:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file. Check {key} (relative paths resolve against "
                         f"{Path.cwd()}).") from None
+    p.raise_any()
     return rows
 
 
@@ -76,8 +108,10 @@ def _first_non_utf8_line(path: Path, opener) -> int:
     return 0
 
 
-def check_unique_ids(rows: list[dict], origin: str) -> None:
+def check_unique_ids(rows: list[dict], origin: str, p: DataProblems | None = None) -> None:
     """Ids given in the data must be unique: caches, reference log-probs and reports are keyed by them."""
+    own = p is None
+    p = p or DataProblems(origin)
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         if "id" not in row:
@@ -85,8 +119,10 @@ def check_unique_ids(rows: list[dict], origin: str) -> None:
         line = row.get("_line", i + 1)
         first = seen.setdefault(str(row["id"]), line)
         if first != line:
-            raise DataError(f"{origin}:{line}: id {str(row['id'])!r} already used at line {first}. Ids must be "
-                            f"unique: remove the duplicate example or give it another id.")
+            p.add(f"{origin}:{line}: id {str(row['id'])!r} already used at line {first}. Ids must be unique: "
+                  f"remove the duplicate example or give it another id.")
+    if own:
+        p.raise_any()
 
 
 def _hub_offline() -> bool:
@@ -219,7 +255,8 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         raise DataError(f"{origin}: no records at all (an empty file or split '{split}'). Check data.path.")
     if cfg.limit is not None and split == cfg.split:
         rows = rows[: cfg.limit]
-    check_unique_ids(rows, origin)
+    p = DataProblems(origin)
+    check_unique_ids(rows, origin, p)
     rename = dict(cfg.fields or {})
     keep = list(getattr(cfg, "keep_fields", None) or [])  # a plain namespace config (the API) may not have it
     reserved = sorted(set(keep) & {"id", "messages", "answer", "tests"})
@@ -233,8 +270,12 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
         for ours, theirs in rename.items():
             if theirs in row:
                 row[ours] = row.pop(theirs)
-        fmt = detect_format(row, cfg.format, where) if fmt is None or cfg.format == "auto" else fmt
-        ex = to_conversation(row, fmt, where, cfg.system_prompt)
+        try:
+            fmt = detect_format(row, cfg.format, where) if fmt is None or cfg.format == "auto" else fmt
+            ex = to_conversation(row, fmt, where, cfg.system_prompt)
+        except DataError as e:  # said with the others once every row is read
+            p.add(str(e))
+            continue
         if any(not m["content"].strip() for m in ex["messages"] if m["role"] != "system"):
             skipped_empty += 1
             continue
@@ -247,6 +288,7 @@ def load_conversations(cfg, split: str, seed: int) -> tuple[list[dict], dict]:
             if name in row:
                 ex[name] = row[name]
         examples.append(ex)
+    p.raise_any()
     if skipped_empty:
         log.warning("%s: skipped %d example(s) with an empty prompt or response.", origin, skipped_empty)
     if not examples:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import time
 
 import pytest
@@ -286,3 +287,16 @@ def test_hub_dataset_in_the_datasets_cache_loads_offline(tmp_path, monkeypatch):
                                         r"datasets cache"):
         load_conversations(data_cfg(source="hub", hub_id="someorg/other", hub_config="main"), "train", 0)
     assert time.perf_counter() - start < 10
+
+
+def test_every_bad_line_of_a_file_is_found_in_one_read(tmp_path):
+    # 13 malformed lines: the first 10 said with their line numbers, the other 3 counted; good lines do not count.
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join('{"prompt": "a", "completion": "b"}\n' if i % 2 else "{oops\n" for i in range(26)))
+    with pytest.raises(DataError) as e:
+        read_jsonl(path)
+    text = str(e.value)
+    assert text.startswith(f"13 problems in {path}, each with its fix:")
+    said = [int(m) for m in re.findall(rf"{re.escape(str(path))}:(\d+): not valid JSON", text)]
+    assert said == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+    assert text.endswith("... and 3 more line(s) like these.")
