@@ -140,6 +140,7 @@ def test_repeats_run_in_abba_order_and_combine_to_the_median(monkeypatch):
     from types import SimpleNamespace
 
     from scripts.bench.__main__ import suite_rows, table
+    from scripts.bench.report import run_ratios
 
     eng = _engine()
     speeds = {"ftune": iter([300.0, 360.0, 270.0]), "trl": iter([150.0, 200.0, 90.0])}  # means 310, 146.7
@@ -157,7 +158,7 @@ def test_repeats_run_in_abba_order_and_combine_to_the_median(monkeypatch):
     assert (f["tokens_per_s"], t["tokens_per_s"]) == (300.0, 150.0)  # medians
     assert (f["peak_rss_mib"], t["peak_rss_mib"]) == (1020.0, 1520.0)  # the largest of the three
     assert [x["tokens_per_s"] for x in f["repeats"]] == [300.0, 360.0, 270.0]
-    assert eng.run_ratios(f, t) == pytest.approx([2.0, 1.8, 3.0])
+    assert run_ratios(f, t) == pytest.approx([2.0, 1.8, 3.0])
     one = eng.combine_repeats([{"tokens_per_s": 5.0, "exit_code": 0}])
     assert "repeats" not in one and one["tokens_per_s"] == 5.0
     failed = eng.combine_repeats([{"tokens_per_s": 5.0, "exit_code": 0}, {"exit_code": 1, "error": "oom"}])
@@ -165,7 +166,7 @@ def test_repeats_run_in_abba_order_and_combine_to_the_median(monkeypatch):
 
     for r in res:
         r["peak_memory_mib"], r["mfu"] = r["peak_rss_mib"], 0.5
-    meta = {"device": "cpu", "ratios": [{"pair": "same packing off", "tokens_per_s_ratio_runs": eng.run_ratios(f, t)}]}
+    meta = {"device": "cpu", "ratios": [{"pair": "same packing off", "tokens_per_s_ratio_runs": run_ratios(f, t)}]}
     row = suite_rows("sft-lora", {"meta": meta, "results": res})[0]
     assert row["ratio"] == pytest.approx(2.0) and row["ratio_runs"] == pytest.approx([2.0, 1.8, 3.0])
     assert "2.00x (1.80-3.00)" in table([row], markdown=True)
@@ -175,18 +176,19 @@ def test_repeats_run_in_abba_order_and_combine_to_the_median(monkeypatch):
 def test_child_peak_rss_is_its_own_not_the_parents(tmp_path):
     """Linux carries a process's peak RSS over fork and exec, so wait4 alone would report at least this (large)
     process's peak for a small child; run_child reports the child's own (~60 MB here)."""
-    eng = _engine()
+    from scripts.bench.machine import peak_rss, run_child
+
     ballast = bytearray(800 * 2**20)  # this process: >= 800 MiB resident
     ballast[::4096] = b"x" * len(ballast[::4096])
     child = [sys.executable, "-c", "import time; b = bytearray(60 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
                                    "time.sleep(1.2)"]
-    res = eng.run_child(child, dict(os.environ), tmp_path / "log", tmp_path)
+    res = run_child(child, dict(os.environ), tmp_path / "log", tmp_path)
     assert res["exit_code"] == 0
     assert 60 <= res["peak_rss_mib"] < 300, res
     assert "lower bound" in res["peak_rss_note"]
     del ballast
-    assert eng.peak_rss(5000.0, 1000.0, 4800.0) == (5000.0, None)  # above the parent's peak: wait4 is exact
-    assert eng.peak_rss(1000.0, 1000.0, 70.0)[0] == 70.0
+    assert peak_rss(5000.0, 1000.0, 4800.0) == (5000.0, None)  # above the parent's peak: wait4 is exact
+    assert peak_rss(1000.0, 1000.0, 70.0)[0] == 70.0
 
 
 @pytest.mark.slow
@@ -234,7 +236,9 @@ def test_ftune_overrides_and_trls_allocator_reach_the_children(monkeypatch, tmp_
                         "--model-dir", str(tmp_path), "--random-order"])
     ov = eng.ftune_overrides(a, False, "fp32", tmp_path / "out")
     assert ov[-2:] == ["trainer.cpu_malloc=system", "trainer.compile=true"]
-    tunables = dict(kv.split("=") for kv in eng.TRL_REUSE_TUNABLES.split(":"))
+    from scripts.bench.settings import TRL_REUSE_TUNABLES
+
+    tunables = dict(kv.split("=") for kv in TRL_REUSE_TUNABLES.split(":"))
     assert int(tunables["glibc.malloc.mmap_threshold"]) == int(tunables["glibc.malloc.trim_threshold"]) \
         == cpu_malloc._INT_MAX
 
@@ -244,12 +248,12 @@ def test_ftune_overrides_and_trls_allocator_reach_the_children(monkeypatch, tmp_
         seen.append(env.get("GLIBC_TUNABLES"))
         return {"exit_code": 1, "progress_wall": None, "progress_cpu": None}
 
-    monkeypatch.setattr(eng, "run_child", fake_child)
-    monkeypatch.setattr(eng, "tail", lambda p: "")
+    monkeypatch.setattr(eng.trl_side, "run_child", fake_child)
+    monkeypatch.setattr(eng.trl_side, "tail", lambda p: "")
     for choice in ("system", "reuse"):
         a.trl_malloc = choice
         eng.bench_trl(a, True, "fp32", {"PATH": "/bin"}, tmp_path, tmp_path)
-    assert seen == [None, eng.TRL_REUSE_TUNABLES]
+    assert seen == [None, TRL_REUSE_TUNABLES]
 
 
 def test_slim_wheel_keeps_the_cpu_and_matching_libraries_and_their_record(tmp_path):
