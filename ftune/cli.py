@@ -237,13 +237,14 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module("ftune.compare").main(rest)
         return
     nproc, rest = _pop_nproc(rest) if command == "train" else (1, rest)
-    if command in ("train", "eval", "generate", "select"):
+    from ftune.reporting import HYDRA_COMMANDS, run_hydra_main
+
+    if command in HYDRA_COMMANDS:
         rest = overrides_before_flags(rest)
     if nproc > 1:
         sys.exit(launch(nproc, rest))
     module = importlib.import_module(COMMANDS[command][0])
     from ftune.config import register_configs
-    from ftune.reporting import HYDRA_COMMANDS, run_hydra_main
 
     register_configs(command)  # recipes with the parts this command reads
     sys.argv = [f"ftune {command}", *rest]

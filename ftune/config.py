@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A config problem the user can fix; the message names the key and the fix."""
 
 
+def said_at_once(problems: list[str], where: str, more: int = 0) -> str:
+    """Problems found together, as the user reads them: one as its own message, several as a numbered list (the
+    preflight's config problems, the data phase's bad lines; `more`: further ones counted, not shown)."""
+    if len(problems) == 1 and not more:
+        return problems[0]
+    lines = [f"{len(problems) + more} problems in {where}, each with its fix:"]
+    lines += [f"  {i}. {p}" for i, p in enumerate(problems, 1)]
+    if more:
+        lines.append(f"  ... and {more} more line(s) like these.")
+    return "\n".join(lines)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = MISSING

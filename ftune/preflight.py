@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ftune.config import SCHEMA_GROUPS, SCHEMAS, ConfigError, build, suggest, unknown_top_key
+from ftune.config import SCHEMA_GROUPS, SCHEMAS, ConfigError, build, said_at_once, suggest, unknown_top_key
 from ftune.protocols import PROTOCOLS, missing_members
 from ftune.run_record import given
 
@@ -35,12 +35,7 @@ class PreflightError(ConfigError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        if len(self.problems) == 1:
-            text = self.problems[0]
-        else:
-            text = (f"{len(self.problems)} problems in the config, each with its fix:\n"
-                    + "\n".join(f"  {i}. {p}" for i, p in enumerate(self.problems, 1)))
-        super().__init__(text)
+        super().__init__(said_at_once(self.problems, "the config"))
 
 
 class Problems:

@@ -301,7 +301,7 @@ def eval_problems(data_cfg, eval_cfg, seed: int, part: str = "test") -> list[dic
                 f"{clash[0]['question']!r:.120}): the task's problem space is small for data.size={data_cfg.size}. "
                 f"Raise the task's difficulty (its config), lower data.size, or set eval.overlap=replace to score "
                 f"fresh problems that training did not see in their place.")
-        shots = context_pool(spec, eval_cfg, len(entries)) if context else []
+        shots = context_pool(spec, eval_cfg) if context else []
         for i, e in enumerate(entries):
             messages = conversation(e["question"], system)
             if context:
@@ -312,7 +312,7 @@ def eval_problems(data_cfg, eval_cfg, seed: int, part: str = "test") -> list[dic
     return out
 
 
-def context_pool(spec: TaskSpec, eval_cfg, n: int) -> list[dict]:
+def context_pool(spec: TaskSpec, eval_cfg) -> list[dict]:
     """Solved problems that `eval.context_examples` draws from: the task's validation-seed problems (another seed
     block than training and test, so a shot is never a scored problem of the same eval.seed)."""
     k = eval_cfg.context_examples

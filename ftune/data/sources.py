@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from ftune.config import said_at_once
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -46,16 +48,8 @@ class DataProblems:
             self.more += 1
 
     def raise_any(self) -> None:
-        if not self.found:
-            return
-        if len(self.found) == 1:
-            raise DataError(self.found[0])
-        n = len(self.found) + self.more
-        lines = [f"{n} problems in {self.what}, each with its fix:"]
-        lines += [f"  {i}. {m}" for i, m in enumerate(self.found, 1)]
-        if self.more:
-            lines.append(f"  ... and {self.more} more line(s) like these.")
-        raise DataError("\n".join(lines))
+        if self.found:
+            raise DataError(said_at_once(self.found, self.what, self.more))
 
 
 def read_jsonl(path: Path, key: str = "data.path") -> list[dict]:
@@ -108,10 +102,8 @@ def _first_non_utf8_line(path: Path, opener) -> int:
     return 0
 
 
-def check_unique_ids(rows: list[dict], origin: str, p: DataProblems | None = None) -> None:
+def check_unique_ids(rows: list[dict], origin: str, p: DataProblems) -> None:
     """Ids given in the data must be unique: caches, reference log-probs and reports are keyed by them."""
-    own = p is None
-    p = p or DataProblems(origin)
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         if "id" not in row:
@@ -121,8 +113,6 @@ def check_unique_ids(rows: list[dict], origin: str, p: DataProblems | None = Non
         if first != line:
             p.add(f"{origin}:{line}: id {str(row['id'])!r} already used at line {first}. Ids must be unique: "
                   f"remove the duplicate example or give it another id.")
-    if own:
-        p.raise_any()
 
 
 def _hub_offline() -> bool:

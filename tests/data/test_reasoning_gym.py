@@ -88,7 +88,7 @@ def test_context_examples_put_solved_problems_of_the_task_before_each_query():
             assert user["content"] != m[-1]["content"]  # never the query itself
             answer, in_format = rg.extract(reply["content"], p["template"])
             assert in_format and reply["content"].startswith("<answer>")
-            entry = next(e for e in rg.context_pool(p["spec"], eval_cfg(context_examples=2), 1)
+            entry = next(e for e in rg.context_pool(p["spec"], eval_cfg(context_examples=2))
                          if e["question"] == user["content"])  # a problem of the query's own task, solved right
             assert rg.scorer(p["spec"]).score_answer(answer, entry) == 1.0
         firsts.add(m[1]["content"])
