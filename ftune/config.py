@@ -192,12 +192,14 @@ def suggest(name: str, options) -> str:
 
 
 def build(node: DictConfig):
-    """hydra.utils.instantiate, but a ConfigError raised by the constructor reaches the user as itself."""
+    """hydra.utils.instantiate of the plug-in alone (a nested `_target_`, e.g. a GRPO reward function, is the
+    plug-in's to read, not Hydra's to call), but a ConfigError raised by the constructor reaches the user as
+    itself."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node)
+        return instantiate(node, _recursive_=False)
     except InstantiationException as e:
         if isinstance(e.__cause__, ConfigError):
             raise e.__cause__ from None

@@ -52,7 +52,10 @@ class Objective(Protocol):
     Declarations: `data_kind` "sft" (prompt/response rows) or "preference" (chosen/rejected pairs); `can_pack`
     (rows may hold several examples: data.packing); `fuses_lm_loss` (the loss is the LM head + cross-entropy alone,
     so trainer.liger may fuse them); `not_under` {engine: why} for engines it cannot run under; optionally
-    `needs_frozen_copy(model) -> bool` and `check_config(cfg)` (a static method raising ConfigError).
+    `needs_frozen_copy(model) -> bool` and `check_config(cfg)` (a static method raising ConfigError). An online
+    objective may also have `step_metrics() -> dict` (merged into each step's record as they are, e.g. rewards),
+    `summary() -> dict` (the run summary's "objective") and `state_dict()` / `load_state_dict(state)` (saved with
+    every checkpoint, per process, for an exact resume).
     """
 
     data_kind: ClassVar[str]

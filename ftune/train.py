@@ -229,6 +229,8 @@ class Trainer:
             record = {"loss": step_loss, **{k: _reduce_sum(acc, v) / max(n_global, 1) for k, v in sums.items()},
                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "epoch": round(self.order.epoch_of(self.step), 4), "tokens_per_s": tokens_seen / train_time}
+            if hasattr(self.objective, "step_metrics"):  # e.g. GRPO's rewards, KL and generation time of the step
+                record.update(self.objective.step_metrics())
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -266,7 +268,9 @@ class Trainer:
                    # what the objective made of the training data, if it rebuilt it (e.g. s3ft's own/paraphrase/gold)
                    "composition": self.data.stats.get("composition"),
                    # what selection=... kept and why (clusters, budgets, rounds), if a method picked the examples
-                   "selection": self.data.stats.get("selection")}
+                   "selection": self.data.stats.get("selection"),
+                   # what an online objective generated over the run (e.g. GRPO's completions and tokens/s)
+                   "objective": self.objective.summary() if hasattr(self.objective, "summary") else None}
         if self.is_main:
             write_json_atomic(self.out / "summary.json", summary, indent=2)
             plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")

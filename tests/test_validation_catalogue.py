@@ -217,6 +217,18 @@ CONFIG_CASES = [
     Case("batch-larger-than-data", [*SFT, "trainer.batch_size=6", "trainer.grad_accum=2"], "config",
          r"only 8 training examples, fewer than one optimizer step needs .* = 12\)\. Lower them"),
     Case("model-dir-missing", [*SFT, "model.name_or_path={tmp}/no_model"], "model", r"no_model.*no such directory"),
+    Case("grpo-one-generation", [*SFT, "objective=grpo", "objective.num_generations=1"], "config",
+         r"objective\.num_generations=1 must be an integer >= 2: GRPO's baseline is the mean reward"),
+    Case("grpo-verifier-without-task", [*SFT, "objective=grpo"], "config",
+         r"objective\.rewards: verifier needs a task with a verifier: data=reasoning_gym .* data is jsonl\. "
+         r"Rewards that need no verifier: length, or your own function"),
+    Case("grpo-reward-typo", [*SFT, "objective=grpo", "objective.rewards=[{name: verifer}]"], "config",
+         r"objective\.rewards\[0\]: no built-in reward 'verifer'\. Did you mean 'verifier'\?"),
+    Case("grpo-reward-import", [*SFT, "objective=grpo", "objective.rewards=[{_target_: myrewards.score}]"], "config",
+         r"objective\.rewards: cannot import 'myrewards' for _target_='myrewards\.score'.*PYTHONPATH"),
+    Case("grpo-reward-not-callable-as-reward", [*SFT, "objective=grpo", "objective.rewards=[{_target_: math.sqrt}]"],
+         "config", r"objective\.rewards\[0\]: math\.sqrt cannot be called as a reward: it must take \(prompts, "
+                   r"completions, \*\*kwargs\)"),
 ]
 
 # ----------------------------------------------------------------------------------------------- data cases

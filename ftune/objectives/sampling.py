@@ -11,7 +11,8 @@ from ftune.training import distributed as dist
 
 
 def generate_from(run, prompts: list[list[int]], max_new_tokens: int, batch_size: int, temperature: float = 0.0,
-                  progress: bool = False, share: bool = False) -> list[list[int]]:
+                  progress: bool = False, share: bool = False, top_p: float | None = None,
+                  top_k: int | None = None, group: int = 1) -> list[list[int]]:
     """New token ids of the run's model for each prompt (batched; greedy when temperature == 0).
 
     `share`: every rank holds the same prompts (PSO's offline samples). Under plain data parallelism each rank then
@@ -23,7 +24,7 @@ def generate_from(run, prompts: list[list[int]], max_new_tokens: int, batch_size
     def answer(mine: list[list[int]]) -> list[list[int]]:
         with acc.autocast(), dist.ready_to_generate(acc, run.model):
             return generate_ids(model, mine, max_new_tokens, batch_size, tok.pad_token_id, tok.eos_token_id,
-                                temperature, progress)
+                                temperature, progress, top_p, top_k, group)
 
     split = share and acc.num_processes > 1 and not dist.every_rank_generates(acc)
     return dist.shared_out(acc, prompts, answer) if split else answer(prompts)

@@ -77,6 +77,8 @@ def save(trainer, name: str) -> Path:
         tmp.mkdir()
     trainer.acc.wait_for_everyone()
     torch.save(ckpt.rng_state(), tmp / f"rng_rank{trainer.acc.process_index}.pt")
+    if hasattr(trainer.objective, "state_dict"):  # e.g. GRPO's stored completions and their old log-probs
+        torch.save(trainer.objective.state_dict(), tmp / f"objective_rank{trainer.acc.process_index}.pt")
     trainer.acc.wait_for_everyone()
     final = root / name
     # Collective under FSDP2 / DeepSpeed: every rank writes its optimizer shards into tmp, then the PEFT method's
@@ -127,6 +129,9 @@ def load(trainer, path: Path) -> None:
     trainer.step, trainer.skipped = state["step"], state["skipped"]
     if "spike_guard" in state:
         trainer.spikes.load_state_dict(state["spike_guard"])
+    objective_state = path / f"objective_rank{trainer.acc.process_index}.pt"
+    if objective_state.exists() and hasattr(trainer.objective, "load_state_dict"):
+        trainer.objective.load_state_dict(torch.load(objective_state, weights_only=False))
     rng = path / f"rng_rank{trainer.acc.process_index}.pt"
     if rng.exists():
         ckpt.set_rng_state(torch.load(rng, weights_only=False))

@@ -55,7 +55,9 @@ def ftune_data(overrides: list[str]):
     selector = instantiate(cfg.selection) if cfg.selection.get("_target_") else None
     extra = {}
     if "kind" in inspect.signature(prepare).parameters:
-        extra["kind"] = getattr(instantiate(cfg.objective), "data_kind", "sft")
+        from ftune.config import build
+
+        extra["kind"] = getattr(build(cfg.objective), "data_kind", "sft")
     return cfg, prepare(cfg.data, tok, fingerprint(model_dir) + str(model_dir), cfg.seed, selector,
                         pack_rows=cfg.data.packing, **extra)
 
