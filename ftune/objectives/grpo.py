@@ -193,9 +193,6 @@ class GRPO:
     def check_config(cfg) -> None:
         o = cfg.objective
         rw.check_source(rw.parse(o.get("rewards") or [{"name": "verifier"}]), cfg.data.source)
-        if cfg.data.get("packing"):
-            raise ConfigError("objective=grpo samples its own completions per prompt; data.packing=true packs "
-                              "training examples. Set data.packing=false.")
 
     def needs_frozen_copy(self, model) -> bool:
         return self.beta > 0 and not can_disable_adapter(model)
