@@ -203,8 +203,7 @@ class GRPO:
         the reference, and drop the held-out rows (GRPO has no held-out loss: score it with eval=... instead)."""
         self.reward_fns = rw.build(self.rewards_entries, run.cfg.data, run.cfg.seed, self.max_new_tokens)
         first = run.data.train[0]
-        prompt, gold = split_row(first)
-        self._score(run, [first], [gold], [prompt])
+        self._score(run, [first], [split_row(first)[1]])
         unwrapped = run.acc.unwrap_model(run.model)
         if self.beta > 0:
             self.adapter = can_disable_adapter(unwrapped)
@@ -219,25 +218,29 @@ class GRPO:
         return replace(run.data, eval=[])
 
     # --------------------------------------------------------------------------------------------- generation
-    def _score(self, run, rows: list[dict], completions: list[list[int]], prompts: list[list[int]]):
-        """Per-function scores [N, F] and the weighted reward [N] of completions (row i // G's prompt)."""
+    def _score(self, run, rows: list[dict], completions: list[list[int]]):
+        """Per-function scores [N, F], the weighted reward [N], the texts and whether each hit max_new_tokens, of
+        completions whose prompts are `rows`' (each row's completions consecutive). Prompts and reference answers are
+        decoded once per row."""
         tok = run.tokenizer
         per = len(completions) // len(rows)
-        src = [rows[i // per] for i in range(len(completions))]
+        parts = [split_row(r) for r in rows]
+        prompt_texts = [t for t in tok.batch_decode([p for p, _ in parts], skip_special_tokens=True)
+                        for _ in range(per)]
+        golds = [t for t in tok.batch_decode([g for _, g in parts], skip_special_tokens=True) for _ in range(per)]
         texts = tok.batch_decode(completions, skip_special_tokens=True)
-        prompt_texts = tok.batch_decode(prompts, skip_special_tokens=True)
-        golds = tok.batch_decode([split_row(r)[1] for r in src], skip_special_tokens=True)
-        columns = {"ids": [str(r["id"]) for r in src], "golds": golds, "completion_ids": completions,
-                   "truncated": [self._truncated(c, tok.eos_token_id) for c in completions]}
+        truncated = [self._truncated(c, tok.eos_token_id) for c in completions]
+        columns = {"ids": [str(r["id"]) for r in rows for _ in range(per)], "golds": golds,
+                   "completion_ids": completions, "truncated": truncated}
         scores = torch.tensor([rw.score(r, prompt_texts, texts, **columns) for r in self.reward_fns]).T
         weights = torch.tensor([r.weight for r in self.reward_fns])
-        return scores, (scores * weights).sum(-1), texts, prompt_texts
+        return scores, (scores * weights).sum(-1), texts, truncated
 
     def _truncated(self, completion: list[int], eos: int) -> bool:
         return eos not in completion and len(completion) >= self.max_new_tokens
 
     def _generate(self, run, rows: list[list[dict]]) -> list[list[dict]]:
-        tok, G = run.tokenizer, self.G
+        G = self.G
         flat = [r for micro in rows for r in micro]
         prompts = [split_row(r)[0] for r in flat]
         tic = time.perf_counter()
@@ -246,19 +249,17 @@ class GRPO:
             completions = generate_from(run, prompts, self.max_new_tokens, self.gen_batch_size, self.temperature,
                                         top_p=self.top_p, top_k=self.top_k, group=G)
         gen_s = time.perf_counter() - tic
-        scores, reward, texts, _ = self._score(run, flat, completions, [p for p in prompts for _ in range(G)])
+        scores, reward, texts, truncated = self._score(run, flat, completions)
         adv = grpo_loss.advantages(reward, G, self.scale)
-        eos = tok.eos_token_id
-        truncated = [self._truncated(c, eos) for c in completions]
         out, k = [], 0
         for micro in rows:
             part = []
             for r in micro:
-                prompt = split_row(r)[0]
+                prompt = prompts[k // G]
                 for _ in range(G):
                     c = completions[k]
                     part.append({"id": r["id"], "input_ids": prompt + c, "labels": [IGNORE] * len(prompt) + c,
-                                 "advantage": float(adv[k]), "reward": float(reward[k]),
+                                 "advantage": float(adv[k]),
                                  "weight": 0.0 if (self.mask_truncated and truncated[k]) else 1.0})
                     k += 1
             out.append(part)
