@@ -100,12 +100,25 @@ def token_logps(model, batch: dict[str, torch.Tensor], entropy: bool = False):
     return logp, mask, (to_padded(ent, seq, n_seq)[0] if ent is not None else None)
 
 
+def trained_rows(rows: list[dict]) -> list[dict]:
+    """The completions of a micro-batch that run forward and backward: all but those marked `skip` (advantage 0 with
+    beta 0, whose loss and gradient are exactly 0), and at least one (every process runs a backward)."""
+    return [r for r in rows if not r.get("skip")] or rows[:1]
+
+
 def collate_completions(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Completion rows (prompt + completion, completion labelled) packed several to a row, with each completion's
-    advantage, whether it counts (mask_truncated_completions), and its stored old log-probs when it has them."""
+    advantage, whether it counts (mask_truncated_completions), and its stored old log-probs when it has them. Rows
+    marked `skip` are left out of the tensors but still counted (`count_rows`, `count_tokens`: the completions and
+    completion tokens of the whole micro-batch), so each loss_type normalises as if they had run."""
+    n_rows = len(rows)
+    n_tokens = sum(sum(t != IGNORE for t in r["labels"][1:]) for r in rows if r.get("weight", 1.0) > 0)
+    rows = trained_rows(rows)
     batch = collate_packed(rows, pad_id)
     batch["advantages"] = torch.tensor([r["advantage"] for r in rows], dtype=torch.float32)
     batch["weight"] = torch.tensor([r.get("weight", 1.0) for r in rows], dtype=torch.float32)
+    batch["count_rows"] = torch.tensor(float(n_rows))
+    batch["count_tokens"] = torch.tensor(float(n_tokens))
     if all("old_logp" in r for r in rows):
         width = max(len(r["old_logp"]) for r in rows)
         batch["old_logp"] = torch.tensor([r["old_logp"] + [0.0] * (width - len(r["old_logp"])) for r in rows])
@@ -138,7 +151,11 @@ class GRPO:
             filtering).
         gen_batch_size: completions per generation batch.
         log_completions_every: steps between records in completions.jsonl (0: never).
-        log_entropy: compute the policy's entropy on completion tokens (one extra no-grad pass over the head).
+        log_entropy: compute the policy's entropy on completion tokens (one extra no-grad pass over the head), over
+            the completions that train.
+        skip_zero_advantage: with beta 0, completions whose advantage is 0 (every one of a group whose rewards are
+            all equal) run no forward or backward: their loss and gradient are exactly 0, and they still count in
+            each loss_type's normalisation, so the update is the same, for less compute.
     """
 
     can_pack = False
@@ -149,7 +166,7 @@ class GRPO:
                  loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
                  num_iterations: int = 1, importance_sampling_level: str = "token",
                  mask_truncated_completions: bool = False, gen_batch_size: int = 64, log_completions_every: int = 10,
-                 log_entropy: bool = True):
+                 log_entropy: bool = True, skip_zero_advantage: bool = True):
         if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 2:
             raise ConfigError(f"objective.num_generations={num_generations!r} must be an integer >= 2: GRPO's "
                               f"baseline is the mean reward of a prompt's completions.")
@@ -176,6 +193,7 @@ class GRPO:
         self.eps, self.eps_high, self.beta, self.mu = epsilon, high, beta, num_iterations
         self.level, self.mask_truncated = importance_sampling_level, mask_truncated_completions
         self.gen_batch_size, self.log_every, self.log_entropy = gen_batch_size, log_completions_every, log_entropy
+        self.skip_zero = skip_zero_advantage
         self.rewards_entries = rw.parse(rewards if rewards is not None else [{"name": "verifier"}])
         self.reward_fns: list[rw.Reward] = []
         self.adapter, self.ref_model = False, None
@@ -260,7 +278,8 @@ class GRPO:
                     c = completions[k]
                     part.append({"id": r["id"], "input_ids": prompt + c, "labels": [IGNORE] * len(prompt) + c,
                                  "advantage": float(adv[k]),
-                                 "weight": 0.0 if (self.mask_truncated and truncated[k]) else 1.0})
+                                 "weight": 0.0 if (self.mask_truncated and truncated[k]) else 1.0,
+                                 "skip": self.skip_zero and self.beta == 0 and float(adv[k]) == 0.0})
                     k += 1
             out.append(part)
         if self.mu > 1:
@@ -274,6 +293,7 @@ class GRPO:
         per row for the mu steps that reuse them."""
         pad = run.tokenizer.pad_token_id
         for part in micro_rows:
+            part = trained_rows(part)
             batch = {k: v.to(run.acc.device) for k, v in collate_completions(part, pad).items()}
             with run.acc.autocast():
                 logp, mask, _ = token_logps(run.model, batch)
@@ -335,6 +355,8 @@ class GRPO:
         """What the step's summed loss is divided by: completion tokens (dapo: every token of the accumulated batch
         weighs the same) or completions (grpo, bnpo, dr_grpo: `__call__` returns each micro-batch's loss times its
         completions, so the step averages micro-batches as TRL averages them over gradient accumulation)."""
+        if "count_rows" in batch:  # collate_completions: the whole micro-batch, skipped completions included
+            return float(batch["count_tokens"] if self.loss_type == "dapo" else batch["count_rows"])
         if self.loss_type == "dapo":
             labels = batch["labels"][:, 1:] != IGNORE
             seq = batch["seq_ids"][:, 1:].clamp(min=0)
@@ -351,8 +373,12 @@ class GRPO:
                 ref, _, _ = token_logps(ref_model, batch)
         losses, stats = grpo_loss.token_losses(logp, old, batch["advantages"].to(logp), mask, self.eps,
                                                self.eps_high, self.beta, ref, self.level)
-        loss = grpo_loss.aggregate(losses, mask, self.loss_type, self.max_new_tokens)
-        weight = float(mask.sum()) if self.loss_type == "dapo" else logp.shape[0]
+        if self.loss_type == "bnpo" and "count_tokens" in batch:  # the micro-batch's tokens, skipped ones included
+            loss = grpo_loss.aggregate(losses, mask, "dapo", batch_tokens=float(batch["count_tokens"]) or 1.0)
+            weight = float(batch["count_rows"])
+        else:  # grpo, dr_grpo, dapo: summed over completions or tokens, so the skipped ones (all 0) change nothing
+            loss = grpo_loss.aggregate(losses, mask, self.loss_type, self.max_new_tokens)
+            weight = float(mask.sum()) if self.loss_type == "dapo" else logp.shape[0]
         n = float(mask.sum())
         acc = self.train_stats
         for k, v in stats.items():

@@ -258,3 +258,37 @@ def test_a_groups_shared_prefill_gives_what_separate_prompts_give():
     alone = generate_ids(model, [p for p in prompts for _ in range(3)], 6, 9, 0, 2)
     shared = generate_ids(model, prompts, 6, 9, 0, 2, group=3)
     assert shared == alone and len(shared) == 9
+
+
+@pytest.mark.parametrize("loss_type", grpo_loss.LOSS_TYPES)
+def test_skipping_zero_advantage_completions_gives_the_same_update(loss_type):
+    """skip_zero_advantage (beta 0): completions with advantage 0 run no forward or backward, yet the loss and every
+    gradient equal those of the full micro-batches (they still count in each loss_type's normalisation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    micro = [_rows([2, 4, 3], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]), _rows([3, 1, 2], [0.0, 0.0, 0.0])]
+
+    def update(skip: bool):
+        obj = grpo.GRPO(num_generations=3, loss_type=loss_type, max_new_tokens=5, mask_truncated_completions=True,
+                        log_entropy=False, skip_zero_advantage=skip)
+        rows = [[{**r, "skip": skip and r["advantage"] == 0.0} for r in m] for m in micro]
+        batches = [grpo.collate_completions(m, 0) for m in rows]
+        model.zero_grad()
+        n = sum(obj.normalizer(b) for b in batches)
+        total = 0.0
+        for b in batches:
+            part, _ = obj(model, b)
+            (part / n).backward()
+            total += float(part)
+        return total / n, [p.grad.clone() for p in model.parameters()], [int(b["input_ids"].numel()) for b in batches]
+
+    full_loss, full_grads, full_size = update(False)
+    loss, grads, size = update(True)
+    assert loss == pytest.approx(full_loss, rel=1e-5, abs=1e-7)
+    for a, b in zip(grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().sum()) > 0 for g in full_grads)  # the one positive advantage moves the model
+    assert size[0] < full_size[0] and size[1] < full_size[1]  # fewer tokens ran (the all-zero batch keeps one row)
