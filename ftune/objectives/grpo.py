@@ -355,13 +355,8 @@ class GRPO:
         """What the step's summed loss is divided by: completion tokens (dapo: every token of the accumulated batch
         weighs the same) or completions (grpo, bnpo, dr_grpo: `__call__` returns each micro-batch's loss times its
         completions, so the step averages micro-batches as TRL averages them over gradient accumulation)."""
-        if "count_rows" in batch:  # collate_completions: the whole micro-batch, skipped completions included
-            return float(batch["count_tokens"] if self.loss_type == "dapo" else batch["count_rows"])
-        if self.loss_type == "dapo":
-            labels = batch["labels"][:, 1:] != IGNORE
-            seq = batch["seq_ids"][:, 1:].clamp(min=0)
-            return float((labels * batch["weight"][seq]).sum())
-        return int(batch["advantages"].shape[0])
+        # Counted by collate_completions over the whole micro-batch, skipped completions included.
+        return float(batch["count_tokens"] if self.loss_type == "dapo" else batch["count_rows"])
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logp, mask, ent = token_logps(model, batch, entropy=self.log_entropy)
@@ -373,7 +368,7 @@ class GRPO:
                 ref, _, _ = token_logps(ref_model, batch)
         losses, stats = grpo_loss.token_losses(logp, old, batch["advantages"].to(logp), mask, self.eps,
                                                self.eps_high, self.beta, ref, self.level)
-        if self.loss_type == "bnpo" and "count_tokens" in batch:  # the micro-batch's tokens, skipped ones included
+        if self.loss_type == "bnpo":  # the micro-batch's tokens, skipped ones included
             loss = grpo_loss.aggregate(losses, mask, "dapo", batch_tokens=float(batch["count_tokens"]) or 1.0)
             weight = float(batch["count_rows"])
         else:  # grpo, dr_grpo, dapo: summed over completions or tokens, so the skipped ones (all 0) change nothing
